@@ -9,15 +9,21 @@
 //!   handed, in sequence order, to registered observers. A snapshot records the
 //!   sequence number it reflects. This is the seam the change feed stands on.
 //! - [`mvcc`]: TiKV's Percolator data model (lock / write / default column
-//!   families) and the transaction rules on top of it, plus raw key-value
-//!   operations with their own timestamps.
+//!   families) and the transaction rules on top of it.
+//! - [`raw`]: raw key-value operations, each write stamped with a timestamp
+//!   so the change feed can capture raw writes too.
+//! - [`region`]: the fixed region layout clients see.
 //! - [`tso`]: the timestamp oracle (`physical_ms << 18 | logical`).
 
 pub mod engine;
 pub mod error;
+pub mod mvcc;
+pub mod raw;
+pub mod region;
 pub mod store;
+pub mod tso;
 
-pub use error::{Error, Result};
 pub mod timestamp;
 
+pub use error::{Error, Result};
 pub use timestamp::TimeStamp;
