@@ -20,6 +20,7 @@ pub mod error;
 pub mod mvcc;
 pub mod raw;
 pub mod region;
+pub mod safepoint;
 pub mod store;
 pub mod tso;
 

@@ -333,9 +333,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// `now + ttl` seconds in milliseconds, saturating at "never".
 fn expiry(now_ms: u64, ttl_secs: i64) -> u64 {
-    let ttl_ms = u64::try_from(ttl_secs)
-        .unwrap_or(0)
-        .saturating_mul(1_000);
+    let ttl_ms = u64::try_from(ttl_secs).unwrap_or(0).saturating_mul(1_000);
     now_ms.saturating_add(ttl_ms)
 }
 
@@ -403,8 +401,8 @@ mod tests {
     }
 
     fn open(engine: Arc<MemoryEngine>, clock: Arc<ManualClock>) -> SafePoints {
-        let store = Store::open(engine as Arc<dyn Engine>, Durability::SyncOnCommit)
-            .expect("open store");
+        let store =
+            Store::open(engine as Arc<dyn Engine>, Durability::SyncOnCommit).expect("open store");
         SafePoints::new(Arc::new(store), clock)
     }
 
@@ -493,7 +491,8 @@ mod tests {
     fn minimum_over_services_and_saturating_ttl() {
         let f = fixture();
         f.sp.update_gc_safe_point(ts(1_000)).expect("raise");
-        f.sp.update_service(&id("x"), i64::MAX, ts(1_500)).expect("x");
+        f.sp.update_service(&id("x"), i64::MAX, ts(1_500))
+            .expect("x");
         f.sp.update_service(&id("y"), 60, ts(1_200)).expect("y");
         let state = f.sp.state().expect("state");
         let x = state
@@ -529,14 +528,17 @@ mod tests {
             f.sp.update_service(&id(&format!("s{i:04}")), 10, ts(1))
                 .expect("within the bound");
         }
-        let err = f
-            .sp
-            .update_service(&id("one-too-many"), 10, ts(1))
-            .expect_err("over the bound");
-        assert!(matches!(err, SafePointError::TooManyServices { .. }), "{err}");
+        let err =
+            f.sp.update_service(&id("one-too-many"), 10, ts(1))
+                .expect_err("over the bound");
+        assert!(
+            matches!(err, SafePointError::TooManyServices { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("one-too-many"), "{err}");
         // An existing service may still update, and expiry frees room.
-        f.sp.update_service(&id("s0000"), 10, ts(2)).expect("existing");
+        f.sp.update_service(&id("s0000"), 10, ts(2))
+            .expect("existing");
         f.clock.advance(10_000);
         f.sp.update_service(&id("one-too-many"), 10, ts(3))
             .expect("room after expiry");
@@ -561,16 +563,9 @@ mod tests {
     #[test]
     fn corrupt_entries_are_reported() {
         let f = fixture();
-        let store = Store::open(
-            Arc::clone(&f.engine) as Arc<dyn Engine>,
-            Durability::SyncOnCommit,
-        )
-        .expect("open store");
         let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, service_key(b"bad"), vec![1, 2, 3]);
-        store
-            .apply(batch, BatchSource::Internal)
-            .expect("apply");
+        f.engine.write(&batch).expect("write");
         let err = f.sp.state().expect_err("corrupt");
         assert!(err.to_string().contains("bad"), "{err}");
         assert!(err.to_string().contains("3 bytes"), "{err}");
