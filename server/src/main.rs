@@ -1,1 +1,45 @@
-fn main() {}
+//! The `kvfeed` binary: parse, set up logging, dispatch. Everything else
+//! lives in the library so that it can be tested without a process.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kvfeed::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = kvfeed::logging::init(&cli.log_level) {
+        eprintln!("kvfeed: {err}");
+        return ExitCode::FAILURE;
+    }
+    let result: Result<(), Box<dyn std::error::Error>> = match &cli.command {
+        Command::Serve(args) => kvfeed::serve::run(args).map_err(Into::into),
+        Command::Put(args) => kvfeed::cmd::kv::put(args).map_err(Into::into),
+        Command::Get(args) => kvfeed::cmd::kv::get(args).map_err(Into::into),
+        Command::Delete(args) => kvfeed::cmd::kv::delete(args).map_err(Into::into),
+        Command::Scan(args) => kvfeed::cmd::kv::scan(args).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kvfeed: {}", error_chain(err.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `err` followed by its sources, so that e.g. an I/O cause is not lost.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Many errors already embed their source in their own message.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,58 @@
+//! The gRPC server: the one place where services are attached.
+//!
+//! [`grpc_router`] builds tonic's router from the node; each service (PD, KV,
+//! ChangeData) is one `add_service` call there. With no service attached the
+//! server still listens and answers every call with `UNIMPLEMENTED`, so the
+//! address is taken and reported from the first version on.
+//!
+//! Shutdown: when the node's shutdown signal fires, tonic stops accepting,
+//! sends GOAWAY on open connections and waits for in-flight calls. Streaming
+//! services must therefore end their streams on the same signal (each holds
+//! its own [`crate::shutdown::ShutdownSignal`]), or the wait lasts until the
+//! grace period in `serve` runs out. A peer that never completes the HTTP/2
+//! handshake, or ignores GOAWAY, also holds the wait until then; a real
+//! client closes at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::{Router, TcpIncoming};
+
+use crate::node::Node;
+use crate::shutdown::ShutdownSignal;
+
+/// HTTP/2 keepalive ping interval and timeout: a client that vanished
+/// without closing its connection (a killed changefeed) is noticed within
+/// about 13 s and its streams are torn down. TiKV uses the same values.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The gRPC router with every service of `node` attached.
+pub fn grpc_router(node: &Arc<Node>) -> Router {
+    // Services are added here, e.g.
+    // `routes.add_service(PdServer::new(PdService::new(Arc::clone(node))));`
+    let _ = node;
+    let mut routes = Routes::builder();
+    routes.add_service(crate::kv::service(node));
+    routes.add_service(crate::pd::service(node));
+    Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_routes(routes.routes())
+}
+
+/// Serves `router` on the already bound `listener` until `shutdown` fires
+/// and every connection has closed.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    mut shutdown: ShutdownSignal,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    router
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.recv().await })
+        .await
+}

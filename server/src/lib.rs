@@ -1,0 +1,26 @@
+//! kvfeed's server and command-line tools.
+//!
+//! The binary (`main.rs`) only parses the command line, sets up logging and
+//! dispatches here. Module map:
+//! - [`cli`]: subcommands and flags; [`config`] and [`units`]: the TOML file.
+//! - [`node`]: the data directory (lock, cluster id), storage and oracle.
+//! - [`serve`]: start-up and shutdown of `kvfeed serve`; [`grpc`] attaches
+//!   the gRPC services, [`status`] is the HTTP status server, [`metrics`] the
+//!   Prometheus registry, [`shutdown`] the signal tasks stop on.
+//! - [`logging`]: the tracing subscriber.
+
+pub mod cli;
+pub mod client;
+pub mod cmd;
+pub mod config;
+pub mod gc;
+pub mod grpc;
+pub mod kv;
+pub mod logging;
+pub mod metrics;
+pub mod node;
+pub mod pd;
+pub mod serve;
+pub mod shutdown;
+pub mod status;
+pub mod units;

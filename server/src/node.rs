@@ -1,0 +1,510 @@
+//! The node: one data directory opened by one server process, and everything
+//! the services share (store, timestamp oracle, cluster id, metrics, the
+//! shutdown trigger).
+//!
+//! Layout of the data directory:
+//! - `LOCK`: held with an exclusive OS file lock for as long as the node is
+//!   open, and holding the owner's pid (for the error message only: the lock,
+//!   not the content, is what counts). The file is never deleted, since
+//!   deleting a lock file races with a process about to lock it.
+//! - `db/`: the storage engine's files.
+//!
+//! Invariants:
+//! - The lock is taken before anything in the directory is read or written,
+//!   so a second server fails fast with a message naming the directory
+//!   instead of tripping over the engine's own lock.
+//! - The cluster id is non-zero, chosen once on the first start, and stored
+//!   in [`Cf::Meta`] under [`CLUSTER_ID_KEY`]; every later start reads it
+//!   back, so clients (which check it) can tell this cluster from another.
+//! - Opening allocates one timestamp: the oracle is proven to work before the
+//!   server announces itself, and `/debug/node`'s `last_ts` already exceeds
+//!   everything an earlier incarnation on this directory handed out.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use kvfeed_storage::TimeStamp;
+use kvfeed_storage::engine::fjall::FjallEngine;
+use kvfeed_storage::engine::{Cf, Engine, WriteBatch};
+use kvfeed_storage::mvcc::TxnStore;
+use kvfeed_storage::raw::RawStore;
+use kvfeed_storage::region::RegionMap;
+use kvfeed_storage::store::{BatchSource, Store};
+use kvfeed_storage::tso::{SystemClock, Tso};
+
+use crate::config::Config;
+use crate::metrics::{Metrics, MetricsError};
+use crate::shutdown::Shutdown;
+
+/// Name of the lock file inside the data directory.
+pub const LOCK_FILE: &str = "LOCK";
+/// Directory of the storage engine inside the data directory.
+pub const ENGINE_DIR: &str = "db";
+/// Key in [`Cf::Meta`] holding the cluster id (8 bytes, big-endian).
+pub const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+
+/// The cluster id PD reports and CDC requests carry. Never zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterId(u64);
+
+impl ClusterId {
+    /// `None` for zero, which the protocol treats as "unset".
+    pub fn new(id: u64) -> Option<ClusterId> {
+        (id != 0).then_some(ClusterId(id))
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// A fresh random id. Hashes the time and pid with std's randomly keyed
+    /// hasher: uniqueness between clusters is all that is needed, not
+    /// unpredictability.
+    fn generate() -> ClusterId {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        loop {
+            // Each RandomState gets different keys, so a retry after the
+            // (2^-64 likely) zero yields a different value.
+            let mut hasher = RandomState::new().build_hasher();
+            hasher.write_u128(now);
+            hasher.write_u32(std::process::id());
+            if let Some(id) = ClusterId::new(hasher.finish()) {
+                return id;
+            }
+        }
+    }
+}
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Why the node could not be opened or closed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot create data directory {dir}: {source}")]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "data directory {dir} is in use by another kvfeed process{holder}: \
+         lock file {lock_file} is held"
+    )]
+    Locked {
+        dir: PathBuf,
+        lock_file: PathBuf,
+        /// `" (pid N)"` when the holder's pid could be read, else empty.
+        holder: String,
+    },
+    #[error("cannot lock {lock_file}: {source}")]
+    Lock {
+        lock_file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Storage {
+        context: String,
+        #[source]
+        source: kvfeed_storage::Error,
+    },
+    #[error("corrupt cluster id in {dir}: {reason}")]
+    CorruptClusterId { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// The exclusive claim on a data directory. Released when dropped (the OS
+/// also releases it if the process dies).
+#[derive(Debug)]
+pub struct DataDirLock {
+    dir: PathBuf,
+    file: File,
+}
+
+impl DataDirLock {
+    /// Creates `dir` if missing and locks it. Fails at once, without waiting,
+    /// if another process holds the lock.
+    pub fn acquire(dir: &Path) -> Result<DataDirLock, NodeError> {
+        std::fs::create_dir_all(dir).map_err(|source| NodeError::CreateDir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        // Canonical, so messages and /debug/node name the real directory.
+        let dir = std::fs::canonicalize(dir).map_err(|source| NodeError::CreateDir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let lock_file = dir.join(LOCK_FILE);
+        let lock_err = |source| NodeError::Lock {
+            lock_file: lock_file.clone(),
+            source,
+        };
+        // Not truncated on open: if it is held, its content names the holder.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_file)
+            .map_err(lock_err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut content = String::new();
+                // Best effort: the holder may be mid-write or the content
+                // foreign; the error is the same without it.
+                let _ = file.read_to_string(&mut content);
+                let holder = content
+                    .trim()
+                    .parse::<u32>()
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default();
+                return Err(NodeError::Locked {
+                    dir,
+                    lock_file,
+                    holder,
+                });
+            }
+            Err(TryLockError::Error(source)) => return Err(lock_err(source)),
+        }
+        file.set_len(0).map_err(lock_err)?;
+        file.seek(SeekFrom::Start(0)).map_err(lock_err)?;
+        writeln!(file, "{}", std::process::id()).map_err(lock_err)?;
+        Ok(DataDirLock { dir, file })
+    }
+
+    /// The canonical path of the locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for DataDirLock {
+    fn drop(&mut self) {
+        // Closing the file releases the lock too; unlocking first makes the
+        // release explicit and independent of other handles to the file.
+        if let Err(err) = self.file.unlock() {
+            tracing::warn!(%err, dir = %self.dir.display(), "releasing the data-dir lock failed");
+        }
+    }
+}
+
+/// Where the node can be reached, known once the listeners are bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The bound gRPC address (the real port when port 0 was asked for).
+    pub addr: SocketAddr,
+    /// The bound HTTP status address.
+    pub status_addr: SocketAddr,
+    /// The gRPC address handed to clients: `server.advertise-addr`, or
+    /// `addr` when that is empty.
+    pub advertise_addr: String,
+}
+
+impl Endpoints {
+    pub fn new(config: &Config, addr: SocketAddr, status_addr: SocketAddr) -> Endpoints {
+        let advertise_addr = if config.server.advertise_addr.is_empty() {
+            addr.to_string()
+        } else {
+            config.server.advertise_addr.clone()
+        };
+        Endpoints {
+            addr,
+            status_addr,
+            advertise_addr,
+        }
+    }
+}
+
+/// An open data directory and the state every service shares.
+pub struct Node {
+    config: Config,
+    endpoints: Endpoints,
+    cluster_id: ClusterId,
+    engine: Arc<FjallEngine>,
+    store: Arc<Store>,
+    tso: Arc<Tso>,
+    txn: Arc<TxnStore>,
+    raw: Arc<RawStore>,
+    regions: Arc<RegionMap>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    // Declared last so it is dropped last: the engine is closed before the
+    // directory is released to another process.
+    lock: DataDirLock,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("data_dir", &self.lock.dir())
+            .field("cluster_id", &self.cluster_id)
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens the storage in the locked directory, loads or creates the
+    /// cluster id and starts the timestamp oracle. Blocking (disk I/O and
+    /// fsync): call it from a blocking context.
+    pub fn open(
+        config: Config,
+        lock: DataDirLock,
+        endpoints: Endpoints,
+    ) -> Result<Node, NodeError> {
+        let dir = lock.dir().to_owned();
+        let regions = Arc::new(config.region_map()?);
+        let engine_dir = dir.join(ENGINE_DIR);
+        let storage = |context: String| {
+            move |source| NodeError::Storage {
+                context: context.clone(),
+                source,
+            }
+        };
+        let engine = Arc::new(FjallEngine::open(&engine_dir).map_err(storage(format!(
+            "cannot open the database in {}",
+            engine_dir.display()
+        )))?);
+        let store = Arc::new(
+            Store::open(engine.clone(), config.durability())
+                .map_err(storage("cannot open the store".to_owned()))?,
+        );
+        let cluster_id = load_or_create_cluster_id(&store, &dir)?;
+        let tso = Arc::new(
+            Tso::open(store.clone(), Arc::new(SystemClock))
+                .map_err(storage("cannot start the timestamp oracle".to_owned()))?,
+        );
+        let first_ts = tso
+            .get(1)
+            .map_err(storage("cannot allocate a timestamp".to_owned()))?;
+        let txn = Arc::new(TxnStore::new(store.clone()));
+        // Reads served before a restart may have used timestamps up to the
+        // oracle's old window; the fresh timestamp is above all of them, so
+        // raising max_ts to it keeps 1PC / async-commit commit_ts above every
+        // earlier read.
+        txn.concurrency_manager().update_max_ts(first_ts);
+        let raw = Arc::new(RawStore::new(store.clone(), tso.clone()));
+        let metrics = Metrics::new()?;
+        tracing::info!(%cluster_id, %first_ts, data_dir = %dir.display(), "node opened");
+        Ok(Node {
+            config,
+            endpoints,
+            cluster_id,
+            engine,
+            store,
+            tso,
+            txn,
+            raw,
+            regions,
+            metrics,
+            shutdown: Shutdown::new(),
+            lock,
+        })
+    }
+
+    /// The effective (validated) configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    pub fn cluster_id(&self) -> ClusterId {
+        self.cluster_id
+    }
+
+    /// The canonical data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.lock.dir()
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn tso(&self) -> &Arc<Tso> {
+        &self.tso
+    }
+
+    /// Transactional (Percolator) access to the store.
+    pub fn txn(&self) -> &Arc<TxnStore> {
+        &self.txn
+    }
+
+    /// Raw key-value access to the store.
+    pub fn raw(&self) -> &Arc<RawStore> {
+        &self.raw
+    }
+
+    /// The region layout clients see.
+    pub fn regions(&self) -> &Arc<RegionMap> {
+        &self.regions
+    }
+
+    /// The highest timestamp handed out so far; allocates nothing.
+    pub fn last_ts(&self) -> TimeStamp {
+        self.tso.current()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The shutdown trigger. Long-lived tasks hold a signal from
+    /// [`Shutdown::subscribe`] and stop when it fires.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// Makes every write so far durable, whatever `sync-on-commit` says.
+    /// Blocking.
+    pub fn flush(&self) -> Result<(), NodeError> {
+        self.engine.sync().map_err(|source| NodeError::Storage {
+            context: "cannot sync the database".to_owned(),
+            source,
+        })
+    }
+}
+
+/// Reads the stored cluster id, or generates and stores one on first start.
+fn load_or_create_cluster_id(store: &Store, dir: &Path) -> Result<ClusterId, NodeError> {
+    let read_err = |source| NodeError::Storage {
+        context: "cannot read the cluster id".to_owned(),
+        source,
+    };
+    if let Some(raw) = store
+        .snapshot()
+        .get(Cf::Meta, CLUSTER_ID_KEY)
+        .map_err(read_err)?
+    {
+        let corrupt = |reason: String| NodeError::CorruptClusterId {
+            dir: dir.to_owned(),
+            reason,
+        };
+        let bytes: [u8; 8] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt(format!("{} bytes, expected 8", raw.len())))?;
+        return ClusterId::new(u64::from_be_bytes(bytes)).ok_or_else(|| corrupt("zero".to_owned()));
+    }
+    let id = ClusterId::generate();
+    let mut batch = WriteBatch::new();
+    batch.put(Cf::Meta, CLUSTER_ID_KEY, id.get().to_be_bytes());
+    store
+        .apply(batch, BatchSource::Internal)
+        .map_err(|source| NodeError::Storage {
+            context: "cannot store the cluster id".to_owned(),
+            source,
+        })?;
+    tracing::info!(cluster_id = %id, "new cluster id");
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints() -> Endpoints {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        Endpoints::new(&Config::default(), any, any)
+    }
+
+    fn open(dir: &Path) -> Result<Node, NodeError> {
+        let lock = DataDirLock::acquire(dir)?;
+        Node::open(Config::default(), lock, endpoints())
+    }
+
+    #[test]
+    fn cluster_id_is_created_once_and_kept() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("nested").join("data");
+        let node = open(&dir).expect("first open");
+        let id = node.cluster_id();
+        let ts = node.last_ts();
+        assert!(!ts.is_zero());
+        assert!(dir.join(LOCK_FILE).exists());
+        assert!(dir.join(ENGINE_DIR).is_dir());
+        node.flush().expect("flush");
+        drop(node);
+
+        let node = open(&dir).expect("second open");
+        assert_eq!(node.cluster_id(), id);
+        assert!(node.last_ts() > ts, "{} > {}", node.last_ts(), ts);
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_released_on_drop() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let first = DataDirLock::acquire(tmp.path()).expect("first lock");
+        let err = DataDirLock::acquire(tmp.path()).expect_err("second lock");
+        let text = err.to_string();
+        assert!(matches!(err, NodeError::Locked { .. }), "{err:?}");
+        assert!(text.contains(&first.dir().display().to_string()), "{text}");
+        assert!(
+            text.contains(&format!("(pid {})", std::process::id())),
+            "{text}"
+        );
+        drop(first);
+        DataDirLock::acquire(tmp.path()).expect("lock after release");
+    }
+
+    #[test]
+    fn corrupt_cluster_id_is_reported() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let node = open(tmp.path()).expect("open");
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Meta, CLUSTER_ID_KEY, vec![1, 2, 3]);
+        node.store()
+            .apply(batch, BatchSource::Internal)
+            .expect("apply");
+        drop(node);
+        let err = open(tmp.path()).expect_err("corrupt");
+        assert!(matches!(err, NodeError::CorruptClusterId { .. }), "{err:?}");
+        assert!(err.to_string().contains("3 bytes"), "{err}");
+    }
+
+    #[test]
+    fn cluster_ids_differ_and_are_never_zero() {
+        let a = ClusterId::generate();
+        let b = ClusterId::generate();
+        assert_ne!(a.get(), 0);
+        assert_ne!(a, b);
+        assert_eq!(ClusterId::new(0), None);
+    }
+
+    #[test]
+    fn advertise_defaults_to_the_bound_addr() {
+        let addr: SocketAddr = ([127, 0, 0, 1], 41_000).into();
+        let status: SocketAddr = ([127, 0, 0, 1], 41_001).into();
+        let mut config = Config::default();
+        assert_eq!(
+            Endpoints::new(&config, addr, status).advertise_addr,
+            "127.0.0.1:41000"
+        );
+        config.server.advertise_addr = "kv.example:20160".to_owned();
+        assert_eq!(
+            Endpoints::new(&config, addr, status).advertise_addr,
+            "kv.example:20160"
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! The HTTP status server: health, Prometheus metrics and debug views.
+//!
+//! It runs on its own address so that scraping and probing keep working when
+//! the gRPC port is saturated. Routes are exact paths mapped to synchronous
+//! handlers in a [`StatusRoutes`] table; [`routes`] builds the node's table,
+//! and a new endpoint is one more `.get(...)` there. Handlers must be quick
+//! and must not block: they read in-memory state and return.
+//!
+//! Connections are HTTP/1.1 via hyper with a bounded header buffer and a
+//! header-read timeout, so a slow or hostile client cannot hold memory or a
+//! task for long. On shutdown the listener stops accepting and open
+//! connections finish their current request and close.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::metrics;
+use crate::node::Node;
+use crate::shutdown::ShutdownSignal;
+
+/// Longest a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Read buffer limit per connection, which bounds the request head size
+/// (hyper's minimum is 8 KiB).
+const MAX_BUF_SIZE: usize = 16 * 1024;
+
+/// What a handler sees of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusRequest<'a> {
+    pub path: &'a str,
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+}
+
+/// A handler's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Bytes::from(body.into()),
+        }
+    }
+
+    /// `value` as pretty JSON, or a 500 if it cannot be serialised.
+    pub fn json(value: &impl Serialize) -> Reply {
+        match serde_json::to_vec_pretty(value) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                Reply {
+                    status: StatusCode::OK,
+                    content_type: "application/json",
+                    body: Bytes::from(body),
+                }
+            }
+            Err(err) => Reply::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode JSON: {err}\n"),
+            ),
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(self.body));
+        *response.status_mut() = self.status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        response
+    }
+}
+
+/// A route handler.
+pub type Handler = Arc<dyn Fn(&StatusRequest<'_>) -> Reply + Send + Sync>;
+
+/// Exact-path GET routes.
+#[derive(Default, Clone)]
+pub struct StatusRoutes {
+    routes: BTreeMap<&'static str, Handler>,
+}
+
+impl StatusRoutes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves `handler` for `GET path` (and `HEAD path`). A later call for the
+    /// same path replaces the earlier handler.
+    pub fn get(
+        mut self,
+        path: &'static str,
+        handler: impl Fn(&StatusRequest<'_>) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        self.routes.insert(path, Arc::new(handler));
+        self
+    }
+
+    /// The registered paths, sorted.
+    pub fn paths(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.routes.keys().copied()
+    }
+
+    /// Dispatches one request: 404 for an unknown path, 405 for a method
+    /// other than GET / HEAD on a known one.
+    pub fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> Response<Full<Bytes>> {
+        let Some(handler) = self.routes.get(path) else {
+            return Reply::text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n"))
+                .into_response();
+        };
+        if method != Method::GET && method != Method::HEAD {
+            let mut response = Reply::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}\n"),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        handler(&StatusRequest { path, query }).into_response()
+    }
+}
+
+/// The node's status endpoints. New endpoints are added here.
+pub fn routes(node: &Arc<Node>) -> StatusRoutes {
+    let metrics_node = Arc::clone(node);
+    let debug_node = Arc::clone(node);
+    StatusRoutes::new()
+        .get("/healthz", |_| Reply::text(StatusCode::OK, "ok\n"))
+        .get("/metrics", move |_| match metrics_node.metrics().render() {
+            Ok(text) => Reply {
+                status: StatusCode::OK,
+                content_type: metrics::CONTENT_TYPE,
+                body: Bytes::from(text),
+            },
+            Err(err) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")),
+        })
+        .get("/debug/node", move |_| {
+            Reply::json(&NodeInfo::from_node(&debug_node))
+        })
+}
+
+/// The body of `/debug/node`.
+#[derive(Debug, Serialize)]
+struct NodeInfo {
+    cluster_id: u64,
+    /// The oracle's highest handed-out timestamp (`physical_ms << 18 | logical`).
+    last_ts: u64,
+    data_dir: String,
+    version: &'static str,
+    addr: String,
+    advertise_addr: String,
+    status_addr: String,
+}
+
+impl NodeInfo {
+    fn from_node(node: &Node) -> NodeInfo {
+        let endpoints = node.endpoints();
+        NodeInfo {
+            cluster_id: node.cluster_id().get(),
+            last_ts: node.last_ts().into_inner(),
+            data_dir: node.data_dir().display().to_string(),
+            version: env!("CARGO_PKG_VERSION"),
+            addr: endpoints.addr.to_string(),
+            advertise_addr: endpoints.advertise_addr.clone(),
+            status_addr: endpoints.status_addr.to_string(),
+        }
+    }
+}
+
+/// Serves `routes` on `listener` until `shutdown` fires, then lets open
+/// connections finish their current request. Each connection task holds a
+/// clone of the signal, so the node's shutdown waits for them.
+pub async fn serve(listener: TcpListener, routes: StatusRoutes, mut shutdown: ShutdownSignal) {
+    let routes = Arc::new(routes);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.recv() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Per-connection failures (a reset before accept, fd
+                // exhaustion) must not end the server; the next accept may
+                // well succeed.
+                // Back off briefly so a persistent failure does not spin.
+                tracing::debug!(%err, "status accept failed");
+                tokio::select! {
+                    _ = shutdown.recv() => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        let routes = Arc::clone(&routes);
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = routes.handle(req.method(), req.uri().path(), req.uri().query());
+                std::future::ready(Ok::<_, Infallible>(response))
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_BUF_SIZE)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = conn_shutdown.recv() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%err, %peer, "status connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body(response: Response<Full<Bytes>>) -> String {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn table() -> StatusRoutes {
+        StatusRoutes::new()
+            .get("/a", |req| {
+                Reply::text(StatusCode::OK, format!("a {:?}", req.query))
+            })
+            .get("/j", |_| Reply::json(&serde_json::json!({"x": 1})))
+    }
+
+    #[tokio::test]
+    async fn dispatches_by_exact_path() {
+        let routes = table();
+        let ok = routes.handle(&Method::GET, "/a", Some("v=1"));
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(body(ok).await, "a Some(\"v=1\")");
+
+        let json = routes.handle(&Method::GET, "/j", None);
+        assert_eq!(json.headers()[CONTENT_TYPE], "application/json");
+        let value: serde_json::Value = serde_json::from_str(&body(json).await).expect("valid JSON");
+        assert_eq!(value["x"], 1);
+
+        let missing = routes.handle(&Method::GET, "/a/", None);
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert!(body(missing).await.contains("/a/"));
+    }
+
+    #[tokio::test]
+    async fn only_get_and_head_are_allowed() {
+        let routes = table();
+        assert_eq!(
+            routes.handle(&Method::HEAD, "/a", None).status(),
+            StatusCode::OK
+        );
+        let post = routes.handle(&Method::POST, "/a", None);
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[ALLOW], "GET, HEAD");
+        assert_eq!(
+            routes.handle(&Method::POST, "/nope", None).status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn later_routes_replace_earlier_ones() {
+        let routes = table().get("/a", |_| Reply::text(StatusCode::IM_A_TEAPOT, ""));
+        assert_eq!(routes.paths().collect::<Vec<_>>(), vec!["/a", "/j"]);
+        assert_eq!(
+            routes.handle(&Method::GET, "/a", None).status(),
+            StatusCode::IM_A_TEAPOT
+        );
+    }
+}

@@ -1,0 +1,455 @@
+//! Shared harness for end-to-end tests: the real `kvfeed` binary on loopback.
+//!
+//! A [`TestServer`] starts `kvfeed serve` with port 0 for both listeners and
+//! reads the bound addresses from the startup line, so tests never race for
+//! fixed ports. Waiting is done on the process's own output (the startup
+//! line, its exit), never on sleeps; every wait is bounded by [`WAIT`] so a
+//! hang fails the test instead of stalling it. A server is killed when its
+//! `TestServer` is dropped, so a test that fails half-way leaves nothing
+//! running.
+//!
+//! Each test binary uses a different subset of these helpers, hence the
+//! `dead_code` allowances.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Upper bound for the server to print its startup line or to exit.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// How often [`TestServer::restart_same_port`] tries to bind the old port.
+const REBIND_ATTEMPTS: u32 = 10;
+
+/// How a server process ended.
+#[derive(Debug)]
+pub struct Exited {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+impl Exited {
+    /// Panics (showing stderr) unless the process exited with status 0.
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            self.status.code(),
+            Some(0),
+            "kvfeed did not exit cleanly; stderr:\n{}",
+            self.stderr
+        );
+    }
+}
+
+/// The `kvfeed` binary with a clean logging environment.
+pub fn kvfeed() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvfeed"));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// `serve --data-dir <dir> --addr 127.0.0.1:0 --status-addr 127.0.0.1:0`.
+pub fn serve_args(data_dir: &Path) -> Vec<String> {
+    vec![
+        "serve".into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--addr".into(),
+        "127.0.0.1:0".into(),
+        "--status-addr".into(),
+        "127.0.0.1:0".into(),
+    ]
+}
+
+/// Runs the binary to completion (for start-up failures).
+pub fn run_to_exit(args: &[String]) -> Exited {
+    let mut child = kvfeed()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvfeed");
+    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+    let status = wait_bounded(&mut child);
+    Exited {
+        status,
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// Reads a pipe to its end on a thread, so the child never blocks on it.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
+/// Sends `signal` (a name such as "TERM" or "KILL") to `pid`.
+fn send_signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal} {pid} failed");
+}
+
+/// Waits for the child to exit, killing it if it takes longer than [`WAIT`].
+fn wait_bounded(child: &mut Child) -> ExitStatus {
+    let pid = child.id();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    // Watchdog: if the child has not exited in time, kill it so the wait
+    // below returns and the test fails on the status instead of hanging.
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(WAIT).is_err() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    });
+    let status = child.wait().expect("wait for kvfeed");
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    status
+}
+
+/// `a=1 b=2 data_dir=rest of line` → map; `data_dir` runs to the end.
+pub fn parse_fields(rest: &str) -> HashMap<String, String> {
+    let mut fields = HashMap::new();
+    let mut remaining = rest;
+    while let Some((key, after)) = remaining.split_once('=') {
+        if key == "data_dir" {
+            fields.insert(key.to_owned(), after.to_owned());
+            break;
+        }
+        let (value, next) = after.split_once(' ').unwrap_or((after, ""));
+        fields.insert(key.to_owned(), value.to_owned());
+        remaining = next;
+    }
+    fields
+}
+
+/// A minimal HTTP/1.1 GET against `addr`: status code and body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to status server");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("header/body separator");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    (code, body.to_owned())
+}
+
+/// The canonical form of `dir`, as the server reports it.
+pub fn canonical(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir).expect("canonicalize")
+}
+
+/// A live process and what it announced.
+struct Running {
+    child: Child,
+    /// key=value pairs of the startup line.
+    fields: HashMap<String, String>,
+    stderr: JoinHandle<String>,
+}
+
+/// Why a start attempt produced no startup line.
+struct StartFailed {
+    line: String,
+    stderr: String,
+}
+
+/// Spawns `kvfeed <args>` and waits for its startup line.
+fn spawn(args: &[String]) -> Result<Running, StartFailed> {
+    let mut child = kvfeed()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvfeed");
+    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (line_tx, line_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = line_tx.send(line);
+        // Keep reading so later output never blocks the server.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    // An exiting process closes stdout, which ends the wait with "".
+    let line = line_rx.recv_timeout(WAIT).unwrap_or_default();
+    let Some(rest) = line.trim_end().strip_prefix("kvfeed listening ") else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(StartFailed {
+            line,
+            stderr: stderr.join().unwrap_or_default(),
+        });
+    };
+    Ok(Running {
+        child,
+        fields: parse_fields(rest),
+        stderr,
+    })
+}
+
+/// A `kvfeed serve` process that can be stopped and restarted on the same
+/// data directory. Accessors panic while the server is stopped.
+pub struct TestServer {
+    args: Vec<String>,
+    running: Option<Running>,
+    /// Keeps a harness-created data directory alive as long as the server.
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    /// A server on a fresh temporary data directory.
+    pub fn start() -> TestServer {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut server = TestServer::start_args(serve_args(&tmp.path().join("data")));
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// A server on `data_dir` (created if missing; the caller owns it).
+    pub fn start_in(data_dir: &Path) -> TestServer {
+        TestServer::start_args(serve_args(data_dir))
+    }
+
+    /// A server on `data_dir` with further flags after the standard ones
+    /// (e.g. `--config FILE`, `--advertise-addr HOST:PORT`). Flags override
+    /// the config file, so the ports stay 0.
+    pub fn start_in_with(data_dir: &Path, extra: &[&str]) -> TestServer {
+        let mut args = serve_args(data_dir);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        TestServer::start_args(args)
+    }
+
+    /// A server started with exactly `args` (the first being `serve`).
+    /// Panics with the process's stderr if no startup line appears.
+    pub fn start_args(args: Vec<String>) -> TestServer {
+        let running = match spawn(&args) {
+            Ok(running) => running,
+            Err(failed) => panic!(
+                "no startup line (got {:?}); stderr:\n{}",
+                failed.line, failed.stderr
+            ),
+        };
+        TestServer {
+            args,
+            running: Some(running),
+            _tmp: None,
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running
+            .as_ref()
+            .expect("the server is stopped; restart it first")
+    }
+
+    /// A field of the startup line (`addr`, `status`, `cluster_id`, `data_dir`).
+    pub fn field(&self, key: &str) -> &str {
+        let fields = &self.running().fields;
+        fields
+            .get(key)
+            .unwrap_or_else(|| panic!("startup line has no {key}: {fields:?}"))
+    }
+
+    /// The bound gRPC address, `host:port`.
+    pub fn addr(&self) -> &str {
+        self.field("addr")
+    }
+
+    /// The bound HTTP status address, `host:port`.
+    pub fn status_addr(&self) -> &str {
+        self.field("status")
+    }
+
+    /// The PD endpoint clients are given: `127.0.0.1:port` of the gRPC port.
+    pub fn pd_endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port())
+    }
+
+    /// The gRPC address as a URL for tonic endpoints.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.pd_endpoint())
+    }
+
+    /// The bound gRPC port.
+    pub fn port(&self) -> u16 {
+        let addr = self.addr();
+        addr.rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {addr:?}"))
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        let id = self.field("cluster_id");
+        id.parse()
+            .unwrap_or_else(|_| panic!("cluster id {id:?} is not a number"))
+    }
+
+    /// The canonical data directory the server reported.
+    pub fn data_dir(&self) -> PathBuf {
+        PathBuf::from(self.field("data_dir"))
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.running().child.id()
+    }
+
+    /// GET `path` from the status server: status code and body.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.status_addr(), path)
+    }
+
+    /// `/debug/node` as JSON.
+    pub fn debug_node(&self) -> serde_json::Value {
+        let (code, body) = self.http_get("/debug/node");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("/debug/node is JSON")
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        let (code, body) = self.http_get("/metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// A tonic channel to the gRPC port (call from inside a tokio runtime).
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.grpc_url())
+            .expect("endpoint")
+            .connect_timeout(WAIT)
+            .connect()
+            .await
+            .expect("gRPC client connects")
+    }
+
+    /// Sends `signal` ("TERM", "INT", "KILL", ...) and waits (bounded) for
+    /// the process to exit. The server is stopped afterwards; `restart`
+    /// brings it back on the same data directory.
+    pub fn stop(&mut self, signal: &str) -> Exited {
+        let mut running = self.running.take().expect("the server is already stopped");
+        send_signal(running.child.id(), signal);
+        let status = wait_bounded(&mut running.child);
+        Exited {
+            status,
+            stderr: running.stderr.join().unwrap_or_default(),
+        }
+    }
+
+    /// SIGTERM, which must end the process with status 0.
+    pub fn stop_clean(&mut self) -> Exited {
+        let exited = self.stop("TERM");
+        exited.assert_clean();
+        exited
+    }
+
+    /// Stops cleanly (SIGTERM, exit 0) and starts again on the same data
+    /// directory with the same flags. The ports may change: read `addr()`
+    /// again afterwards.
+    pub fn restart(&mut self) -> Exited {
+        let exited = self.stop_clean();
+        self.start_again(&self.args.clone());
+        exited
+    }
+
+    /// Like [`TestServer::restart`], but keeps the gRPC port (clients that
+    /// cached the address keep working). Another process may take the port
+    /// while it is free; the start is retried a bounded number of times and
+    /// the test fails if the port stays taken.
+    pub fn restart_same_port(&mut self) -> Exited {
+        let host = {
+            let addr = self.addr();
+            addr.rsplit_once(':')
+                .map(|(host, _)| host.to_owned())
+                .unwrap_or_else(|| panic!("no port in {addr:?}"))
+        };
+        let port = self.port();
+        let exited = self.stop_clean();
+        let args = with_flag(&self.args, "--addr", &format!("{host}:{port}"));
+        let mut last = String::new();
+        for attempt in 1..=REBIND_ATTEMPTS {
+            match spawn(&args) {
+                Ok(running) => {
+                    self.running = Some(running);
+                    return exited;
+                }
+                Err(failed) if failed.stderr.contains("cannot listen on gRPC") => {
+                    last = failed.stderr;
+                    // The port is held by a process this test does not
+                    // control; all it can do is give it a moment.
+                    std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+                }
+                Err(failed) => panic!(
+                    "no startup line on restart (got {:?}); stderr:\n{}",
+                    failed.line, failed.stderr
+                ),
+            }
+        }
+        panic!("port {port} stayed taken over {REBIND_ATTEMPTS} attempts; last stderr:\n{last}");
+    }
+
+    fn start_again(&mut self, args: &[String]) {
+        match spawn(args) {
+            Ok(running) => self.running = Some(running),
+            Err(failed) => panic!(
+                "no startup line on restart (got {:?}); stderr:\n{}",
+                failed.line, failed.stderr
+            ),
+        }
+    }
+
+    /// Starts a stopped server again with its original flags.
+    pub fn start_stopped(&mut self) {
+        assert!(self.running.is_none(), "the server is running");
+        self.start_again(&self.args.clone());
+    }
+}
+
+impl Drop for TestServer {
+    /// A test that fails half-way must not leave a server running.
+    fn drop(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+        }
+    }
+}
+
+/// `args` with `flag`'s value replaced by `value` (appended if absent).
+fn with_flag(args: &[String], flag: &str, value: &str) -> Vec<String> {
+    let mut out = args.to_vec();
+    match out.iter().position(|a| a == flag) {
+        Some(i) if i + 1 < out.len() => out[i + 1] = value.to_owned(),
+        _ => {
+            out.push(flag.to_owned());
+            out.push(value.to_owned());
+        }
+    }
+    out
+}
