@@ -3,7 +3,7 @@
 //!
 //! The node is its own PD: one member (the leader, reachable at the advertised
 //! gRPC address), one store ([`STORE_ID`]) and the fixed region layout of
-//! [`RegionMap`]. Clients such as `tikv-client` and TiCDC connect here first,
+//! [`RegionMap`](kvfeed_storage::region::RegionMap). Clients such as `tikv-client` and TiCDC connect here first,
 //! learn the cluster id from `GetMembers`, take timestamps from the `Tso`
 //! stream and route requests with `GetRegion` / `GetStore`.
 //!

@@ -2,7 +2,7 @@
 //!
 //! Each tool parses its arguments ([`kv`]), connects with
 //! [`crate::client::Cluster`], and writes its results to stdout in one of
-//! three shapes ([`format`]): text, hex (`--hex`) or JSON lines (`--json`).
+//! three shapes ([`mod@format`]): text, hex (`--hex`) or JSON lines (`--json`).
 //! stdout carries results only; errors return as [`CmdError`], which `main`
 //! prints to stderr as `kvfeed: <message>` with exit status 1.
 //!

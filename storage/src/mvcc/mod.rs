@@ -9,7 +9,7 @@
 //!   [`SHORT_VALUE_MAX_LEN`] (shorter values live inline in lock and write
 //!   records).
 //!
-//! Layers: [`key`] (memcomparable codec, size limits), [`lock`] / [`write`]
+//! Layers: [`key`] (memcomparable codec, size limits), [`lock`] / [`mod@write`]
 //! (record formats), [`reader`] (reading one snapshot), [`actions`] (the
 //! transaction rules as pure functions producing a write batch), [`gc`],
 //! and [`TxnStore`] (latches, snapshot, apply). [`decode_change`] turns an

@@ -1,7 +1,7 @@
 //! Transaction actions: pure functions from (snapshot, request) to
 //! (write batch, outcome).
 //!
-//! Each public function reads only through the [`MvccReader`] it is given and
+//! Each public function reads only through the [`MvccReader`](super::reader::MvccReader) it is given and
 //! describes its effect as a [`WriteBatch`](crate::engine::WriteBatch); it
 //! never applies anything. An error means the batch is discarded, so a
 //! command either has its whole effect or none. Serializing commands that
