@@ -1,0 +1,71 @@
+//! Point-in-time views of the registry, for the status server's debug page
+//! and for tests.
+//!
+//! A snapshot is taken by the owner between two steps, after flushing its
+//! outbox, so it is internally consistent (no subscription without its
+//! connection, pending bytes include everything already queued) and
+//! reflects every request and control message sent before it was asked for.
+
+use serde::Serialize;
+
+use crate::ids::KvApi;
+use crate::subscription::SubscriptionState;
+
+/// Every connection and its subscriptions.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DebugSnapshot {
+    pub connections: Vec<ConnectionSnapshot>,
+}
+
+impl DebugSnapshot {
+    /// Subscriptions across all connections.
+    pub fn subscription_count(&self) -> usize {
+        self.connections.iter().map(|c| c.subscriptions.len()).sum()
+    }
+}
+
+/// One connection.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionSnapshot {
+    pub id: u64,
+    pub peer: String,
+    /// The protocol version fixed by the first request; `None` before it.
+    pub version: Option<String>,
+    pub features: Vec<&'static str>,
+    pub age_secs: u64,
+    /// Bytes queued for the connection and not yet taken by its stream.
+    pub pending_bytes: u64,
+    pub subscriptions: Vec<SubscriptionSnapshot>,
+}
+
+/// One subscription.
+#[derive(Clone, Debug, Serialize)]
+pub struct SubscriptionSnapshot {
+    pub request_id: u64,
+    pub region_id: u64,
+    pub state: SubscriptionState,
+    /// The effective range (request ∩ region), hex.
+    pub start_key: String,
+    pub end_key: String,
+    pub kv_api: KvApi,
+}
+
+/// Registry totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FeedCounts {
+    pub connections: usize,
+    pub subscriptions: usize,
+    /// Bytes queued for connections (including ones the registry has already
+    /// let go of whose streams still hold events) and not yet taken.
+    pub pending_bytes: u64,
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}

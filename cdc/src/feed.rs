@@ -1,0 +1,210 @@
+//! The feed handle: starts the owner, opens connections, answers queries,
+//! shuts down.
+//!
+//! A [`Feed`] is a cheap clone of one shared handle. The owner task runs
+//! until [`Feed::shutdown`] or until the last handle is dropped (the
+//! handle's `Drop` queues the shutdown message, which never blocks).
+//! Connections do not keep the feed alive: they hold only channel senders,
+//! and once the owner is gone their operations return
+//! [`FeedError::ShuttingDown`].
+//!
+//! Shutdown order: the owner flushes what it produced, ends every
+//! connection (each event stream yields what is queued, then ends, so a
+//! server's response streams finish with OK), drops whatever is still
+//! queued for it, and finally drops its store observer registration and
+//! signals completion. `shutdown` returns only after that, so once it has
+//! returned the store never calls into the feed again.
+//!
+//! The store observer runs on the committing thread under the store's
+//! publish lock, so it only filters by batch source and forwards an `Arc` of
+//! the batch on the unbounded control channel: no allocation per mutation,
+//! no lock, no waiting.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use kvfeed_storage::region::RegionMap;
+use kvfeed_storage::store::{BatchSource, ChangeBatch, Observer, Store};
+
+use crate::config::FeedConfig;
+use crate::connection::{ConnGuard, ConnInfo, Connection, EventStream};
+use crate::debug::{DebugSnapshot, FeedCounts};
+use crate::error::FeedError;
+use crate::ids::ConnId;
+use crate::metrics::{FeedMetrics, PendingBytes, TaskGuard};
+use crate::owner::{Command, Control, NewConnection, Owner, OwnerDeps, RESERVED_SLOTS};
+
+/// What the feed is built on.
+pub struct FeedDeps {
+    pub store: Arc<Store>,
+    pub regions: Arc<RegionMap>,
+    /// Checked against requests of clients ≥ 5.3.0.
+    pub cluster_id: u64,
+    pub config: FeedConfig,
+}
+
+/// A handle to the running feed. Clones share it.
+#[derive(Clone, Debug)]
+pub struct Feed {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    control: mpsc::UnboundedSender<Control>,
+    metrics: FeedMetrics,
+    config: FeedConfig,
+    next_conn: AtomicU64,
+    closing: AtomicBool,
+    /// Its sender is owned by the owner task; closed when it has finished.
+    done: watch::Receiver<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the owner. Never blocks.
+        let _ = self.control.send(Control::Shutdown);
+    }
+}
+
+struct FeedObserver {
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl Observer for FeedObserver {
+    fn on_apply(&self, batch: &Arc<ChangeBatch>) {
+        // GC and the store's bookkeeping are not user-visible changes.
+        if batch.source == BatchSource::Client {
+            // Fails only once the owner is gone (its registration is being
+            // removed at that moment).
+            let _ = self.control.send(Control::Batch(Arc::clone(batch)));
+        }
+    }
+}
+
+impl Feed {
+    /// Starts the owner task and registers the store observer. Must be
+    /// called inside a Tokio runtime.
+    pub fn start(deps: FeedDeps) -> Feed {
+        // The names and help texts are constants, checked by a unit test;
+        // a failure here is a programming error, not an input error.
+        let metrics = FeedMetrics::new().expect("the feed's metric definitions are valid");
+        let (commands_tx, commands_rx) = mpsc::channel(deps.config.command_queue.max(1));
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = watch::channel(());
+        let observer = deps.store.add_observer(Arc::new(FeedObserver {
+            control: control_tx.clone(),
+        }));
+        let owner = Owner::new(OwnerDeps {
+            store: deps.store,
+            regions: deps.regions,
+            cluster_id: deps.cluster_id,
+            config: deps.config.clone(),
+            metrics: metrics.clone(),
+            observer,
+        });
+        tokio::spawn(
+            owner
+                .run(commands_rx, control_rx, done_tx)
+                .instrument(tracing::info_span!("cdc_owner")),
+        );
+        Feed {
+            inner: Arc::new(Inner {
+                commands: commands_tx,
+                control: control_tx,
+                metrics,
+                config: deps.config,
+                next_conn: AtomicU64::new(1),
+                closing: AtomicBool::new(false),
+                done: done_rx,
+            }),
+        }
+    }
+
+    /// Registers a connection. Returns its request side and its event
+    /// stream. Never waits.
+    pub fn connect(&self, info: ConnInfo) -> Result<(Connection, EventStream), FeedError> {
+        if self.inner.closing.load(Ordering::Acquire) {
+            return Err(FeedError::ShuttingDown);
+        }
+        let id = ConnId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
+        let span = tracing::info_span!("cdc_conn", conn_id = id.0, peer = %info.peer);
+        let (sink, events) = mpsc::channel(self.inner.config.sink_capacity.max(1) + RESERVED_SLOTS);
+        let pending = Arc::new(PendingBytes::new(&self.inner.metrics));
+        let (ended_tx, ended_rx) = watch::channel(());
+        self.inner
+            .control
+            .send(Control::Connect(Box::new(NewConnection {
+                id,
+                peer: info.peer,
+                features: info.features,
+                sink,
+                pending: Arc::clone(&pending),
+                ended: ended_tx,
+                span: span.clone(),
+            })))
+            .map_err(|_| FeedError::ShuttingDown)?;
+        // From here on nothing can fail before the guard exists.
+        let guard = ConnGuard::new(id, self.inner.control.clone());
+        let connection = Connection::new(
+            guard,
+            self.inner.commands.clone(),
+            info.features,
+            ended_rx,
+            span,
+        );
+        let stream = EventStream::new(id, events, pending, self.inner.metrics.clone());
+        Ok((connection, stream))
+    }
+
+    /// Stops the feed: ends every connection, removes the store observer,
+    /// and returns when the owner has finished. Idempotent.
+    pub async fn shutdown(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+        let _ = self.inner.control.send(Control::Shutdown);
+        let mut done = self.inner.done.clone();
+        while done.changed().await.is_ok() {}
+    }
+
+    /// Every connection and subscription, as of after all previously sent
+    /// requests and control messages.
+    pub async fn debug_snapshot(&self) -> Result<DebugSnapshot, FeedError> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Command::Snapshot { reply }, answer).await
+    }
+
+    /// Registry totals, with the same ordering guarantee as
+    /// [`Feed::debug_snapshot`].
+    pub async fn counts(&self) -> Result<FeedCounts, FeedError> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Command::Counts { reply }, answer).await
+    }
+
+    async fn ask<T>(&self, cmd: Command, answer: oneshot::Receiver<T>) -> Result<T, FeedError> {
+        self.inner
+            .commands
+            .send(cmd)
+            .await
+            .map_err(|_| FeedError::ShuttingDown)?;
+        answer.await.map_err(|_| FeedError::ShuttingDown)
+    }
+
+    /// The feed's metrics (register them with [`FeedMetrics::register`]).
+    pub fn metrics(&self) -> &FeedMetrics {
+        &self.inner.metrics
+    }
+
+    /// A guard counting one live connection task; hold it for the task's
+    /// whole life.
+    pub fn task_guard(&self) -> TaskGuard {
+        TaskGuard::new(&self.inner.metrics)
+    }
+
+    pub fn config(&self) -> &FeedConfig {
+        &self.inner.config
+    }
+}

@@ -1,0 +1,383 @@
+//! Shared harness: a memory-engine store with the transaction and raw
+//! libraries on top, a running feed, request builders and an event reader.
+//!
+//! Nothing here sleeps. Ordering comes from the feed's guarantee that a
+//! query (`counts`, `debug_snapshot`) is answered after every request and
+//! control message sent before it, and after the events they produced were
+//! queued. Waiting for an event is bounded by a timeout only as a hang
+//! guard: tests run with paused time, where a timeout fires only once
+//! nothing else can make progress.
+
+#![allow(dead_code)] // each test binary uses part of the harness
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvfeed_cdc::{
+    ConnInfo, Connection, EventStream, Features, Feed, FeedConfig, FeedCounts, FeedDeps, TryNext,
+};
+use kvfeed_proto::cdcpb::change_data_request::{self, Register};
+use kvfeed_proto::cdcpb::event::{self, LogType, Row};
+use kvfeed_proto::cdcpb::{self, ChangeDataRequest, Header};
+use kvfeed_proto::metapb;
+use kvfeed_storage::TimeStamp;
+use kvfeed_storage::engine::Engine;
+use kvfeed_storage::engine::memory::MemoryEngine;
+use kvfeed_storage::mvcc::{MutationOp, PrewriteRequest, TxnMutation, TxnStore};
+use kvfeed_storage::raw::RawStore;
+use kvfeed_storage::region::{Region, RegionMap};
+use kvfeed_storage::store::{Durability, Store};
+use kvfeed_storage::tso::{Clock, ManualClock, Tso};
+
+pub const CLUSTER_ID: u64 = 7;
+/// A current client version: batched resolved ts, cluster id checked.
+pub const VERSION: &str = "8.5.0";
+const T0_MS: u64 = 1_700_000_000_000;
+/// Hang guard for awaited events (instant under paused time).
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct Env {
+    pub store: Arc<Store>,
+    pub tso: Arc<Tso>,
+    pub txn: TxnStore,
+    pub raw: RawStore,
+    pub regions: Arc<RegionMap>,
+    pub feed: Feed,
+    /// `Arc::strong_count(&store)` before the feed took its references.
+    pub store_refs_without_feed: usize,
+}
+
+pub fn env() -> Env {
+    env_with(FeedConfig::default())
+}
+
+pub fn env_with(config: FeedConfig) -> Env {
+    let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+    let store = Arc::new(Store::open(engine, Durability::NoSync).expect("store"));
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0_MS));
+    let tso = Arc::new(Tso::open(Arc::clone(&store), clock).expect("tso"));
+    let txn = TxnStore::new(Arc::clone(&store));
+    let raw = RawStore::new(Arc::clone(&store), Arc::clone(&tso));
+    let regions = Arc::new(RegionMap::new(RegionMap::default_split_keys()).expect("layout"));
+    let store_refs_without_feed = Arc::strong_count(&store);
+    let feed = Feed::start(FeedDeps {
+        store: Arc::clone(&store),
+        regions: Arc::clone(&regions),
+        cluster_id: CLUSTER_ID,
+        config,
+    });
+    Env {
+        store,
+        tso,
+        txn,
+        raw,
+        regions,
+        feed,
+        store_refs_without_feed,
+    }
+}
+
+impl Env {
+    pub fn ts(&self) -> TimeStamp {
+        self.tso.get(1).expect("timestamp")
+    }
+
+    /// The region holding ordinary keys (raw and encoded).
+    pub fn region_a(&self) -> Region {
+        self.regions.regions()[0].clone()
+    }
+
+    /// The region above the default split key.
+    pub fn region_b(&self) -> Region {
+        self.regions.regions()[1].clone()
+    }
+
+    pub fn connect(&self) -> (Connection, Events) {
+        let (conn, stream) = self
+            .feed
+            .connect(ConnInfo {
+                peer: "127.0.0.1:5000".to_owned(),
+                features: Features::default(),
+            })
+            .expect("connect");
+        (conn, Events::new(stream))
+    }
+
+    /// A round trip through the owner: everything sent before is applied
+    /// and its events are queued.
+    pub async fn settle(&self) -> FeedCounts {
+        self.feed.counts().await.expect("feed is running")
+    }
+
+    /// No connection, subscription, queued byte or connection task is left,
+    /// by the registry's own account and by every gauge.
+    pub async fn assert_clean(&self) {
+        let counts = self.settle().await;
+        assert_eq!(counts, FeedCounts::default(), "registry not empty");
+        let snapshot = self.feed.debug_snapshot().await.expect("snapshot");
+        assert!(snapshot.connections.is_empty());
+        let m = self.feed.metrics();
+        assert_eq!(m.connections(), 0, "connections gauge");
+        assert_eq!(m.subscriptions(), 0, "subscriptions gauge");
+        assert_eq!(m.pending_bytes(), 0, "pending bytes gauge");
+        assert_eq!(m.connection_tasks(), 0, "connection task gauge");
+    }
+
+    /// Prewrites `mutations` (primary = the first key) at a fresh start_ts.
+    pub fn prewrite(&self, mutations: Vec<TxnMutation>) -> TimeStamp {
+        let start_ts = self.ts();
+        self.prewrite_at(start_ts, mutations, |_| {});
+        start_ts
+    }
+
+    pub fn prewrite_at(
+        &self,
+        start_ts: TimeStamp,
+        mutations: Vec<TxnMutation>,
+        adjust: impl FnOnce(&mut PrewriteRequest),
+    ) {
+        let mut req = PrewriteRequest {
+            primary: mutations[0].key.clone(),
+            mutations,
+            start_ts,
+            lock_ttl: 3000,
+            ..PrewriteRequest::default()
+        };
+        adjust(&mut req);
+        let outcome = self.txn.prewrite(&req).expect("prewrite");
+        assert!(outcome.locks.is_empty(), "prewrite met locks");
+    }
+
+    pub fn commit(&self, keys: &[&[u8]], start_ts: TimeStamp) -> TimeStamp {
+        let commit_ts = self.ts();
+        let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        self.txn.commit(&keys, start_ts, commit_ts).expect("commit");
+        commit_ts
+    }
+
+    /// A committed two-phase put of one key; returns (start_ts, commit_ts).
+    pub fn put(&self, key: &[u8], value: &[u8]) -> (TimeStamp, TimeStamp) {
+        let start = self.prewrite(vec![put(key, value)]);
+        let commit = self.commit(&[key], start);
+        (start, commit)
+    }
+}
+
+pub fn put(key: &[u8], value: &[u8]) -> TxnMutation {
+    TxnMutation::new(key, MutationOp::Put(value.to_vec()))
+}
+
+pub fn delete(key: &[u8]) -> TxnMutation {
+    TxnMutation::new(key, MutationOp::Delete)
+}
+
+/// A Register for the whole of `region` as a current client sends it.
+pub fn register(request_id: u64, region: &Region) -> ChangeDataRequest {
+    ChangeDataRequest {
+        header: Some(Header {
+            cluster_id: CLUSTER_ID,
+            ticdc_version: VERSION.to_owned(),
+        }),
+        region_id: region.id.0,
+        region_epoch: Some(metapb::RegionEpoch {
+            conf_ver: region.epoch.conf_ver,
+            version: region.epoch.version,
+        }),
+        start_key: region.start_key.clone(),
+        end_key: region.end_key.clone(),
+        request_id,
+        request: Some(change_data_request::Request::Register(Register {})),
+        ..ChangeDataRequest::default()
+    }
+}
+
+/// A RawKV Register for the raw-key range `[start, end)` of `region`.
+pub fn register_raw(
+    request_id: u64,
+    region: &Region,
+    start: &[u8],
+    end: &[u8],
+) -> ChangeDataRequest {
+    ChangeDataRequest {
+        start_key: start.to_vec(),
+        end_key: end.to_vec(),
+        kv_api: change_data_request::KvApi::RawKv as i32,
+        ..register(request_id, region)
+    }
+}
+
+pub fn deregister(request_id: u64, region_id: u64) -> ChangeDataRequest {
+    ChangeDataRequest {
+        header: Some(Header {
+            cluster_id: CLUSTER_ID,
+            ticdc_version: VERSION.to_owned(),
+        }),
+        region_id,
+        request_id,
+        request: Some(change_data_request::Request::Deregister(
+            change_data_request::Deregister {},
+        )),
+        ..ChangeDataRequest::default()
+    }
+}
+
+/// One event of the stream, flattened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    Row {
+        request_id: u64,
+        region_id: u64,
+        row: Row,
+    },
+    Error {
+        request_id: u64,
+        region_id: u64,
+        error: cdcpb::Error,
+    },
+}
+
+impl Item {
+    pub fn row(&self) -> &Row {
+        match self {
+            Item::Row { row, .. } => row,
+            Item::Error { error, .. } => panic!("expected a row, got error {error:?}"),
+        }
+    }
+
+    pub fn error(&self) -> &cdcpb::Error {
+        match self {
+            Item::Error { error, .. } => error,
+            Item::Row { row, .. } => panic!("expected an error, got row {row:?}"),
+        }
+    }
+
+    pub fn ids(&self) -> (u64, u64) {
+        match self {
+            Item::Row {
+                request_id,
+                region_id,
+                ..
+            }
+            | Item::Error {
+                request_id,
+                region_id,
+                ..
+            } => (*request_id, *region_id),
+        }
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        matches!(self, Item::Row { row, .. } if row.r#type == LogType::Initialized as i32)
+    }
+}
+
+/// Reads a connection's stream item by item.
+pub struct Events {
+    pub stream: EventStream,
+    buf: VecDeque<Item>,
+    /// Entries events seen, for batching checks.
+    pub entries_events: Vec<cdcpb::Event>,
+}
+
+impl Events {
+    pub fn new(stream: EventStream) -> Events {
+        Events {
+            stream,
+            buf: VecDeque::new(),
+            entries_events: Vec::new(),
+        }
+    }
+
+    fn absorb(&mut self, message: cdcpb::ChangeDataEvent) {
+        for e in message.events {
+            match &e.event {
+                Some(event::Event::Entries(entries)) => {
+                    self.entries_events.push(e.clone());
+                    for row in &entries.entries {
+                        self.buf.push_back(Item::Row {
+                            request_id: e.request_id,
+                            region_id: e.region_id,
+                            row: row.clone(),
+                        });
+                    }
+                }
+                Some(event::Event::Error(error)) => self.buf.push_back(Item::Error {
+                    request_id: e.request_id,
+                    region_id: e.region_id,
+                    error: error.clone(),
+                }),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+    }
+
+    /// The next item, or `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.buf.pop_front() {
+                return Some(item);
+            }
+            let message = tokio::time::timeout(PATIENCE, self.stream.next())
+                .await
+                .expect("timed out waiting for an event")?;
+            self.absorb(message);
+        }
+    }
+
+    pub async fn expect(&mut self) -> Item {
+        self.next().await.expect("stream ended early")
+    }
+
+    /// The next item if one is already queued.
+    pub fn try_next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.buf.pop_front() {
+                return Some(item);
+            }
+            match self.stream.try_next() {
+                TryNext::Event(message) => self.absorb(message),
+                TryNext::Empty | TryNext::Ended => return None,
+            }
+        }
+    }
+
+    /// Asserts nothing is queued (call after `Env::settle`).
+    pub fn assert_quiet(&mut self) {
+        if let Some(item) = self.try_next() {
+            panic!("unexpected item {item:?}");
+        }
+    }
+
+    pub async fn expect_initialized(&mut self, request_id: u64, region_id: u64) {
+        let item = self.expect().await;
+        assert!(item.is_initialized(), "expected INITIALIZED, got {item:?}");
+        assert_eq!(item.ids(), (request_id, region_id));
+    }
+
+    /// Reads until the stream ends, returning what was left.
+    pub async fn drain_to_end(&mut self) -> Vec<Item> {
+        let mut rest = Vec::new();
+        while let Some(item) = self.next().await {
+            rest.push(item);
+        }
+        rest
+    }
+}
+
+/// A tiny deterministic generator (splitmix64) for seeded test choices.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
