@@ -1,6 +1,13 @@
 //! Tunables of the feed. Every limit here exists so that one client cannot
 //! make the server's memory or the owner's work unbounded.
 
+use std::time::Duration;
+
+/// The shortest resolved-ts interval the feed honours; a shorter configured
+/// value is raised to it. Below it the loop would spend its time waking up
+/// (and allocating timestamps) rather than resolving.
+pub const MIN_TS_INTERVAL_FLOOR: Duration = Duration::from_millis(10);
+
 /// Feed configuration. `Default` gives the production values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FeedConfig {
@@ -15,6 +22,42 @@ pub struct FeedConfig {
     /// with `congested`. One more slot is always kept for that error. At
     /// least 1. (A byte quota will replace this count.)
     pub sink_capacity: usize,
+    /// `min-ts-interval`: how often resolved timestamps are computed and
+    /// sent. Values below [`MIN_TS_INTERVAL_FLOOR`] are raised to it.
+    /// Default 1s (TiKV's).
+    pub min_ts_interval: Duration,
+    /// `incremental-scan-threads`: catch-up scan batches read at the same
+    /// time, each on its own blocking thread. At least 1 is used. Default 4.
+    pub incremental_scan_threads: usize,
+    /// `incremental-scan-concurrency`: catch-up scans holding a snapshot at
+    /// the same time; the others wait in a queue without one. At least 1 is
+    /// used. Default 6.
+    pub incremental_scan_concurrency: usize,
+    /// `incremental-scan-concurrency-limit`: catch-up scans queued or
+    /// running; a Register beyond it is answered with `server_is_busy`.
+    /// Default 10000.
+    pub incremental_scan_concurrency_limit: usize,
+    /// `incremental-scan-speed-limit`: bytes per second read from the
+    /// store by all catch-up scans together; 0 means unlimited.
+    ///
+    /// The default is 0, unlike TiKV's 128 MB/s: TiKV throttles scans to
+    /// protect the foreground traffic of other tenants on a shared store,
+    /// whereas one embedded node has no other tenant, and what a fast scan
+    /// could otherwise pile up in memory is bounded separately (scan batches
+    /// wait for the subscriber to take earlier ones).
+    pub incremental_scan_speed_limit: u64,
+    /// Encoded bytes of live rows (plus lock changes) one initializing
+    /// subscription may hold back while its catch-up scan runs. Beyond it
+    /// the subscription is stopped with `congested` instead of growing
+    /// without limit. Default 16 MiB.
+    pub scan_buffer_bytes: usize,
+}
+
+impl FeedConfig {
+    /// [`FeedConfig::min_ts_interval`], raised to the floor.
+    pub fn effective_min_ts_interval(&self) -> Duration {
+        self.min_ts_interval.max(MIN_TS_INTERVAL_FLOOR)
+    }
 }
 
 impl Default for FeedConfig {
@@ -23,6 +66,28 @@ impl Default for FeedConfig {
             max_subscriptions_per_conn: 100_000,
             command_queue: 1024,
             sink_capacity: 1024,
+            min_ts_interval: Duration::from_secs(1),
+            incremental_scan_threads: 4,
+            incremental_scan_concurrency: 6,
+            incremental_scan_concurrency_limit: 10_000,
+            incremental_scan_speed_limit: 0,
+            scan_buffer_bytes: 16 << 20,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_has_a_floor() {
+        let fast = FeedConfig {
+            min_ts_interval: Duration::from_millis(1),
+            ..FeedConfig::default()
+        };
+        assert_eq!(fast.effective_min_ts_interval(), MIN_TS_INTERVAL_FLOOR);
+        let slow = FeedConfig::default();
+        assert_eq!(slow.effective_min_ts_interval(), Duration::from_secs(1));
     }
 }

@@ -278,7 +278,8 @@ impl Connection {
     }
 
     /// Ends the connection after the client half-closed: every request
-    /// handled so far is processed and its events are queued, then the
+    /// handled so far is processed and its events are queued (a Register's
+    /// catch-up scan included, so this waits for running scans), then the
     /// event stream ends (after yielding what is queued).
     pub async fn close(mut self) -> Result<(), FeedError> {
         let (done, acked) = oneshot::channel();

@@ -48,6 +48,12 @@ pub struct SubscriptionSnapshot {
     pub start_key: String,
     pub end_key: String,
     pub kv_api: KvApi,
+    /// The Register's checkpoint: the catch-up scan reports later commits.
+    pub checkpoint_ts: u64,
+    /// The last resolved ts sent (0 before the first).
+    pub resolved_ts: u64,
+    /// Locks holding its resolved ts back (transactional, once initialized).
+    pub tracked_locks: usize,
 }
 
 /// Registry totals.
@@ -58,6 +64,9 @@ pub struct FeedCounts {
     /// Bytes queued for connections (including ones the registry has already
     /// let go of whose streams still hold events) and not yet taken.
     pub pending_bytes: u64,
+    /// Catch-up scans queued or running (including ones winding down after
+    /// their subscription went away).
+    pub scans: usize,
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -8,12 +8,19 @@
 //! and once the owner is gone their operations return
 //! [`FeedError::ShuttingDown`].
 //!
+//! Besides the owner, the feed runs a resolved-ts task (module `resolve`)
+//! and one task per catch-up scan (module `scan`).
+//!
 //! Shutdown order: the owner flushes what it produced, ends every
 //! connection (each event stream yields what is queued, then ends, so a
-//! server's response streams finish with OK), drops whatever is still
-//! queued for it, and finally drops its store observer registration and
-//! signals completion. `shutdown` returns only after that, so once it has
-//! returned the store never calls into the feed again.
+//! server's response streams finish with OK; their subscriptions' scans
+//! are cancelled with them), drops whatever is still queued for it, and
+//! finally drops its store observer registration. The resolved-ts task
+//! stops when the owner's channel closes; scan tasks stop within one batch.
+//! Each of them holds a share of the completion signal, and `shutdown`
+//! returns only once all are gone, so once it has returned the store never
+//! calls into the feed again and no feed task holds a snapshot or handle
+//! of it.
 //!
 //! The store observer runs on the committing thread under the store's
 //! publish lock, so it only filters by batch source and forwards an `Arc` of
@@ -26,8 +33,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
+use kvfeed_storage::mvcc::TxnStore;
+use kvfeed_storage::raw::RawStore;
 use kvfeed_storage::region::RegionMap;
+use kvfeed_storage::safepoint::SafePoints;
 use kvfeed_storage::store::{BatchSource, ChangeBatch, Observer, Store};
+use kvfeed_storage::tso::Tso;
 
 use crate::config::FeedConfig;
 use crate::connection::{ConnGuard, ConnInfo, Connection, EventStream};
@@ -36,6 +47,8 @@ use crate::error::FeedError;
 use crate::ids::ConnId;
 use crate::metrics::{FeedMetrics, PendingBytes, TaskGuard};
 use crate::owner::{Command, Control, NewConnection, Owner, OwnerDeps, RESERVED_SLOTS};
+use crate::resolve::{self, MinTsSource};
+use crate::scan::ScanPool;
 
 /// What the feed is built on.
 pub struct FeedDeps {
@@ -44,6 +57,16 @@ pub struct FeedDeps {
     /// Checked against requests of clients ≥ 5.3.0.
     pub cluster_id: u64,
     pub config: FeedConfig,
+    /// The oracle the store's transactions and raw writes take timestamps
+    /// from: resolved timestamps are sampled from it, and its clock is the
+    /// one GC service safe points expire by.
+    pub tso: Arc<Tso>,
+    /// The transaction library serving clients: its concurrency manager
+    /// bounds resolved timestamps by in-flight async-commit/1PC prewrites.
+    pub txn: Arc<TxnStore>,
+    /// The raw library serving clients: its in-flight writes bound raw
+    /// subscriptions' resolved timestamps.
+    pub raw: Arc<RawStore>,
 }
 
 /// A handle to the running feed. Clones share it.
@@ -60,8 +83,11 @@ struct Inner {
     config: FeedConfig,
     next_conn: AtomicU64,
     closing: AtomicBool,
-    /// Its sender is owned by the owner task; closed when it has finished.
+    /// Its sender is shared by the owner, the resolved-ts task and every
+    /// scan task; closed when all of them have finished.
     done: watch::Receiver<()>,
+    /// Catch-up scans alive.
+    scans: watch::Receiver<usize>,
 }
 
 impl Drop for Inner {
@@ -96,9 +122,20 @@ impl Feed {
         let (commands_tx, commands_rx) = mpsc::channel(deps.config.command_queue.max(1));
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = watch::channel(());
+        let done = Arc::new(done_tx);
         let observer = deps.store.add_observer(Arc::new(FeedObserver {
             control: control_tx.clone(),
         }));
+        // Read only: the feed never writes safe points.
+        let safe_points = SafePoints::new(Arc::clone(&deps.store), Arc::clone(deps.tso.clock()));
+        let (pool, scan_rx) = ScanPool::new(
+            Arc::clone(&deps.store),
+            safe_points,
+            &deps.config,
+            metrics.clone(),
+            Arc::clone(&done),
+        );
+        let scans = pool.watch_active();
         let owner = Owner::new(OwnerDeps {
             store: deps.store,
             regions: deps.regions,
@@ -106,10 +143,25 @@ impl Feed {
             config: deps.config.clone(),
             metrics: metrics.clone(),
             observer,
+            scans: Arc::new(pool),
         });
         tokio::spawn(
+            resolve::run(
+                MinTsSource {
+                    tso: deps.tso,
+                    txn: deps.txn,
+                    raw: deps.raw,
+                },
+                control_tx.clone(),
+                deps.config.effective_min_ts_interval(),
+                metrics.clone(),
+                Arc::clone(&done),
+            )
+            .instrument(tracing::info_span!("cdc_resolved_ts")),
+        );
+        tokio::spawn(
             owner
-                .run(commands_rx, control_rx, done_tx)
+                .run(commands_rx, control_rx, scan_rx, done)
                 .instrument(tracing::info_span!("cdc_owner")),
         );
         Feed {
@@ -121,6 +173,7 @@ impl Feed {
                 next_conn: AtomicU64::new(1),
                 closing: AtomicBool::new(false),
                 done: done_rx,
+                scans,
             }),
         }
     }
@@ -168,6 +221,15 @@ impl Feed {
         let _ = self.inner.control.send(Control::Shutdown);
         let mut done = self.inner.done.clone();
         while done.changed().await.is_ok() {}
+    }
+
+    /// Resolves once no catch-up scan is queued or running (immediately if
+    /// none is, or once the feed is gone). Scans whose subscription went
+    /// away count until they have noticed, which is within one batch.
+    pub async fn scans_idle(&self) {
+        let mut scans = self.inner.scans.clone();
+        // An error means the pool is gone, and with it every scan.
+        let _ = scans.wait_for(|n| *n == 0).await;
     }
 
     /// Every connection and subscription, as of after all previously sent

@@ -5,8 +5,10 @@
 //! they count: the registry moves the connection and subscription gauges in
 //! the same functions that insert and remove entries; `PendingBytes` moves
 //! the pending-bytes gauge together with its connection's own counter;
-//! [`TaskGuard`] moves the task gauge in `new` and `Drop`. So a gauge cannot
-//! drift from the state it describes on any path, including panics and
+//! [`TaskGuard`] moves the task gauge in `new` and `Drop`; `ScanTaskGuard`
+//! moves the ongoing-scan gauge the same way and counts each scan as
+//! finished or aborted exactly once, in `Drop`. So a gauge cannot drift
+//! from the state it describes on any path, including panics and
 //! cancellation, and "all gauges are 0" is a meaningful leak check.
 //!
 //! Each [`FeedMetrics`] is its own set of collectors (not prometheus'
@@ -14,7 +16,8 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::sync::Notify;
 
 use crate::error::FeedError;
 
@@ -28,6 +31,9 @@ pub struct FeedMetrics {
     pub(crate) sent_bytes: IntCounter,
     pub(crate) aborted: IntCounterVec,
     pub(crate) connection_tasks: IntGauge,
+    pub(crate) scan_tasks: IntGaugeVec,
+    pub(crate) scanned_bytes: IntCounter,
+    pub(crate) resolved_ts_lag: Gauge,
 }
 
 impl FeedMetrics {
@@ -66,12 +72,31 @@ impl FeedMetrics {
                 "kvfeed_cdc_connection_tasks",
                 "Live per-connection server tasks (each holds a TaskGuard).",
             )?,
+            scan_tasks: IntGaugeVec::new(
+                Opts::new(
+                    "kvfeed_cdc_scan_tasks",
+                    "Catch-up scans: ongoing (queued or running) now, and finished or \
+                     aborted since start.",
+                ),
+                &["state"],
+            )
+            .map_err(FeedError::Metrics)?,
+            scanned_bytes: counter(
+                "kvfeed_cdc_scanned_bytes_total",
+                "Bytes (keys and values) read from the store by catch-up scans.",
+            )?,
+            resolved_ts_lag: Gauge::new(
+                "kvfeed_cdc_resolved_ts_lag_seconds",
+                "Physical time between the latest min ts and the lowest resolved ts of any \
+                 initialized subscription (0 without one).",
+            )
+            .map_err(FeedError::Metrics)?,
         })
     }
 
     /// Registers every collector into `registry`.
     pub fn register(&self, registry: &Registry) -> Result<(), FeedError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
             Box::new(self.connections.clone()),
             Box::new(self.subscriptions.clone()),
             Box::new(self.pending_bytes.clone()),
@@ -79,6 +104,9 @@ impl FeedMetrics {
             Box::new(self.sent_bytes.clone()),
             Box::new(self.aborted.clone()),
             Box::new(self.connection_tasks.clone()),
+            Box::new(self.scan_tasks.clone()),
+            Box::new(self.scanned_bytes.clone()),
+            Box::new(self.resolved_ts_lag.clone()),
         ];
         for c in collectors {
             registry.register(c).map_err(FeedError::Metrics)?;
@@ -120,6 +148,67 @@ impl FeedMetrics {
     pub fn connection_tasks(&self) -> i64 {
         self.connection_tasks.get()
     }
+
+    /// Catch-up scans in `state` (`ongoing`, `finished` or `aborted`).
+    pub fn scan_tasks(&self, state: &str) -> i64 {
+        self.scan_tasks.with_label_values(&[state]).get()
+    }
+
+    /// Bytes read from the store by catch-up scans so far.
+    pub fn scanned_bytes(&self) -> u64 {
+        self.scanned_bytes.get()
+    }
+
+    /// The last resolved-ts lag, in seconds.
+    pub fn resolved_ts_lag_seconds(&self) -> f64 {
+        self.resolved_ts_lag.get()
+    }
+}
+
+/// How a catch-up scan ended, for `kvfeed_cdc_scan_tasks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ScanOutcome {
+    /// Every row and the end of the scan were handed to the owner.
+    Finished,
+    /// Cancelled (its subscription or connection went away, or the feed
+    /// stopped) or failed.
+    Aborted,
+}
+
+/// Counts one catch-up scan as ongoing while held, and as finished or
+/// aborted when dropped. A scan is aborted unless it declared otherwise, so
+/// a scan task dropped mid-way (cancellation, shutdown, panic) is counted
+/// as aborted without any code having to run "after an await".
+#[derive(Debug)]
+pub(crate) struct ScanTaskGuard {
+    metrics: FeedMetrics,
+    outcome: ScanOutcome,
+}
+
+impl ScanTaskGuard {
+    pub(crate) fn new(metrics: &FeedMetrics) -> ScanTaskGuard {
+        metrics.scan_tasks.with_label_values(&["ongoing"]).inc();
+        ScanTaskGuard {
+            metrics: metrics.clone(),
+            outcome: ScanOutcome::Aborted,
+        }
+    }
+
+    pub(crate) fn set_outcome(&mut self, outcome: ScanOutcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for ScanTaskGuard {
+    fn drop(&mut self) {
+        let tasks = &self.metrics.scan_tasks;
+        tasks.with_label_values(&["ongoing"]).dec();
+        let state = match self.outcome {
+            ScanOutcome::Finished => "finished",
+            ScanOutcome::Aborted => "aborted",
+        };
+        tasks.with_label_values(&[state]).inc();
+    }
 }
 
 /// Counts one live per-connection task while held. The server creates one
@@ -147,7 +236,9 @@ impl Drop for TaskGuard {
 }
 
 /// Bytes queued in one connection's event channel and not yet taken by its
-/// `EventStream`, mirrored into the global gauge.
+/// `EventStream`, mirrored into the global gauge. It also wakes catch-up
+/// scans of the connection that wait for the client to take events
+/// (`drained`), which is how a scan is paced by its reader.
 ///
 /// The owner adds *before* it tries to queue an event (and subtracts again
 /// if that fails); the stream subtracts when it takes one, and when it is
@@ -157,6 +248,7 @@ impl Drop for TaskGuard {
 pub(crate) struct PendingBytes {
     conn: AtomicI64,
     gauge: IntGauge,
+    drained: Notify,
 }
 
 impl PendingBytes {
@@ -164,6 +256,7 @@ impl PendingBytes {
         PendingBytes {
             conn: AtomicI64::new(0),
             gauge: metrics.pending_bytes.clone(),
+            drained: Notify::new(),
         }
     }
 
@@ -177,6 +270,14 @@ impl PendingBytes {
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         self.conn.fetch_sub(bytes, Ordering::Relaxed);
         self.gauge.sub(bytes);
+        // Only waiters registered now are woken; a scan registers before it
+        // checks for room (see `scan::pace`), so it cannot miss this.
+        self.drained.notify_waiters();
+    }
+
+    /// Notified whenever queued events are taken (or dropped).
+    pub(crate) fn drained(&self) -> &Notify {
+        &self.drained
     }
 
     /// The connection's pending bytes. An add happens before the queueing
@@ -213,5 +314,24 @@ mod tests {
         assert_eq!(metrics.connection_tasks(), 1);
         drop(guard);
         assert_eq!(metrics.connection_tasks(), 0);
+    }
+
+    #[test]
+    fn a_scan_counts_once_as_finished_or_aborted() {
+        let metrics = FeedMetrics::new().expect("valid definitions");
+        let mut done = ScanTaskGuard::new(&metrics);
+        let dropped = ScanTaskGuard::new(&metrics);
+        assert_eq!(metrics.scan_tasks("ongoing"), 2);
+        done.set_outcome(ScanOutcome::Finished);
+        drop(done);
+        drop(dropped);
+        assert_eq!(
+            (
+                metrics.scan_tasks("ongoing"),
+                metrics.scan_tasks("finished"),
+                metrics.scan_tasks("aborted")
+            ),
+            (0, 1, 1)
+        );
     }
 }

@@ -47,17 +47,20 @@ async fn pending_bytes_count_what_the_stream_has_not_taken() {
 
 #[tokio::test(start_paused = true)]
 async fn a_congested_connection_loses_its_subscriptions_and_is_told() {
-    // Two ordinary slots: the INITIALIZED answers (one message, as they are
-    // produced in one owner step) take one, a first write the other.
-    let env = env_with(small_sink(2));
+    // Three ordinary slots: the two INITIALIZED answers take one each
+    // (settled one at a time, so each is a message of its own), a first
+    // write the third.
+    let env = env_with(small_sink(3));
     let region = env.region_a();
     let (mut slow, mut slow_events) = env.connect();
     slow.handle(register_raw(1, &region, b"", b""))
         .await
         .expect("handle");
+    env.settle().await;
     slow.handle(register_raw(2, &region, b"a", b"b"))
         .await
         .expect("handle");
+    env.settle().await;
     // A reader that keeps up is not affected by the slow one.
     let (mut fast, mut fast_events) = env.connect();
     fast.handle(register_raw(1, &region, b"", b""))
@@ -95,10 +98,13 @@ async fn a_congested_connection_loses_its_subscriptions_and_is_told() {
     congested.sort_unstable();
     assert_eq!(congested, vec![(1, region.id.0), (2, region.id.0)]);
 
-    // Once drained, the slow client can subscribe again on the same stream.
-    slow.handle(register_raw(1, &region, b"", b""))
-        .await
-        .expect("handle");
+    // Once drained, the slow client can subscribe again on the same stream
+    // (from now on: the writes above are not scanned again).
+    let again = kvfeed_proto::cdcpb::ChangeDataRequest {
+        checkpoint_ts: env.ts().into_inner(),
+        ..register_raw(1, &region, b"", b"")
+    };
+    slow.handle(again).await.expect("handle");
     slow_events.expect_initialized(1, region.id.0).await;
     assert_eq!(env.settle().await.subscriptions, 2);
 }
@@ -136,7 +142,9 @@ async fn a_reader_that_never_drains_is_ended() {
     env.put(b"k", b"v"); // congested: the notice takes the kept slot
     assert_eq!(env.settle().await.subscriptions, 0);
     conn.handle(register(2, &region)).await.expect("handle");
-    // Neither the answer nor a notice fits: the connection is ended.
+    // Its scan (which finds k) waits for room until the reader is deemed
+    // stalled; then neither its error nor a notice fits: the connection is
+    // ended. (Paused time lets the stall timeout pass here.)
     let counts = env.settle().await;
     assert_eq!((counts.connections, counts.subscriptions), (0, 0));
     assert_eq!(env.feed.metrics().aborted("congested"), 1);

@@ -319,8 +319,14 @@ async fn deregister_by_region_and_by_request_id() {
     assert_eq!(env.settle().await.subscriptions, 1);
     events.assert_quiet();
 
-    // A deregistered (request, region) may be registered again.
+    // A deregistered (request, region) may be registered again; its
+    // catch-up scan (from checkpoint 0) reports k first.
     conn.handle(register(1, &a)).await.expect("handle");
+    let scanned = events.expect().await;
+    assert_eq!(
+        (scanned.ids(), scanned.row().key.as_slice()),
+        ((1, a.id.0), &b"k"[..])
+    );
     events.expect_initialized(1, a.id.0).await;
 }
 

@@ -5,9 +5,11 @@
 //! [`Owner`] value moved into one task. Handlers reach it only through the
 //! typed messages below. The task is split by concern so that no part is a
 //! god object: [`registry`] (who is subscribed to what), [`validate`]
-//! (whether a Register may become a subscription), [`rows`] (what an
-//! applied batch means as feed rows), [`router`] (which subscriptions get
-//! which rows) and [`outbound`] (sizing, queueing, congestion).
+//! (whether a Register may become a subscription), [`init`] (catch-up
+//! scans: starting them and turning their messages into rows and
+//! INITIALIZED), [`rows`] (what an applied batch means as feed rows),
+//! [`router`] (which subscriptions get which rows), [`resolved`] (resolved
+//! timestamps) and [`outbound`] (sizing, queueing, congestion).
 //!
 //! # Steps
 //!
@@ -21,28 +23,42 @@
 //! apply order) survives the batching.
 //!
 //! Queries, `Close` and shutdown flush before they act, so what they
-//! observe or end includes everything produced before them.
+//! observe or end includes everything produced before them. A flush queues
+//! the step's events first and pending resolved timestamps after them, so a
+//! resolved ts never overtakes a row produced before it.
+//!
+//! `Close` (the client half-closed) waits for the connection's catch-up
+//! scans: every Register it sent gets its scan rows and INITIALIZED (or an
+//! error) before the stream ends. Live rows keep flowing meanwhile.
 //!
 //! # Ordering between the two inbound channels
 //!
 //! Requests come on a bounded channel, control messages (connect,
-//! deregister, observed batches, shutdown) on an unbounded one. Before
-//! handling a request the owner handles every control message already
-//! queued. Whatever a handler did before sending the request therefore
-//! takes effect first: a connection's `Connect` precedes its requests, and a
-//! test that dropped a connection and then asks for a snapshot sees it gone.
+//! deregister, observed batches, resolved-ts samples, shutdown) on an
+//! unbounded one, and catch-up scan messages on a third, bounded one.
+//! Before handling a request the owner handles every control and scan
+//! message already queued. Whatever a handler did before sending the
+//! request therefore takes effect first: a connection's `Connect` precedes
+//! its requests, a test that dropped a connection and then asks for a
+//! snapshot sees it gone, and a query sent after a scan finished sees its
+//! INITIALIZED queued. Observed batches and resolved-ts samples share the
+//! control channel, so a sample is always applied after every batch
+//! announced before it was taken (the resolved-ts argument needs this).
 //! A request for a connection that is no longer registered is ignored.
 //! The price of this rule: when writes outpace the owner, a request waits
 //! behind every batch queued before it. The control channel is unbounded
 //! today; the planned memory quota will bound that wait along with the
 //! queue.
 
+mod init;
 mod outbound;
 mod registry;
+mod resolved;
 mod router;
 mod rows;
 mod validate;
 
+use std::collections::{BTreeSet, HashMap};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -58,9 +74,12 @@ use crate::debug::{DebugSnapshot, FeedCounts};
 use crate::ids::{ConnId, RegionId, RequestId};
 use crate::metrics::{FeedMetrics, PendingBytes};
 use crate::protocol::{Features, ProtocolVersion};
-use crate::subscription::Subscription;
+use crate::resolve::MinTs;
+use crate::scan::{ScanMsg, ScanPool};
 
 pub(crate) use outbound::{Queued, RESERVED_SLOTS};
+pub(crate) use rows::raw_row;
+pub(crate) use validate::Refusal;
 
 use outbound::Outbox;
 use registry::Registry;
@@ -104,8 +123,13 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub(crate) enum Control {
     Connect(Box<NewConnection>),
-    Deregister { conn: ConnId, reason: CloseReason },
+    Deregister {
+        conn: ConnId,
+        reason: CloseReason,
+    },
     Batch(Arc<ChangeBatch>),
+    /// A resolved-ts sample (see `resolve`).
+    MinTs(MinTs),
     Shutdown,
 }
 
@@ -143,6 +167,7 @@ pub(crate) struct OwnerDeps {
     pub config: FeedConfig,
     pub metrics: FeedMetrics,
     pub observer: ObserverId,
+    pub scans: Arc<ScanPool>,
 }
 
 pub(crate) struct Owner {
@@ -152,12 +177,20 @@ pub(crate) struct Owner {
     registry: Registry,
     locks: LockTracker,
     outbox: Outbox,
+    scans: Arc<ScanPool>,
+    next_scan: u64,
+    /// Half-closed connections waiting for their scans, with their closer.
+    closing: HashMap<ConnId, oneshot::Sender<()>>,
+    /// Connections with a resolved ts waiting to be sent.
+    resolved_pending: BTreeSet<ConnId>,
+    metrics: FeedMetrics,
     observer: ObserverGuard,
 }
 
 enum Inbound {
     Command(Command),
     Control(Control),
+    Scan(ScanMsg),
 }
 
 impl Owner {
@@ -166,9 +199,14 @@ impl Owner {
             regions: deps.regions,
             cluster_id: deps.cluster_id,
             config: deps.config,
-            registry: Registry::new(deps.metrics),
+            registry: Registry::new(deps.metrics.clone()),
             locks: LockTracker::default(),
             outbox: Outbox::default(),
+            scans: deps.scans,
+            next_scan: 1,
+            closing: HashMap::new(),
+            resolved_pending: BTreeSet::new(),
+            metrics: deps.metrics,
             observer: ObserverGuard {
                 store: deps.store,
                 id: deps.observer,
@@ -177,12 +215,14 @@ impl Owner {
     }
 
     /// Runs until `Control::Shutdown` (or every control sender is gone).
-    /// `done` is dropped on exit, which is what `Feed::shutdown` waits for.
+    /// `done` is dropped on exit; `Feed::shutdown` waits for every holder
+    /// of it (this task, scan tasks, the resolved-ts task) to be gone.
     pub(crate) async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut control: mpsc::UnboundedReceiver<Control>,
-        done: watch::Sender<()>,
+        mut scans: mpsc::Receiver<ScanMsg>,
+        done: Arc<watch::Sender<()>>,
     ) {
         let mut commands_open = true;
         'steps: loop {
@@ -198,11 +238,13 @@ impl Owner {
                         continue 'steps;
                     }
                 },
+                // The pool holds a sender as long as the owner does.
+                Some(msg) = scans.recv() => Inbound::Scan(msg),
             };
             let mut next = Some(first);
             let mut budget = STEP_BUDGET;
             while let Some(msg) = next.take() {
-                if self.process(msg, &mut control).is_break() {
+                if self.process(msg, &mut control, &mut scans).is_break() {
                     break 'steps;
                 }
                 budget -= 1;
@@ -211,12 +253,15 @@ impl Owner {
                 }
                 next = match commands.try_recv() {
                     Ok(cmd) => Some(Inbound::Command(cmd)),
-                    Err(_) => control.try_recv().ok().map(Inbound::Control),
+                    Err(_) => match control.try_recv() {
+                        Ok(msg) => Some(Inbound::Control(msg)),
+                        Err(_) => scans.try_recv().ok().map(Inbound::Scan),
+                    },
                 };
             }
             self.flush();
         }
-        self.finish(commands, control);
+        self.finish(commands, control, scans);
         drop(done);
     }
 
@@ -224,16 +269,28 @@ impl Owner {
         &mut self,
         msg: Inbound,
         control: &mut mpsc::UnboundedReceiver<Control>,
+        scans: &mut mpsc::Receiver<ScanMsg>,
     ) -> ControlFlow<()> {
         match msg {
             Inbound::Control(msg) => self.on_control(msg),
+            Inbound::Scan(msg) => {
+                self.on_scan(msg);
+                ControlFlow::Continue(())
+            }
             Inbound::Command(cmd) => {
-                // Control messages sent before this command take effect
-                // first (see the module docs). Only those queued now are
-                // taken, so a stream of batches cannot starve the command.
+                // Control and scan messages sent before this command take
+                // effect first (see the module docs). Only those queued now
+                // are taken, so a stream of batches cannot starve the
+                // command.
                 for _ in 0..control.len() {
                     match control.try_recv() {
                         Ok(msg) => self.on_control(msg)?,
+                        Err(_) => break,
+                    }
+                }
+                for _ in 0..scans.len() {
+                    match scans.try_recv() {
+                        Ok(msg) => self.on_scan(msg),
                         Err(_) => break,
                     }
                 }
@@ -253,12 +310,19 @@ impl Owner {
                 self.registry.remove_conn(conn, reason);
             }
             Control::Batch(batch) => router::route_batch(
-                &self.registry,
+                &mut self.registry,
                 &self.regions,
                 &self.observer.store,
                 &mut self.locks,
                 &mut self.outbox,
                 &batch,
+                self.config.scan_buffer_bytes,
+            ),
+            Control::MinTs(sample) => resolved::on_min_ts(
+                &mut self.registry,
+                &mut self.resolved_pending,
+                &self.metrics,
+                sample,
             ),
             Control::Shutdown => return ControlFlow::Break(()),
         }
@@ -280,9 +344,14 @@ impl Owner {
             } => self.on_deregister(conn, version, request_id, region_id),
             Command::Close { conn, done } => {
                 self.flush();
-                self.registry.remove_conn(conn, CloseReason::HalfClose);
-                // The closer may have been cancelled; nothing to tell then.
-                let _ = done.send(());
+                if self.registry.has_initializing(conn) {
+                    // Finished by `flush` once its scans are done.
+                    self.closing.insert(conn, done);
+                } else {
+                    self.registry.remove_conn(conn, CloseReason::HalfClose);
+                    // The closer may have been cancelled; nothing to tell.
+                    let _ = done.send(());
+                }
             }
             Command::Snapshot { reply } => {
                 self.flush();
@@ -290,7 +359,9 @@ impl Owner {
             }
             Command::Counts { reply } => {
                 self.flush();
-                let _ = reply.send(self.registry.counts());
+                let mut counts = self.registry.counts();
+                counts.scans = self.scans.ongoing();
+                let _ = reply.send(counts);
             }
         }
     }
@@ -325,23 +396,7 @@ impl Owner {
                 self.outbox
                     .push(conn_id, outbound::error_event(request_id, region_id, error));
             }
-            Ok(spec) => {
-                tracing::debug!(
-                    parent: &conn.span,
-                    region_id = region_id.0,
-                    request_id = request_id.0,
-                    kv_api = %spec.kv_api,
-                    "subscribed"
-                );
-                let mut sub = Subscription::new(spec);
-                // No catch-up scan yet: initialization completes in the same
-                // step that created the subscription, so no batch is ever
-                // routed while it is Initializing.
-                sub.mark_initialized();
-                self.registry.insert_sub(conn_id, sub);
-                self.outbox
-                    .push(conn_id, outbound::initialized_event(request_id, region_id));
-            }
+            Ok(spec) => self.start_subscription(conn_id, spec),
         }
     }
 
@@ -376,6 +431,28 @@ impl Owner {
 
     fn flush(&mut self) {
         self.outbox.flush(&mut self.registry);
+        resolved::flush(&mut self.registry, &mut self.resolved_pending);
+        self.finish_closes();
+    }
+
+    /// Ends half-closed connections whose scans are all done (their events
+    /// were just queued by `flush`).
+    fn finish_closes(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let ready: Vec<ConnId> = self
+            .closing
+            .keys()
+            .copied()
+            .filter(|c| !self.registry.has_initializing(*c))
+            .collect();
+        for conn in ready {
+            self.registry.remove_conn(conn, CloseReason::HalfClose);
+            if let Some(done) = self.closing.remove(&conn) {
+                let _ = done.send(());
+            }
+        }
     }
 
     /// Ends every connection (their streams yield what is queued, then
@@ -386,13 +463,19 @@ impl Owner {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut control: mpsc::UnboundedReceiver<Control>,
+        mut scans: mpsc::Receiver<ScanMsg>,
     ) {
         self.flush();
+        // Ending the connections drops their subscriptions, which cancels
+        // their scans; closed channels stop whatever is still sending.
         self.registry.end_all(CloseReason::Shutdown);
+        self.closing.clear();
         commands.close();
         control.close();
+        scans.close();
         while commands.try_recv().is_ok() {}
         while control.try_recv().is_ok() {}
+        while scans.try_recv().is_ok() {}
         tracing::info!("change feed stopped");
     }
 }

@@ -6,7 +6,10 @@
 //! at most [`EVENT_MAX_ROW_BYTES`] (a larger row travels alone), and a
 //! connection's events into `ChangeDataEvent`s of at most
 //! [`CHANGE_DATA_EVENT_MAX_BYTES`] encoded. Grouping never reorders: rows
-//! and events keep the order they were produced in.
+//! and events keep the order they were produced in. A catch-up scan's
+//! batch is fenced by boundaries in the outbox, so it travels as a message
+//! of its own (at most 1 MiB of rows): the client can tell its batches
+//! apart and no message grows from mixing them with live traffic.
 //!
 //! # Queueing without blocking
 //!
@@ -111,19 +114,77 @@ impl Sink {
     }
 }
 
+/// What a connection's resolved-ts (or other replaceable) message met.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Offer {
+    Queued,
+    /// No ordinary slot free; try again later.
+    Full,
+    /// The stream is gone.
+    Closed,
+}
+
+impl Sink {
+    /// Queues `event` in an ordinary slot if one is free. Unlike rows, a
+    /// refused message does not congest the connection: the caller keeps
+    /// it (or a newer replacement) for a later try.
+    pub(crate) fn offer(&self, event: ChangeDataEvent) -> Offer {
+        let bytes = event.encoded_len();
+        match self.send(event, bytes, false) {
+            Ok(()) => Offer::Queued,
+            Err((Refused::Full, _)) => Offer::Full,
+            Err((Refused::Closed, _)) => Offer::Closed,
+        }
+    }
+
+    /// A handle that does not keep the channel open (for scan pacing).
+    pub(crate) fn weak(&self) -> mpsc::WeakSender<Queued> {
+        self.tx.downgrade()
+    }
+
+    pub(crate) fn pending(&self) -> &Arc<PendingBytes> {
+        &self.pending
+    }
+}
+
+/// One entry of the outbox.
+// Nearly every item is an event; boxing them would allocate per event to
+// shrink the rare boundary.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Item {
+    Event(Event),
+    /// Events on either side travel in different messages.
+    Boundary,
+}
+
 /// Events produced during one owner step, per connection, in order.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
-    per_conn: HashMap<ConnId, Vec<Event>>,
+    per_conn: HashMap<ConnId, Vec<Item>>,
 }
 
 impl Outbox {
     pub(crate) fn push(&mut self, conn: ConnId, event: Event) {
-        self.per_conn.entry(conn).or_default().push(event);
+        self.per_conn
+            .entry(conn)
+            .or_default()
+            .push(Item::Event(event));
     }
 
     pub(crate) fn extend(&mut self, conn: ConnId, events: impl IntoIterator<Item = Event>) {
-        self.per_conn.entry(conn).or_default().extend(events);
+        self.per_conn
+            .entry(conn)
+            .or_default()
+            .extend(events.into_iter().map(Item::Event));
+    }
+
+    /// Queues `events` as message(s) of their own.
+    pub(crate) fn extend_fenced(&mut self, conn: ConnId, events: impl IntoIterator<Item = Event>) {
+        let items = self.per_conn.entry(conn).or_default();
+        items.push(Item::Boundary);
+        items.extend(events.into_iter().map(Item::Event));
+        items.push(Item::Boundary);
     }
 
     pub(crate) fn discard(&mut self, conn: ConnId) {
@@ -204,12 +265,23 @@ fn congest(registry: &mut Registry, conn: ConnId, unsent: impl Iterator<Item = C
 }
 
 /// Packs events into messages of at most [`CHANGE_DATA_EVENT_MAX_BYTES`]
-/// (a single larger event goes alone), each with its exact encoded size.
-pub(crate) fn pack(events: Vec<Event>) -> Vec<(ChangeDataEvent, usize)> {
+/// (a single larger event goes alone), each with its exact encoded size. A
+/// boundary ends the current message.
+pub(crate) fn pack(items: Vec<Item>) -> Vec<(ChangeDataEvent, usize)> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut size = 0;
-    for event in events {
+    for item in items {
+        let event = match item {
+            Item::Event(event) => event,
+            Item::Boundary => {
+                if !current.is_empty() {
+                    out.push((message(std::mem::take(&mut current)), size));
+                    size = 0;
+                }
+                continue;
+            }
+        };
         let len = event.encoded_len();
         // Field 1, length-delimited: one tag byte, the length, the body.
         let framed = 1 + prost::length_delimiter_len(len) + len;
@@ -372,7 +444,7 @@ mod tests {
             r.start_ts = i;
             entries_event(RequestId(1), RegionId(2), vec![r])
         };
-        let events: Vec<Event> = (0..400).map(big).collect();
+        let events: Vec<Item> = (0..400).map(|i| Item::Event(big(i))).collect();
         let packed = pack(events);
         assert!(packed.len() >= 2);
         let mut count = 0;
@@ -382,5 +454,21 @@ mod tests {
             count += message.events.len();
         }
         assert_eq!(count, 400);
+    }
+
+    #[test]
+    fn boundaries_split_messages() {
+        let e = |i| entries_event(RequestId(1), RegionId(2), vec![row(i)]);
+        let items = vec![
+            Item::Boundary,
+            Item::Event(e(1)),
+            Item::Event(e(2)),
+            Item::Boundary,
+            Item::Boundary,
+            Item::Event(e(3)),
+            Item::Boundary,
+        ];
+        let sizes: Vec<usize> = pack(items).iter().map(|(m, _)| m.events.len()).collect();
+        assert_eq!(sizes, vec![2, 1]);
     }
 }

@@ -155,6 +155,32 @@ impl Registry {
         true
     }
 
+    pub(crate) fn sub_mut(
+        &mut self,
+        conn: ConnId,
+        request_id: RequestId,
+        region_id: RegionId,
+    ) -> Option<&mut Subscription> {
+        self.conns
+            .get_mut(&conn)?
+            .subs
+            .get_mut(&(request_id, region_id))
+    }
+
+    /// Every connection, mutably (the resolved-ts round visits them all).
+    pub(crate) fn conns_mut(&mut self) -> impl Iterator<Item = &mut ConnState> {
+        self.conns.values_mut()
+    }
+
+    /// Whether `conn` has a subscription still waiting for its scan.
+    pub(crate) fn has_initializing(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| {
+            c.subs
+                .values()
+                .any(|s| s.state() == crate::SubscriptionState::Initializing)
+        })
+    }
+
     /// Removes one subscription, returned Stopped.
     pub(crate) fn remove_sub(
         &mut self,
@@ -249,6 +275,9 @@ impl Registry {
                         start_key: hex(&s.spec().start_key),
                         end_key: hex(&s.spec().end_key),
                         kv_api: s.spec().kv_api,
+                        checkpoint_ts: s.spec().checkpoint_ts,
+                        resolved_ts: s.resolved.sent.into_inner(),
+                        tracked_locks: s.tracked_locks(),
                     })
                     .collect(),
             })
@@ -262,6 +291,8 @@ impl Registry {
             connections: self.conns.len(),
             subscriptions: self.subscriptions,
             pending_bytes: u64::try_from(self.metrics.pending_bytes.get()).unwrap_or(0),
+            // The owner fills this in from the scan pool.
+            scans: 0,
         }
     }
 

@@ -2,11 +2,20 @@
 //!
 //! A row's routing key (encoded for transactional rows, raw for raw rows)
 //! locates its region; only that region's subscriptions can want it, since
-//! a subscription's range lies inside its region. Each candidate decides by
-//! state, kind, range and loop filter (`Subscription::wants`). Rows are
-//! appended per subscription in apply order and become that subscription's
-//! `Entries` events, so a key's rows reach every subscriber in the order the
-//! store applied them.
+//! a subscription's range lies inside its region. Each candidate first
+//! decides whether the batch concerns it at all (`Subscription::accepts`:
+//! state, arming, and the batch's seq against its catch-up snapshot), then
+//! per row by kind, range and loop filter (`Subscription::wants`). Lock
+//! changes are routed the same way but without the loop filter. Rows are
+//! collected per subscription in apply order; a Normal subscription's
+//! become its `Entries` events and its lock changes update its lock set,
+//! while an initializing subscription holds both back with the batch's seq
+//! until its scan is done. So a key's rows reach every subscriber in the
+//! order the store applied them, after the scan's rows for that key.
+//!
+//! An initializing subscription whose held-back data outgrows
+//! `FeedConfig::scan_buffer_bytes` is stopped with `congested`, alone: the
+//! rest of its connection is unaffected.
 //!
 //! # Old values
 //!
@@ -15,14 +24,15 @@
 //! transaction's read point (`max(start_ts, for_update_ts)` for a prewrite,
 //! just below `commit_ts` for a 1PC), empty for none or a delete. It is read
 //! from a store snapshot taken once per batch, lazily, only when some
-//! subscriber wants an old value, and cached per (key, ts) within the batch.
-//! Cost, acceptable for now: taking the snapshot waits for the store's
-//! publish lock (which is held across a commit group's fsync), on the owner
-//! task, and each lookup is a seek. The snapshot is taken after the batch
-//! was applied, so a lagging feed reads later state; versions below the read
-//! point cannot change unless garbage collection has since removed them,
-//! in which case the old value is missing. An old-value cache fed at write
-//! time (as TiKV has) will replace this.
+//! subscriber wants an old value, and cached per (key, ts) within the batch;
+//! rows held back for an initializing subscription get theirs now too, at
+//! observation time. Cost, acceptable for now: taking the snapshot waits for
+//! the store's publish lock (which is held across a commit group's fsync),
+//! on the owner task, and each lookup is a seek. The snapshot is taken after
+//! the batch was applied, so a lagging feed reads later state; versions
+//! below the read point cannot change unless garbage collection has since
+//! removed them, in which case the old value is missing. An old-value cache
+//! fed at write time (as TiKV has) will replace this.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -33,47 +43,113 @@ use kvfeed_storage::region::RegionMap;
 use kvfeed_storage::store::{ChangeBatch, Snapshot, Store};
 
 use crate::ids::{ConnId, RegionId, RequestId};
+use crate::resolve::LockChange;
+use crate::subscription::{RowKind, SubscriptionState};
 
 use super::outbound::{Outbox, entries_events};
 use super::registry::Registry;
 use super::rows::{LockTracker, decode_batch};
+use super::validate::Refusal;
 
-/// Routes one observed batch into `outbox`.
+type SubKey = (ConnId, RequestId, RegionId);
+
+/// What one batch brings one subscription.
+#[derive(Default)]
+struct ForSub {
+    rows: Vec<Row>,
+    locks: Vec<LockChange>,
+}
+
+/// Routes one observed batch: into `outbox` for Normal subscriptions, held
+/// back for initializing ones (at most `hold_cap` bytes each).
 pub(crate) fn route_batch(
-    registry: &Registry,
+    registry: &mut Registry,
     regions: &RegionMap,
     store: &Store,
     locks: &mut LockTracker,
     outbox: &mut Outbox,
     batch: &ChangeBatch,
+    hold_cap: usize,
 ) {
     // Decoded even with nobody subscribed, to keep the lock tracker exact.
-    let rows = decode_batch(batch, locks);
-    if rows.is_empty() || registry.subscription_count() == 0 {
+    let decoded = decode_batch(batch, locks);
+    if (decoded.rows.is_empty() && decoded.locks.is_empty()) || registry.subscription_count() == 0 {
         return;
     }
     let mut old_values = OldValues::new(store);
-    let mut per_sub: BTreeMap<(ConnId, RequestId, RegionId), Vec<Row>> = BTreeMap::new();
-    for decoded in &rows {
-        let region = regions.locate(&decoded.routing_key).id;
+    let mut per_sub: BTreeMap<SubKey, ForSub> = BTreeMap::new();
+    for row in &decoded.rows {
+        let region = regions.locate(&row.routing_key).id;
         for (conn, sub) in registry.region_subscribers(region) {
-            if !sub.wants(decoded.kind, &decoded.routing_key, &decoded.row) {
+            if !sub.accepts(batch.seq) || !sub.wants(row.kind, &row.routing_key, &row.row) {
                 continue;
             }
-            let mut row = decoded.row.clone();
+            let mut out = row.row.clone();
             if sub.spec().old_value
-                && let Some(ts) = decoded.old_value_ts
+                && let Some(ts) = row.old_value_ts
             {
-                row.old_value = old_values.get(&decoded.row.key, ts);
+                out.old_value = old_values.get(&row.row.key, ts);
             }
             per_sub
                 .entry((conn.id, sub.spec().request_id, region))
                 .or_default()
-                .push(row);
+                .rows
+                .push(out);
         }
     }
-    for ((conn, request_id, region_id), rows) in per_sub {
-        outbox.extend(conn, entries_events(request_id, region_id, rows));
+    for change in &decoded.locks {
+        let region = regions.locate(&change.key).id;
+        for (conn, sub) in registry.region_subscribers(region) {
+            if sub.accepts(batch.seq) && sub.covers(RowKind::Txn, &change.key) {
+                per_sub
+                    .entry((conn.id, sub.spec().request_id, region))
+                    .or_default()
+                    .locks
+                    .push(change.clone());
+            }
+        }
+    }
+    let mut overflowed = Vec::new();
+    for ((conn, request_id, region_id), for_sub) in per_sub {
+        let Some(sub) = registry.sub_mut(conn, request_id, region_id) else {
+            continue;
+        };
+        match sub.state() {
+            SubscriptionState::Normal => {
+                sub.apply_locks(for_sub.locks);
+                if !for_sub.rows.is_empty() {
+                    outbox.extend(conn, entries_events(request_id, region_id, for_sub.rows));
+                }
+            }
+            SubscriptionState::Initializing => {
+                if sub
+                    .hold_back(batch.seq, for_sub.rows, for_sub.locks, hold_cap)
+                    .is_err()
+                {
+                    overflowed.push((conn, request_id, region_id));
+                }
+            }
+            SubscriptionState::Stopped => {}
+        }
+    }
+    for (conn, request_id, region_id) in overflowed {
+        if registry.remove_sub(conn, request_id, region_id).is_some() {
+            tracing::warn!(
+                conn_id = conn.0,
+                region_id = region_id.0,
+                request_id = request_id.0,
+                cap = hold_cap,
+                "live rows held back during the catch-up scan exceed the cap; stopped as congested"
+            );
+            outbox.push(
+                conn,
+                super::outbound::error_event(
+                    request_id,
+                    region_id,
+                    Refusal::Congested(region_id).to_wire(regions),
+                ),
+            );
+        }
     }
 }
 

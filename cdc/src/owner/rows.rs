@@ -16,6 +16,18 @@
 //! - A Rollback write with a lock deletion is a ROLLBACK (commit_ts 0). A
 //!   rollback without one only protects against a late prewrite; a Lock
 //!   write commits a read lock. Neither produces a row.
+//! - A rollback whose timestamp is taken by another transaction's commit
+//!   record (a one-phase or async commit may pick a commit_ts that equals
+//!   a start_ts the oracle handed out) is stored by *rewriting* that record
+//!   with `has_overlapped_rollback`. The rewrite is a Put/Delete write put,
+//!   but not a commit: when the batch deletes a tracked lock whose start_ts
+//!   is the record's position and whose transaction is not the record's,
+//!   it is the ROLLBACK of that lock. Without a tracked lock (a rewrite with
+//!   no lock, or a lock older than the feed) the batch cannot tell a
+//!   rewrite from a one-phase commit that met a rollback mark at its
+//!   commit_ts: the store does not mark rewrites (TiKV sets `gc_fence`).
+//!   It is then reported as a commit: a repeated row is preferable to a
+//!   lost one.
 //! - A raw write is COMMITTED with `start_ts = commit_ts = ts`.
 //!
 //! # The lock tracker
@@ -31,6 +43,15 @@
 //! first time with no value anywhere is a rewrite of a lock that predates
 //! the feed: skipped for the same reason.
 //!
+//! # Lock changes
+//!
+//! Besides rows, decoding reports every change to a key's lock as a
+//! [`LockChange`], in apply order: a Put/Delete lock put (its start_ts), or
+//! a lock deleted or replaced by a lock that writes no data. Subscriptions
+//! keep their resolved-ts lock sets with these, independent of which rows
+//! were reported (a rewrite reported no row but still names its lock; a
+//! loop-filtered transaction's locks still hold resolved ts back).
+//!
 //! A mutation that fails to decode is corrupt storage, not client input: it
 //! is logged and skipped, never allowed to stop the feed.
 
@@ -43,6 +64,7 @@ use kvfeed_storage::mvcc::{self, LockType, MvccChange, WriteType, encode_bytes};
 use kvfeed_storage::raw::{self, RawChange, RawOp};
 use kvfeed_storage::store::ChangeBatch;
 
+use crate::resolve::LockChange;
 use crate::subscription::RowKind;
 
 /// One row and how to route it.
@@ -59,10 +81,25 @@ pub(crate) struct DecodedRow {
     pub old_value_ts: Option<TimeStamp>,
 }
 
+/// Everything one batch means to the feed.
+#[derive(Debug, Default)]
+pub(crate) struct Decoded {
+    pub rows: Vec<DecodedRow>,
+    pub locks: Vec<LockChange>,
+}
+
+/// What the tracker remembers of a lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TrackedLock {
+    start_ts: TimeStamp,
+    lock_type: LockType,
+    txn_source: u64,
+}
+
 /// Locks seen put and not yet seen deleted; see the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct LockTracker {
-    locks: HashMap<Vec<u8>, (TimeStamp, LockType)>,
+    locks: HashMap<Vec<u8>, TrackedLock>,
 }
 
 impl LockTracker {
@@ -77,14 +114,15 @@ enum Change {
     Raw(RawChange),
 }
 
-/// Decodes `batch` into rows, in apply order, and updates `locks`.
-pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Vec<DecodedRow> {
+/// Decodes `batch` into rows and lock changes, in apply order, and updates
+/// `locks`.
+pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Decoded {
     let changes = decode_mutations(batch);
 
     // What the whole batch says about each key, needed before walking it.
     let mut lock_deleted: HashSet<&[u8]> = HashSet::new();
     let mut values: HashMap<(&[u8], TimeStamp), &[u8]> = HashMap::new();
-    let mut deleted_lock: HashMap<&[u8], (TimeStamp, LockType)> = HashMap::new();
+    let mut deleted_lock: HashMap<&[u8], TrackedLock> = HashMap::new();
     for change in &changes {
         match change {
             Change::Txn(MvccChange::LockDeleted { key }) => {
@@ -105,18 +143,31 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Vec<
     }
 
     let mut rows = Vec::new();
+    let mut lock_changes = Vec::new();
     for change in &changes {
         match change {
             Change::Txn(MvccChange::LockPut { key, lock }) => {
-                let seen = locks
-                    .locks
-                    .insert(key.clone(), (lock.start_ts, lock.lock_type));
+                lock_changes.push(LockChange {
+                    key: encode_bytes(key),
+                    start_ts: matches!(lock.lock_type, LockType::Put | LockType::Delete)
+                        .then_some(lock.start_ts),
+                });
+                let seen = locks.locks.insert(
+                    key.clone(),
+                    TrackedLock {
+                        start_ts: lock.start_ts,
+                        lock_type: lock.lock_type,
+                        txn_source: lock.txn_source,
+                    },
+                );
                 let op = match lock.lock_type {
                     LockType::Put => OpType::Put,
                     LockType::Delete => OpType::Delete,
                     LockType::Lock | LockType::Pessimistic => continue,
                 };
-                if seen == Some((lock.start_ts, lock.lock_type)) {
+                if seen
+                    .is_some_and(|t| (t.start_ts, t.lock_type) == (lock.start_ts, lock.lock_type))
+                {
                     continue;
                 }
                 let value = match op {
@@ -146,12 +197,39 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Vec<
             }
             Change::Txn(MvccChange::LockDeleted { key }) => {
                 locks.locks.remove(key);
+                lock_changes.push(LockChange {
+                    key: encode_bytes(key),
+                    start_ts: None,
+                });
             }
             Change::Txn(MvccChange::WritePut {
                 key,
                 commit_ts,
                 write,
             }) => {
+                if let Some(lock) = deleted_lock.get(&key[..])
+                    && lock.start_ts == *commit_ts
+                    && write.start_ts != lock.start_ts
+                    && write.write_type != WriteType::Rollback
+                {
+                    // An overlapped rollback of the lock's transaction,
+                    // marked on another one's record (see the module docs).
+                    if matches!(lock.lock_type, LockType::Put | LockType::Delete) {
+                        rows.push(txn_row(
+                            key,
+                            Row {
+                                start_ts: lock.start_ts.into_inner(),
+                                r#type: LogType::Rollback as i32,
+                                op_type: OpType::Unknown as i32,
+                                key: key.clone(),
+                                txn_source: lock.txn_source,
+                                ..Row::default()
+                            },
+                            None,
+                        ));
+                    }
+                    continue;
+                }
                 let op = match write.write_type {
                     WriteType::Put => OpType::Put,
                     WriteType::Delete => OpType::Delete,
@@ -175,8 +253,9 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Vec<
                     WriteType::Lock => continue,
                 };
                 let batch_value = values.get(&(&key[..], write.start_ts)).copied();
-                let pessimistic_1pc =
-                    deleted_lock.get(&key[..]) == Some(&(write.start_ts, LockType::Pessimistic));
+                let pessimistic_1pc = deleted_lock.get(&key[..]).is_some_and(|l| {
+                    (l.start_ts, l.lock_type) == (write.start_ts, LockType::Pessimistic)
+                });
                 let one_pc =
                     !lock_deleted.contains(&key[..]) || batch_value.is_some() || pessimistic_1pc;
                 let mut value = write.short_value.clone().unwrap_or_default();
@@ -211,7 +290,10 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Vec<
             Change::Raw(raw) => rows.push(raw_row(raw)),
         }
     }
-    rows
+    Decoded {
+        rows,
+        locks: lock_changes,
+    }
 }
 
 fn decode_mutations(batch: &ChangeBatch) -> Vec<Change> {
@@ -245,7 +327,8 @@ fn txn_row(key: &[u8], row: Row, old_value_ts: Option<TimeStamp>) -> DecodedRow 
     }
 }
 
-fn raw_row(change: &RawChange) -> DecodedRow {
+/// The COMMITTED row of a raw write (live or scanned).
+pub(crate) fn raw_row(change: &RawChange) -> DecodedRow {
     let (op, value) = match &change.op {
         RawOp::Put(v) => (OpType::Put, v.clone()),
         RawOp::Delete => (OpType::Delete, Vec::new()),
@@ -323,10 +406,19 @@ mod tests {
         let mut tracker = LockTracker::default();
         let mut lock = Lock::new(LockType::Put, b"k".to_vec(), ts(10), 3000);
         lock.short_value = Some(b"v".to_vec());
-        let first = decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker);
+        let first = decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker).rows;
         assert_eq!(kinds(&first), vec![(LogType::Prewrite as i32, 10, 0)]);
         lock.ttl = 9000;
         let heartbeat = decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker);
+        assert_eq!(
+            heartbeat.locks,
+            vec![LockChange {
+                key: encode_bytes(b"k"),
+                start_ts: Some(ts(10))
+            }],
+            "a rewrite still names its lock"
+        );
+        let heartbeat = heartbeat.rows;
         assert!(heartbeat.is_empty());
         assert_eq!(tracker.len(), 1);
         let commit = decode_batch(
@@ -340,6 +432,14 @@ mod tests {
             ]),
             &mut tracker,
         );
+        assert_eq!(
+            commit.locks,
+            vec![LockChange {
+                key: encode_bytes(b"k"),
+                start_ts: None
+            }]
+        );
+        let commit = commit.rows;
         assert_eq!(kinds(&commit), vec![(LogType::Commit as i32, 10, 20)]);
         assert_eq!(tracker.len(), 0);
     }
@@ -348,7 +448,11 @@ mod tests {
     fn a_valueless_put_lock_of_unknown_origin_is_skipped() {
         let mut tracker = LockTracker::default();
         let lock = Lock::new(LockType::Put, b"k".to_vec(), ts(10), 3000);
-        assert!(decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker).is_empty());
+        assert!(
+            decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker)
+                .rows
+                .is_empty()
+        );
     }
 
     #[test]
@@ -356,7 +460,9 @@ mod tests {
         let mut tracker = LockTracker::default();
         let mut lock = Lock::new(LockType::Pessimistic, b"k".to_vec(), ts(10), 3000);
         lock.for_update_ts = ts(11);
-        assert!(decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker).is_empty());
+        let pessimistic = decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker);
+        assert!(pessimistic.rows.is_empty());
+        assert_eq!(pessimistic.locks[0].start_ts, None, "writes no data");
         let rows = decode_batch(
             &batch(vec![
                 write_put(
@@ -367,10 +473,47 @@ mod tests {
                 lock_delete(b"k"),
             ]),
             &mut tracker,
-        );
+        )
+        .rows;
         assert_eq!(kinds(&rows), vec![(LogType::Committed as i32, 10, 20)]);
         assert_eq!(rows[0].row.value, b"v".to_vec());
         assert_eq!(rows[0].old_value_ts, Some(ts(19)));
+    }
+
+    #[test]
+    fn an_overlapped_rollback_is_a_rollback_not_a_commit() {
+        let mut tracker = LockTracker::default();
+        // A one-phase commit at 20 (start 10), then a transaction whose
+        // start_ts is 20 prewrites and is rolled back: its mark rewrites the
+        // record at 20.
+        let one_pc = Write::new(WriteType::Put, ts(10), Some(b"v".to_vec()));
+        let rows = decode_batch(&batch(vec![write_put(b"k", 20, &one_pc)]), &mut tracker).rows;
+        assert_eq!(kinds(&rows), vec![(LogType::Committed as i32, 10, 20)]);
+        let mut lock = Lock::new(LockType::Put, b"k".to_vec(), ts(20), 3000);
+        lock.short_value = Some(b"w".to_vec());
+        lock.txn_source = 3;
+        decode_batch(&batch(vec![lock_put(b"k", &lock)]), &mut tracker);
+        let mut marked = one_pc.clone();
+        marked.has_overlapped_rollback = true;
+        let rows = decode_batch(
+            &batch(vec![write_put(b"k", 20, &marked), lock_delete(b"k")]),
+            &mut tracker,
+        )
+        .rows;
+        assert_eq!(kinds(&rows), vec![(LogType::Rollback as i32, 20, 0)]);
+        assert_eq!(rows[0].row.txn_source, 3);
+        // A genuine commit that carries the flag is still a commit.
+        let mut lock = Lock::new(LockType::Put, b"j".to_vec(), ts(30), 3000);
+        lock.short_value = Some(b"x".to_vec());
+        decode_batch(&batch(vec![lock_put(b"j", &lock)]), &mut tracker);
+        let mut commit = Write::new(WriteType::Put, ts(30), Some(b"x".to_vec()));
+        commit.has_overlapped_rollback = true;
+        let rows = decode_batch(
+            &batch(vec![write_put(b"j", 40, &commit), lock_delete(b"j")]),
+            &mut tracker,
+        )
+        .rows;
+        assert_eq!(kinds(&rows), vec![(LogType::Commit as i32, 30, 40)]);
     }
 
     #[test]
@@ -383,7 +526,7 @@ mod tests {
         };
         let mut lock = Lock::new(LockType::Delete, b"k".to_vec(), ts(5), 3000);
         lock.txn_source = 7;
-        let rows = decode_batch(&batch(vec![garbage, lock_put(b"k", &lock)]), &mut tracker);
+        let rows = decode_batch(&batch(vec![garbage, lock_put(b"k", &lock)]), &mut tracker).rows;
         assert_eq!(kinds(&rows), vec![(LogType::Prewrite as i32, 5, 0)]);
         assert_eq!(rows[0].row.op_type, OpType::Delete as i32);
         assert_eq!(rows[0].row.txn_source, 7);

@@ -17,6 +17,21 @@
 //!    view of the region is stale;
 //! 7. the connection is under its subscription cap → else `server_is_busy`.
 //!
+//! After validation the owner refuses with `server_is_busy` when
+//! `incremental-scan-concurrency-limit` catch-up scans are queued or running.
+//! A subscription whose scan cannot complete ends with a [`Refusal`] too:
+//!
+//! - checkpoint below the effective GC safe point → `compatibility`, whose
+//!   `required_version` text names both timestamps. The protocol has no
+//!   field for it; `compatibility` is the one TiCDC treats as fatal (it
+//!   stops the changefeed and shows the text), which is the right outcome:
+//!   the history the client asks for may be gone, so retrying cannot help.
+//!   Every retryable field (`server_is_busy`, region errors) would make it
+//!   retry forever.
+//! - a storage failure during the scan → `server_is_busy` with the cause as
+//!   `reason` (the subscription may be retried once the store is healthy).
+//! - held-back live rows over their cap → `congested`.
+//!
 //! A refusal is a typed [`Refusal`] (so logs and tests see the exact
 //! reason) until it is turned into the protocol's `Error` for the answer
 //! event. Every outcome is a value; nothing here can panic on request
@@ -25,12 +40,13 @@
 use std::collections::BTreeMap;
 
 use kvfeed_proto::cdcpb::{
-    self, ChangeDataRequest, ClusterIdMismatch, Compatibility, DuplicateRequest,
+    self, ChangeDataRequest, ClusterIdMismatch, Compatibility, Congested, DuplicateRequest,
     change_data_request::KvApi as WireKvApi,
 };
 use kvfeed_proto::errorpb::{EpochNotMatch, RegionNotFound, ServerIsBusy};
 use kvfeed_proto::kvrpcpb::ExtraOp;
 use kvfeed_proto::metapb;
+use kvfeed_storage::TimeStamp;
 use kvfeed_storage::region::{Region, RegionMap, STORE_ID};
 
 use crate::ids::{KvApi, RegionId, RequestId};
@@ -61,6 +77,17 @@ pub(crate) enum Refusal {
     Duplicate(RegionId),
     /// The connection already holds this many subscriptions.
     TooManySubscriptions(usize),
+    /// This many catch-up scans are queued or running, the most allowed.
+    TooManyScans(usize),
+    /// The checkpoint is below the effective GC safe point.
+    BelowSafePoint {
+        checkpoint: TimeStamp,
+        safe_point: TimeStamp,
+    },
+    /// The catch-up scan hit a storage failure.
+    ScanFailed(String),
+    /// Live rows held back during the scan outgrew their cap.
+    Congested(RegionId),
 }
 
 impl Refusal {
@@ -73,6 +100,10 @@ impl Refusal {
             Refusal::EpochNotMatch(_) => "epoch_not_match",
             Refusal::Duplicate(_) => "duplicate_request",
             Refusal::TooManySubscriptions(_) => "server_is_busy",
+            Refusal::TooManyScans(_) => "server_is_busy",
+            Refusal::BelowSafePoint { .. } => "checkpoint_below_safe_point",
+            Refusal::ScanFailed(_) => "scan_failed",
+            Refusal::Congested(_) => "congested",
         }
     }
 
@@ -113,6 +144,35 @@ impl Refusal {
                     ),
                     ..ServerIsBusy::default()
                 });
+            }
+            Refusal::TooManyScans(count) => {
+                error.server_is_busy = Some(ServerIsBusy {
+                    reason: format!(
+                        "{count} catch-up scans are queued or running, the most allowed"
+                    ),
+                    ..ServerIsBusy::default()
+                });
+            }
+            Refusal::BelowSafePoint {
+                checkpoint,
+                safe_point,
+            } => {
+                error.compatibility = Some(Compatibility {
+                    required_version: format!(
+                        "checkpoint_ts {checkpoint} is below the GC safe point {safe_point}: \
+                         changes before the safe point may have been garbage collected; \
+                         subscribe with checkpoint_ts >= {safe_point}"
+                    ),
+                });
+            }
+            Refusal::ScanFailed(cause) => {
+                error.server_is_busy = Some(ServerIsBusy {
+                    reason: format!("catch-up scan failed: {cause}"),
+                    ..ServerIsBusy::default()
+                });
+            }
+            Refusal::Congested(id) => {
+                error.congested = Some(Congested { region_id: id.0 });
             }
         }
         error
@@ -214,6 +274,13 @@ mod tests {
             Refusal::EpochNotMatch(known),
             Refusal::Duplicate(known),
             Refusal::TooManySubscriptions(3),
+            Refusal::TooManyScans(3),
+            Refusal::BelowSafePoint {
+                checkpoint: TimeStamp::new(1),
+                safe_point: TimeStamp::new(2),
+            },
+            Refusal::ScanFailed("disk on fire".to_owned()),
+            Refusal::Congested(known),
         ];
         for refusal in cases {
             let e = refusal.to_wire(&regions);

@@ -2,15 +2,24 @@
 //! libraries on top, a running feed, request builders and an event reader.
 //!
 //! Nothing here sleeps. Ordering comes from the feed's guarantee that a
-//! query (`counts`, `debug_snapshot`) is answered after every request and
-//! control message sent before it, and after the events they produced were
-//! queued. Waiting for an event is bounded by a timeout only as a hang
-//! guard: tests run with paused time, where a timeout fires only once
-//! nothing else can make progress.
+//! query (`counts`, `debug_snapshot`) is answered after every request,
+//! control message and scan message sent before it, and after the events
+//! they produced were queued; `Env::settle` also waits for catch-up scans
+//! to finish (`Feed::scans_idle`). Waiting for an event is bounded by a
+//! timeout only as a hang guard: tests run with paused time, where a
+//! timeout fires only once nothing else can make progress (a running
+//! blocking task holds time still).
+//!
+//! Resolved timestamps are not items: `Events` records them apart (see
+//! `Events::resolved`), so tests about rows are not disturbed by the
+//! periodic resolved-ts round that paused time lets run. Every `Events`
+//! checks the resolved-ts promises on everything it reads, in every test:
+//! a resolved ts only for an initialized subscription, strictly increasing,
+//! and never followed by a commit row at or below it.
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +36,7 @@ use kvfeed_storage::engine::memory::MemoryEngine;
 use kvfeed_storage::mvcc::{MutationOp, PrewriteRequest, TxnMutation, TxnStore};
 use kvfeed_storage::raw::RawStore;
 use kvfeed_storage::region::{Region, RegionMap};
+use kvfeed_storage::safepoint::SafePoints;
 use kvfeed_storage::store::{Durability, Store};
 use kvfeed_storage::tso::{Clock, ManualClock, Tso};
 
@@ -39,9 +49,10 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 
 pub struct Env {
     pub store: Arc<Store>,
+    pub clock: Arc<ManualClock>,
     pub tso: Arc<Tso>,
-    pub txn: TxnStore,
-    pub raw: RawStore,
+    pub txn: Arc<TxnStore>,
+    pub raw: Arc<RawStore>,
     pub regions: Arc<RegionMap>,
     pub feed: Feed,
     /// `Arc::strong_count(&store)` before the feed took its references.
@@ -53,12 +64,20 @@ pub fn env() -> Env {
 }
 
 pub fn env_with(config: FeedConfig) -> Env {
+    env_before_feed(config, |_| {})
+}
+
+/// An environment where `before_feed` runs on the store before the feed
+/// starts (e.g. to add an observer that is called before the feed's).
+pub fn env_before_feed(config: FeedConfig, before_feed: impl FnOnce(&Arc<Store>)) -> Env {
     let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
     let store = Arc::new(Store::open(engine, Durability::NoSync).expect("store"));
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0_MS));
-    let tso = Arc::new(Tso::open(Arc::clone(&store), clock).expect("tso"));
-    let txn = TxnStore::new(Arc::clone(&store));
-    let raw = RawStore::new(Arc::clone(&store), Arc::clone(&tso));
+    before_feed(&store);
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let dyn_clock: Arc<dyn Clock> = clock.clone();
+    let tso = Arc::new(Tso::open(Arc::clone(&store), dyn_clock).expect("tso"));
+    let txn = Arc::new(TxnStore::new(Arc::clone(&store)));
+    let raw = Arc::new(RawStore::new(Arc::clone(&store), Arc::clone(&tso)));
     let regions = Arc::new(RegionMap::new(RegionMap::default_split_keys()).expect("layout"));
     let store_refs_without_feed = Arc::strong_count(&store);
     let feed = Feed::start(FeedDeps {
@@ -66,9 +85,13 @@ pub fn env_with(config: FeedConfig) -> Env {
         regions: Arc::clone(&regions),
         cluster_id: CLUSTER_ID,
         config,
+        tso: Arc::clone(&tso),
+        txn: Arc::clone(&txn),
+        raw: Arc::clone(&raw),
     });
     Env {
         store,
+        clock,
         tso,
         txn,
         raw,
@@ -94,20 +117,59 @@ impl Env {
     }
 
     pub fn connect(&self) -> (Connection, Events) {
+        self.connect_with(Features::default())
+    }
+
+    pub fn connect_with(&self, features: Features) -> (Connection, Events) {
         let (conn, stream) = self
             .feed
             .connect(ConnInfo {
                 peer: "127.0.0.1:5000".to_owned(),
-                features: Features::default(),
+                features,
             })
             .expect("connect");
         (conn, Events::new(stream))
     }
 
-    /// A round trip through the owner: everything sent before is applied
-    /// and its events are queued.
+    /// Everything sent before is applied and its events are queued: a round
+    /// trip through the owner (which starts the scans of Registers sent
+    /// before), a wait for every catch-up scan to end, and another round
+    /// trip (which applies their last messages). Only for tests whose scans
+    /// can finish without the test reading (the default sink has room for
+    /// every scan here unless a test says otherwise).
     pub async fn settle(&self) -> FeedCounts {
+        self.feed.counts().await.expect("feed is running");
+        self.feed.scans_idle().await;
         self.feed.counts().await.expect("feed is running")
+    }
+
+    /// Raises the GC safe point (as a client's `gc()` would through PD).
+    pub fn set_gc_safe_point(&self, ts: TimeStamp) {
+        let clock: Arc<dyn Clock> = self.clock.clone();
+        SafePoints::new(Arc::clone(&self.store), clock)
+            .update_gc_safe_point(ts)
+            .expect("safe point");
+    }
+
+    /// A one-phase commit of `mutations`; returns (start_ts, commit_ts).
+    pub fn commit_1pc(&self, mutations: Vec<TxnMutation>) -> (TimeStamp, TimeStamp) {
+        let start_ts = self.ts();
+        let mut commit_ts = TimeStamp::ZERO;
+        let req = PrewriteRequest {
+            primary: mutations[0].key.clone(),
+            mutations,
+            start_ts,
+            lock_ttl: 3000,
+            try_one_pc: true,
+            ..PrewriteRequest::default()
+        };
+        let outcome = self.txn.prewrite(&req).expect("1pc");
+        assert!(outcome.locks.is_empty(), "1pc met locks");
+        if !outcome.one_pc_commit_ts.is_zero() {
+            commit_ts = outcome.one_pc_commit_ts;
+        }
+        assert!(!commit_ts.is_zero(), "fell back to 2pc");
+        (start_ts, commit_ts)
     }
 
     /// No connection, subscription, queued byte or connection task is left,
@@ -272,12 +334,39 @@ impl Item {
     }
 }
 
+/// A resolved ts as received: batched (`request_id` as sent, possibly 0)
+/// or per region (old clients).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub batched: bool,
+    pub request_id: u64,
+    pub regions: Vec<u64>,
+    pub ts: u64,
+    /// How many items (rows, errors) had been received before it.
+    pub after_items: usize,
+}
+
 /// Reads a connection's stream item by item.
 pub struct Events {
     pub stream: EventStream,
     buf: VecDeque<Item>,
     /// Entries events seen, for batching checks.
     pub entries_events: Vec<cdcpb::Event>,
+    /// Every message received (while `keep_messages`).
+    pub messages: Vec<cdcpb::ChangeDataEvent>,
+    /// Resolved timestamps received, in order.
+    pub resolved: Vec<Resolved>,
+    /// How many of `resolved` `next_resolved` returned.
+    resolved_read: usize,
+    /// Whether to keep every message in `messages` (large tests turn it off).
+    pub keep_messages: bool,
+    items: usize,
+    /// Last resolved ts received per (request id, region); request id 0
+    /// for a region-wide value (batched, without stream multiplexing).
+    resolved_sent: HashMap<(u64, u64), u64>,
+    /// The resolved ts each initialized subscription is bound by.
+    resolved_at: HashMap<(u64, u64), u64>,
+    initialized: HashSet<(u64, u64)>,
 }
 
 impl Events {
@@ -286,15 +375,108 @@ impl Events {
             stream,
             buf: VecDeque::new(),
             entries_events: Vec::new(),
+            messages: Vec::new(),
+            resolved: Vec::new(),
+            resolved_read: 0,
+            keep_messages: true,
+            items: 0,
+            resolved_sent: HashMap::new(),
+            resolved_at: HashMap::new(),
+            initialized: HashSet::new(),
+        }
+    }
+
+    /// Checks and records one resolved ts; see the module docs. A
+    /// region-wide value (request id 0) covers the subscriptions of the
+    /// region initialized when it arrives.
+    fn note_resolved(&mut self, request_id: u64, region_id: u64, ts: u64) {
+        let covered: Vec<(u64, u64)> = if request_id == 0 {
+            self.initialized
+                .iter()
+                .filter(|(_, r)| *r == region_id)
+                .copied()
+                .collect()
+        } else {
+            self.initialized
+                .iter()
+                .filter(|k| **k == (request_id, region_id))
+                .copied()
+                .collect()
+        };
+        assert!(
+            !covered.is_empty(),
+            "resolved ts {ts} for ({request_id}, {region_id}) before INITIALIZED"
+        );
+        let last = self.resolved_sent.insert((request_id, region_id), ts);
+        assert!(
+            last.is_none_or(|l| l < ts),
+            "resolved ts went from {last:?} to {ts} for ({request_id}, {region_id})"
+        );
+        for key in covered {
+            self.resolved_at.insert(key, ts);
+        }
+    }
+
+    /// Checks one row against the resolved timestamps received before it.
+    fn note_row(&mut self, request_id: u64, region_id: u64, row: &Row) {
+        if row.r#type == LogType::Initialized as i32 {
+            self.initialized.insert((request_id, region_id));
+            return;
+        }
+        let commits =
+            row.r#type == LogType::Commit as i32 || row.r#type == LogType::Committed as i32;
+        if !commits {
+            return;
+        }
+        if let Some(&bound) = self.resolved_at.get(&(request_id, region_id)) {
+            assert!(
+                row.commit_ts > bound,
+                "commit_ts {} of {:?} arrived after resolved ts {bound} for ({request_id}, {region_id})",
+                row.commit_ts,
+                row.key
+            );
         }
     }
 
     fn absorb(&mut self, message: cdcpb::ChangeDataEvent) {
+        if self.keep_messages {
+            self.messages.push(message.clone());
+        }
+        if let Some(r) = &message.resolved_ts {
+            for region in &r.regions {
+                self.note_resolved(r.request_id, *region, r.ts);
+            }
+            self.resolved.push(Resolved {
+                batched: true,
+                request_id: r.request_id,
+                regions: r.regions.clone(),
+                ts: r.ts,
+                after_items: self.items,
+            });
+        }
         for e in message.events {
+            if let Some(event::Event::ResolvedTs(ts)) = &e.event {
+                self.note_resolved(e.request_id, e.region_id, *ts);
+                self.resolved.push(Resolved {
+                    batched: false,
+                    request_id: e.request_id,
+                    regions: vec![e.region_id],
+                    ts: *ts,
+                    after_items: self.items,
+                });
+                continue;
+            }
+            self.items += match &e.event {
+                Some(event::Event::Entries(entries)) => entries.entries.len(),
+                _ => 1,
+            };
             match &e.event {
                 Some(event::Event::Entries(entries)) => {
-                    self.entries_events.push(e.clone());
+                    if self.keep_messages {
+                        self.entries_events.push(e.clone());
+                    }
                     for row in &entries.entries {
+                        self.note_row(e.request_id, e.region_id, row);
                         self.buf.push_back(Item::Row {
                             request_id: e.request_id,
                             region_id: e.region_id,
@@ -327,6 +509,20 @@ impl Events {
 
     pub async fn expect(&mut self) -> Item {
         self.next().await.expect("stream ended early")
+    }
+
+    /// The next resolved ts not yet returned by this method, reading more
+    /// messages if needed (items read on the way are kept for `next`).
+    pub async fn next_resolved(&mut self) -> Resolved {
+        while self.resolved.len() <= self.resolved_read {
+            let message = tokio::time::timeout(PATIENCE, self.stream.next())
+                .await
+                .expect("timed out waiting for a resolved ts")
+                .expect("stream ended before a resolved ts");
+            self.absorb(message);
+        }
+        self.resolved_read += 1;
+        self.resolved[self.resolved_read - 1].clone()
     }
 
     /// The next item if one is already queued.

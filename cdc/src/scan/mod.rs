@@ -1,0 +1,472 @@
+//! Catch-up scans, off the owner task.
+//!
+//! Each new subscription gets one scan task ([`ScanPool::spawn`]). The task
+//! queues for one of `incremental-scan-concurrency` *scan slots*, then
+//! arms its subscription, takes a store snapshot at apply sequence S and
+//! reads it in bounded batches ([`reader`]), each on a blocking thread
+//! holding one of `incremental-scan-threads` *thread permits*. Everything it
+//! learns travels to the owner as [`ScanMsg`]s over one bounded channel, in
+//! this order per scan: `Started { seq: S }`, `Batch`es, then `Done` (or
+//! `Failed`). The owner alone decides what reaches the connection, so the
+//! scan's rows, INITIALIZED and the live rows held back meanwhile keep
+//! their order.
+//!
+//! # Arming, and why the boundary has no gap
+//!
+//! While a scan waits for its slot the owner ignores live batches for the
+//! subscription: the snapshot, taken later, will contain them. The task sets
+//! the subscription's `armed` flag (SeqCst) *before* it takes the snapshot;
+//! from then on the owner holds back every routed batch with its seq. A
+//! batch the owner saw unarmed was applied before the owner looked, hence
+//! before the flag was set, hence before the snapshot (which waits for the
+//! store's publish lock, under which the batch was announced): it is in
+//! the snapshot. Held-back batches with seq ≤ S are dropped when `Started`
+//! arrives, later ones are delivered after INITIALIZED, and batches seen
+//! after the scan with seq ≤ S are dropped by seq. So every batch reaches
+//! the subscription exactly once: through the snapshot or live.
+//!
+//! # Cancellation
+//!
+//! The subscription owns the sending half of a `watch` channel; the task
+//! holds the receiver. However the subscription ends (deregistration,
+//! connection end, congestion, shutdown), dropping it closes the channel.
+//! The task checks it before every batch and awaits it alongside every wait
+//! (slot, thread permit, speed limit, pacing, hand-over), so it stops within
+//! one batch and no code has to remember to cancel it.
+//!
+//! # Pacing and memory
+//!
+//! Before handing a batch over, the task waits until the connection has room
+//! (free channel slots beyond those kept for live rows, and fewer than
+//! [`SCAN_PENDING_BYTES`] queued), woken whenever the client takes events.
+//! A scan therefore runs at its reader's pace and a range is never held in
+//! memory: per scan at most one batch being read, one in the hand-over
+//! channel, and what the connection's queue admits. The speed limit
+//! ([`limiter`]) applies on top, to bytes read from the store.
+//!
+//! A reader that takes nothing for [`SCAN_STALL_TIMEOUT`] while a scan
+//! waits for room fails that subscription with `congested`: otherwise a
+//! client that registers and never reads would hold a scan slot (and a
+//! snapshot) forever, and a handful of them would starve every other
+//! subscriber's scans.
+//!
+//! # Safe point
+//!
+//! Right after the snapshot is taken the task reads the effective GC safe
+//! point. A checkpoint below it fails the subscription: GC may already have
+//! removed versions the scan would have to report. Reading it *after* the
+//! snapshot makes the check airtight: the safe point only rises, and GC
+//! removes versions only after it has risen, so a safe point at or below the
+//! checkpoint now was at or below it for every GC run the snapshot reflects.
+
+mod limiter;
+mod reader;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::Instrument;
+
+use kvfeed_proto::cdcpb::event::Row;
+use kvfeed_storage::TimeStamp;
+use kvfeed_storage::safepoint::SafePoints;
+use kvfeed_storage::store::{SeqNo, Store};
+
+use crate::config::FeedConfig;
+use crate::ids::{ConnId, RegionId, RequestId};
+use crate::metrics::{FeedMetrics, PendingBytes, ScanOutcome, ScanTaskGuard};
+use crate::owner::{Queued, RESERVED_SLOTS, Refusal};
+
+use limiter::SpeedLimiter;
+pub(crate) use reader::{ScanSpec, Scanner};
+
+/// A scan stops handing batches over while its connection has this many
+/// bytes queued and not taken.
+pub(crate) const SCAN_PENDING_BYTES: u64 = 8 << 20;
+
+/// How long a scan waits for its reader to take anything before the
+/// subscription is failed as congested.
+pub(crate) const SCAN_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Scan messages the owner may have waiting, across all scans.
+const SCAN_CHANNEL: usize = 64;
+
+/// Identifies one scan. A subscription remembers its scan's id, so a late
+/// message of an earlier scan for the same (connection, request, region)
+/// cannot touch a newer subscription. Allocated by the owner, never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ScanId(pub u64);
+
+/// Which subscription a scan serves.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScanKey {
+    pub conn: ConnId,
+    pub request_id: RequestId,
+    pub region_id: RegionId,
+    pub scan: ScanId,
+}
+
+/// What a scan tells the owner.
+#[derive(Debug)]
+pub(crate) enum ScanEvent {
+    /// The snapshot reflects every batch with seq ≤ this.
+    Started { seq: SeqNo },
+    /// Rows to deliver, and Put/Delete locks found (encoded key, start_ts).
+    Batch {
+        rows: Vec<Row>,
+        locks: Vec<(Vec<u8>, TimeStamp)>,
+    },
+    /// Every row has been handed over.
+    Done,
+    /// The scan cannot complete; the subscription ends with this error.
+    Failed(Refusal),
+}
+
+#[derive(Debug)]
+pub(crate) struct ScanMsg {
+    pub key: ScanKey,
+    pub event: ScanEvent,
+}
+
+/// Everything a scan task needs about its subscription and connection.
+pub(crate) struct ScanJob {
+    pub key: ScanKey,
+    pub spec: ScanSpec,
+    /// Closed when the subscription goes away.
+    pub cancel: watch::Receiver<()>,
+    /// Set before the snapshot is taken; see the module docs.
+    pub armed: Arc<AtomicBool>,
+    /// Looked at (never sent to) for pacing.
+    pub sink: mpsc::WeakSender<Queued>,
+    pub pending: Arc<PendingBytes>,
+    pub span: tracing::Span,
+}
+
+/// What the scan tasks share; one per feed.
+pub(crate) struct ScanPool {
+    store: Arc<Store>,
+    safe_points: SafePoints,
+    slots: Arc<Semaphore>,
+    threads: Arc<Semaphore>,
+    limiter: SpeedLimiter,
+    tx: mpsc::Sender<ScanMsg>,
+    metrics: FeedMetrics,
+    /// Scan tasks alive (queued, running, or winding down).
+    active: watch::Sender<usize>,
+    /// Free ordinary slots a connection needs before a batch is handed over.
+    free_slots: usize,
+    limit: usize,
+    /// Kept while any task lives, so `Feed::shutdown` waits for them.
+    _done: Arc<watch::Sender<()>>,
+}
+
+impl ScanPool {
+    /// A pool and the receiving end of its message channel (for the owner).
+    pub(crate) fn new(
+        store: Arc<Store>,
+        safe_points: SafePoints,
+        config: &FeedConfig,
+        metrics: FeedMetrics,
+        done: Arc<watch::Sender<()>>,
+    ) -> (ScanPool, mpsc::Receiver<ScanMsg>) {
+        let (tx, rx) = mpsc::channel(SCAN_CHANNEL);
+        let pool = ScanPool {
+            store,
+            safe_points,
+            slots: Arc::new(Semaphore::new(config.incremental_scan_concurrency.max(1))),
+            threads: Arc::new(Semaphore::new(config.incremental_scan_threads.max(1))),
+            limiter: SpeedLimiter::new(config.incremental_scan_speed_limit),
+            tx,
+            metrics,
+            active: watch::Sender::new(0),
+            free_slots: (config.sink_capacity / 2).clamp(1, 8),
+            limit: config.incremental_scan_concurrency_limit,
+            _done: done,
+        };
+        (pool, rx)
+    }
+
+    /// Scans queued or running. A Register is refused when this reaches
+    /// `incremental-scan-concurrency-limit`.
+    pub(crate) fn ongoing(&self) -> usize {
+        *self.active.borrow()
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Follows [`ScanPool::ongoing`].
+    pub(crate) fn watch_active(&self) -> watch::Receiver<usize> {
+        self.active.subscribe()
+    }
+
+    /// Starts a scan task. Counted as ongoing from this call on.
+    pub(crate) fn spawn(self: &Arc<Self>, job: ScanJob) {
+        let ticket = Ticket::new(self);
+        let span = job.span.clone();
+        tokio::spawn(Arc::clone(self).run(job, ticket).instrument(span));
+    }
+
+    async fn run(self: Arc<Self>, job: ScanJob, mut ticket: Ticket) {
+        let ScanJob {
+            key,
+            spec,
+            mut cancel,
+            armed,
+            sink,
+            pending,
+            span: _,
+        } = job;
+        let slot = tokio::select! {
+            permit = Arc::clone(&self.slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = cancelled(&mut cancel) => return,
+        };
+        let store = Arc::clone(&self.store);
+        let checkpoint = spec.checkpoint;
+        let pool = Arc::clone(&self);
+        let opened = self
+            .blocking(&mut cancel, move || {
+                armed.store(true, Ordering::SeqCst);
+                let snapshot = store.snapshot();
+                let safe_point = pool
+                    .safe_points
+                    .effective_safe_point()
+                    .map_err(|e| Refusal::ScanFailed(format!("reading the GC safe point: {e}")))?;
+                if checkpoint < safe_point {
+                    return Err(Refusal::BelowSafePoint {
+                        checkpoint,
+                        safe_point,
+                    });
+                }
+                Ok(Scanner::new(snapshot, spec))
+            })
+            .await;
+        let mut scanner = match opened {
+            Err(Interrupted::Cancelled) => return,
+            Err(Interrupted::Panicked) => {
+                let failed = ScanEvent::Failed(Refusal::ScanFailed("the scan panicked".into()));
+                self.hand_over(&mut cancel, key, failed).await;
+                return;
+            }
+            Ok(Err(refusal)) => {
+                // A failed scan did not finish its range: counted as aborted.
+                self.hand_over(&mut cancel, key, ScanEvent::Failed(refusal))
+                    .await;
+                return;
+            }
+            Ok(Ok(scanner)) => scanner,
+        };
+        let seq = scanner.seq();
+        tracing::debug!(seq = seq.0, "catch-up snapshot taken");
+        if !self
+            .hand_over(&mut cancel, key, ScanEvent::Started { seq })
+            .await
+        {
+            return;
+        }
+        loop {
+            let read = self
+                .blocking(&mut cancel, move || {
+                    let batch = scanner.next_batch();
+                    (scanner, batch)
+                })
+                .await;
+            let (back, batch) = match read {
+                Ok(read) => read,
+                Err(Interrupted::Cancelled) => return,
+                Err(Interrupted::Panicked) => {
+                    let failed = ScanEvent::Failed(Refusal::ScanFailed("the scan panicked".into()));
+                    self.hand_over(&mut cancel, key, failed).await;
+                    return;
+                }
+            };
+            scanner = back;
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up scan failed");
+                    let failed = ScanEvent::Failed(Refusal::ScanFailed(e.to_string()));
+                    self.hand_over(&mut cancel, key, failed).await;
+                    return;
+                }
+            };
+            self.metrics
+                .scanned_bytes
+                .inc_by(u64::try_from(batch.read_bytes).unwrap_or(u64::MAX));
+            tokio::select! {
+                () = self.limiter.consume(batch.read_bytes) => {}
+                () = cancelled(&mut cancel) => return,
+            }
+            let finished = batch.finished;
+            let mut events = Vec::with_capacity(2);
+            if !batch.rows.is_empty() || !batch.locks.is_empty() {
+                events.push(ScanEvent::Batch {
+                    rows: batch.rows,
+                    locks: batch.locks,
+                });
+            }
+            if finished {
+                // INITIALIZED and the held-back rows need room too.
+                events.push(ScanEvent::Done);
+            }
+            for event in events {
+                match self.pace(&sink, &pending, &mut cancel).await {
+                    Pace::Room => {}
+                    Pace::Gone => return,
+                    Pace::Stalled => {
+                        tracing::warn!("the subscriber took nothing while its scan waited");
+                        let failed = ScanEvent::Failed(Refusal::Congested(key.region_id));
+                        self.hand_over(&mut cancel, key, failed).await;
+                        return;
+                    }
+                }
+                if !self.hand_over(&mut cancel, key, event).await {
+                    return;
+                }
+            }
+            if finished {
+                ticket.finish();
+                drop(slot);
+                return;
+            }
+        }
+    }
+
+    /// Runs `work` on a blocking thread under a thread permit. When
+    /// cancelled first, work already started still finishes in the
+    /// background and releases its permit then.
+    async fn blocking<T, F>(
+        &self,
+        cancel: &mut watch::Receiver<()>,
+        work: F,
+    ) -> Result<T, Interrupted>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let permit = tokio::select! {
+            permit = Arc::clone(&self.threads).acquire_owned() => {
+                // Closed only if the pool is gone.
+                permit.map_err(|_| Interrupted::Cancelled)?
+            }
+            () = cancelled(cancel) => return Err(Interrupted::Cancelled),
+        };
+        if is_cancelled(cancel) {
+            return Err(Interrupted::Cancelled);
+        }
+        let task = tokio::task::spawn_blocking(move || {
+            let out = work();
+            drop(permit);
+            out
+        });
+        tokio::select! {
+            joined = task => joined.map_err(|e| {
+                tracing::error!(error = %e, "catch-up scan batch panicked");
+                Interrupted::Panicked
+            }),
+            () = cancelled(cancel) => Err(Interrupted::Cancelled),
+        }
+    }
+
+    /// Waits until the connection has room for another batch.
+    async fn pace(
+        &self,
+        sink: &mpsc::WeakSender<Queued>,
+        pending: &PendingBytes,
+        cancel: &mut watch::Receiver<()>,
+    ) -> Pace {
+        loop {
+            // Registered before looking, so a take in between still wakes us.
+            let drained = pending.drained().notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            let Some(tx) = sink.upgrade() else {
+                return Pace::Gone;
+            };
+            let free = tx.capacity().saturating_sub(RESERVED_SLOTS);
+            drop(tx);
+            if free >= self.free_slots && pending.get() < SCAN_PENDING_BYTES {
+                return Pace::Room;
+            }
+            // Each take restarts the clock: only a reader that takes
+            // nothing at all is stalled.
+            tokio::select! {
+                () = &mut drained => {}
+                () = tokio::time::sleep(SCAN_STALL_TIMEOUT) => return Pace::Stalled,
+                () = cancelled(cancel) => return Pace::Gone,
+            }
+        }
+    }
+
+    /// Sends one message to the owner; false if cancelled first or the
+    /// owner is gone.
+    async fn hand_over(
+        &self,
+        cancel: &mut watch::Receiver<()>,
+        key: ScanKey,
+        event: ScanEvent,
+    ) -> bool {
+        tokio::select! {
+            sent = self.tx.send(ScanMsg { key, event }) => sent.is_ok(),
+            () = cancelled(cancel) => false,
+        }
+    }
+}
+
+/// Why blocking work produced nothing.
+enum Interrupted {
+    Cancelled,
+    /// The subscription must be told; it would otherwise never initialize.
+    Panicked,
+}
+
+/// What waiting for room ended with.
+enum Pace {
+    Room,
+    /// Cancelled, or the connection is gone.
+    Gone,
+    /// The reader took nothing for [`SCAN_STALL_TIMEOUT`].
+    Stalled,
+}
+
+/// Resolves once the subscription behind `cancel` is gone.
+async fn cancelled(cancel: &mut watch::Receiver<()>) {
+    // Nothing is ever sent: `changed` only returns once the sender drops.
+    while cancel.changed().await.is_ok() {}
+}
+
+fn is_cancelled(cancel: &watch::Receiver<()>) -> bool {
+    cancel.has_changed().is_err()
+}
+
+/// One scan task's place in the pool's count and in the scan metrics.
+struct Ticket {
+    active: watch::Sender<usize>,
+    guard: ScanTaskGuard,
+}
+
+impl Ticket {
+    fn new(pool: &ScanPool) -> Ticket {
+        pool.active.send_modify(|n| *n += 1);
+        Ticket {
+            active: pool.active.clone(),
+            guard: ScanTaskGuard::new(&pool.metrics),
+        }
+    }
+
+    fn finish(&mut self) {
+        self.guard.set_outcome(ScanOutcome::Finished);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.active.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
