@@ -50,6 +50,14 @@ pub enum Command {
     /// Without --prefix, --from or --to the whole key space is scanned
     /// (still subject to --limit).
     Scan(crate::cmd::kv::ScanArgs),
+    /// Print every change to a key, a prefix or a range as it is committed,
+    /// one line per change (like `etcdctl watch`), until Ctrl-C.
+    ///
+    /// `PUT key value  ts=<commit ts> (<UTC time>)` or
+    /// `DELETE key  ts=...`; with --json one object per line. Without KEY,
+    /// --prefix, --from-key or --to-key every key is watched. A `watching`
+    /// line on stderr says when every subscription is in place.
+    Watch(crate::cmd::watch::WatchArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]

@@ -8,8 +8,9 @@
 //! Shutdown: when the node's shutdown signal fires, tonic stops accepting,
 //! sends GOAWAY on open connections and waits for in-flight calls. Streaming
 //! services must therefore end their streams on the same signal (each holds
-//! its own [`crate::shutdown::ShutdownSignal`]), or the wait lasts until the
-//! grace period in `serve` runs out. A peer that never completes the HTTP/2
+//! its own [`crate::shutdown::ShutdownSignal`], or, for the change feed,
+//! `serve` stops the feed right after triggering it), or the wait lasts
+//! until the grace period in `serve` runs out. A peer that never completes the HTTP/2
 //! handshake, or ignores GOAWAY, also holds the wait until then; a real
 //! client closes at once.
 
@@ -38,6 +39,7 @@ pub fn grpc_router(node: &Arc<Node>) -> Router {
     let mut routes = Routes::builder();
     routes.add_service(crate::kv::service(node));
     routes.add_service(crate::pd::service(node));
+    routes.add_service(crate::feed::service(node));
     Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

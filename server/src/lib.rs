@@ -7,12 +7,14 @@
 //! - [`serve`]: start-up and shutdown of `kvfeed serve`; [`grpc`] attaches
 //!   the gRPC services, [`status`] is the HTTP status server, [`metrics`] the
 //!   Prometheus registry, [`shutdown`] the signal tasks stop on.
+//! - [`feed`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
 //! - [`logging`]: the tracing subscriber.
 
 pub mod cli;
 pub mod client;
 pub mod cmd;
 pub mod config;
+pub mod feed;
 pub mod gc;
 pub mod grpc;
 pub mod kv;

@@ -1,6 +1,6 @@
 //! The node: one data directory opened by one server process, and everything
 //! the services share (store, timestamp oracle, cluster id, metrics, the
-//! shutdown trigger).
+//! shutdown trigger, the change feed).
 //!
 //! Layout of the data directory:
 //! - `LOCK`: held with an exclusive OS file lock for as long as the node is
@@ -19,6 +19,9 @@
 //! - Opening allocates one timestamp: the oracle is proven to work before the
 //!   server announces itself, and `/debug/node`'s `last_ts` already exceeds
 //!   everything an earlier incarnation on this directory handed out.
+//! - The change feed is started separately ([`Node::start_feed`]) because it
+//!   needs a Tokio runtime and opening does not; it is started at most once
+//!   and its metrics live in the node's registry.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -27,9 +30,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
+use kvfeed_cdc::{Feed, FeedConfig, FeedDeps, FeedError};
 use kvfeed_storage::TimeStamp;
 use kvfeed_storage::engine::fjall::FjallEngine;
 use kvfeed_storage::engine::{Cf, Engine, WriteBatch};
@@ -39,7 +43,7 @@ use kvfeed_storage::region::RegionMap;
 use kvfeed_storage::store::{BatchSource, Store};
 use kvfeed_storage::tso::{SystemClock, Tso};
 
-use crate::config::Config;
+use crate::config::{CdcConfig, Config};
 use crate::metrics::{Metrics, MetricsError};
 use crate::shutdown::Shutdown;
 
@@ -128,6 +132,8 @@ pub enum NodeError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("cannot start the change feed: {0}")]
+    Feed(#[source] FeedError),
 }
 
 /// The exclusive claim on a data directory. Released when dropped (the OS
@@ -246,6 +252,8 @@ pub struct Node {
     regions: Arc<RegionMap>,
     metrics: Metrics,
     shutdown: Shutdown,
+    /// Set once by [`Node::start_feed`].
+    feed: OnceLock<Feed>,
     // Declared last so it is dropped last: the engine is closed before the
     // directory is released to another process.
     lock: DataDirLock,
@@ -316,8 +324,41 @@ impl Node {
             regions,
             metrics,
             shutdown: Shutdown::new(),
+            feed: OnceLock::new(),
             lock,
         })
+    }
+
+    /// Starts the change feed on the node's store and regions, with its
+    /// metrics in the node's registry. Must run inside a Tokio runtime (the
+    /// feed's owner task is spawned on it). Calling it again returns the
+    /// running feed. Stopping it is the caller's part of shutdown
+    /// ([`Feed::shutdown`]); dropping the node stops it too.
+    pub fn start_feed(&self) -> Result<Feed, NodeError> {
+        if let Some(feed) = self.feed.get() {
+            return Ok(feed.clone());
+        }
+        let feed = Feed::start(FeedDeps {
+            store: Arc::clone(&self.store),
+            regions: Arc::clone(&self.regions),
+            cluster_id: self.cluster_id.get(),
+            config: feed_config(&self.config.cdc),
+            tso: Arc::clone(&self.tso),
+            txn: Arc::clone(&self.txn),
+            raw: Arc::clone(&self.raw),
+        });
+        // On failure the feed handle is dropped here, which stops it.
+        feed.metrics()
+            .register(self.metrics.registry())
+            .map_err(NodeError::Feed)?;
+        // Only one caller exists (start-up); were there a racing second one,
+        // its metric registration above would already have failed.
+        Ok(self.feed.get_or_init(|| feed).clone())
+    }
+
+    /// The change feed, once [`Node::start_feed`] has run.
+    pub fn feed(&self) -> Option<&Feed> {
+        self.feed.get()
     }
 
     /// The effective (validated) configuration.
@@ -383,6 +424,20 @@ impl Node {
             context: "cannot sync the database".to_owned(),
             source,
         })
+    }
+}
+
+/// The feed's tunables from `[cdc]` (same names as TiKV's). The feed's own
+/// defaults apply to what `[cdc]` does not name, and `sink-memory-quota`
+/// waits for the feed's byte quota.
+fn feed_config(cdc: &CdcConfig) -> FeedConfig {
+    FeedConfig {
+        min_ts_interval: cdc.min_ts_interval.as_duration(),
+        incremental_scan_threads: cdc.incremental_scan_threads,
+        incremental_scan_concurrency: cdc.incremental_scan_concurrency,
+        incremental_scan_concurrency_limit: cdc.incremental_scan_concurrency_limit,
+        incremental_scan_speed_limit: cdc.incremental_scan_speed_limit.as_bytes(),
+        ..FeedConfig::default()
     }
 }
 
@@ -490,6 +545,20 @@ mod tests {
         assert_ne!(a.get(), 0);
         assert_ne!(a, b);
         assert_eq!(ClusterId::new(0), None);
+    }
+
+    #[test]
+    fn the_feed_takes_its_tunables_from_the_cdc_section() {
+        let mut cdc = CdcConfig::default();
+        assert_eq!(feed_config(&cdc), FeedConfig::default());
+        cdc.min_ts_interval = crate::units::ReadableDuration::millis(250);
+        cdc.incremental_scan_concurrency_limit = 7;
+        let config = feed_config(&cdc);
+        assert_eq!(
+            config.min_ts_interval,
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(config.incremental_scan_concurrency_limit, 7);
     }
 
     #[test]

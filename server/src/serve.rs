@@ -11,10 +11,14 @@
 //!    connections.
 //!
 //! Shutdown (first SIGINT/SIGTERM, or a server failing): trigger the node's
-//! shutdown signal, wait (bounded by [`SHUTDOWN_GRACE`]) for the servers and
-//! every other signal holder, sync the store, then drop the node, which
-//! closes the engine and releases the lock last. A second signal during
-//! shutdown exits at once with status 1; the OS releases the lock.
+//! shutdown signal, stop the change feed, wait (bounded by
+//! [`SHUTDOWN_GRACE`]) for the servers and every other signal holder, sync
+//! the store, then drop the node, which closes the engine and releases the
+//! lock last. The feed is stopped before the gRPC server is waited for
+//! because its streams are calls in flight: tonic's graceful shutdown waits
+//! for them, and stopping the feed is what ends each one (with OK). A
+//! second signal during shutdown exits at once with status 1; the OS
+//! releases the lock.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -120,10 +124,17 @@ async fn serve(config: Config) -> (Option<Arc<Node>>, Result<(), ServeError>) {
         std::process::exit(1);
     });
 
-    // One deadline for everything: the gRPC server (its error, if any, is
-    // the one to report), then every other holder of a shutdown signal,
-    // which includes the status server and its connections.
+    // One deadline for everything: the change feed, the gRPC server (its
+    // error, if any, is the one to report), then every other holder of a
+    // shutdown signal, which includes the status server and its connections.
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    if let Some(feed) = node.feed()
+        && tokio::time::timeout_at(deadline, feed.shutdown())
+            .await
+            .is_err()
+    {
+        tracing::warn!("the change feed did not stop within the grace period");
+    }
     if !grpc_ended {
         match tokio::time::timeout_at(deadline, &mut grpc_task).await {
             Ok(ended) => {
@@ -179,6 +190,8 @@ async fn start(config: Config) -> Result<Started, ServeError> {
         local_addr("status", &status_listener)?,
     );
     let node = Arc::new(blocking(move || Node::open(config, lock, endpoints)).await??);
+    // Before the router: the ChangeData service serves from the running feed.
+    node.start_feed()?;
 
     // Holds its own shutdown signal, so shutdown waits for a pass in flight.
     gc::GcWorker::for_node(&node)

@@ -1,10 +1,13 @@
 //! The HTTP status server: health, Prometheus metrics and debug views.
 //!
 //! It runs on its own address so that scraping and probing keep working when
-//! the gRPC port is saturated. Routes are exact paths mapped to synchronous
-//! handlers in a [`StatusRoutes`] table; [`routes`] builds the node's table,
-//! and a new endpoint is one more `.get(...)` there. Handlers must be quick
-//! and must not block: they read in-memory state and return.
+//! the gRPC port is saturated. Routes are exact paths mapped to handlers in a
+//! [`StatusRoutes`] table; [`routes`] builds the node's table, and a new
+//! endpoint is one more `.get(...)` there. Handlers must be quick and must
+//! not block: they read in-memory state and return. State owned by another
+//! task (the change feed's registry) is asked for with `.get_async(...)`,
+//! whose future must finish within a bound of its own, so a stuck owner
+//! costs one slow answer, never a stuck connection.
 //!
 //! Connections are HTTP/1.1 via hyper with a bounded header buffer and a
 //! header-read timeout, so a slow or hostile client cannot hold memory or a
@@ -13,6 +16,8 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +43,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Read buffer limit per connection, which bounds the request head size
 /// (hyper's minimum is 8 KiB).
 const MAX_BUF_SIZE: usize = 16 * 1024;
+/// Longest `/debug/cdc` waits for the feed's answer.
+const FEED_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a handler sees of a request.
 #[derive(Debug, Clone, Copy)]
@@ -95,10 +102,23 @@ impl Reply {
 /// A route handler.
 pub type Handler = Arc<dyn Fn(&StatusRequest<'_>) -> Reply + Send + Sync>;
 
+/// The answer of an [`AsyncHandler`].
+pub type ReplyFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+/// A route handler that waits for its answer. It reads what it needs from
+/// the request, then returns a future that owns everything it uses.
+pub type AsyncHandler = Arc<dyn Fn(&StatusRequest<'_>) -> ReplyFuture + Send + Sync>;
+
+#[derive(Clone)]
+enum Route {
+    Sync(Handler),
+    Async(AsyncHandler),
+}
+
 /// Exact-path GET routes.
 #[derive(Default, Clone)]
 pub struct StatusRoutes {
-    routes: BTreeMap<&'static str, Handler>,
+    routes: BTreeMap<&'static str, Route>,
 }
 
 impl StatusRoutes {
@@ -113,7 +133,18 @@ impl StatusRoutes {
         path: &'static str,
         handler: impl Fn(&StatusRequest<'_>) -> Reply + Send + Sync + 'static,
     ) -> Self {
-        self.routes.insert(path, Arc::new(handler));
+        self.routes.insert(path, Route::Sync(Arc::new(handler)));
+        self
+    }
+
+    /// Like [`StatusRoutes::get`] for a handler that waits (see the module
+    /// docs for the bound it must keep).
+    pub fn get_async(
+        mut self,
+        path: &'static str,
+        handler: impl Fn(&StatusRequest<'_>) -> ReplyFuture + Send + Sync + 'static,
+    ) -> Self {
+        self.routes.insert(path, Route::Async(Arc::new(handler)));
         self
     }
 
@@ -124,7 +155,7 @@ impl StatusRoutes {
 
     /// Dispatches one request: 404 for an unknown path, 405 for a method
     /// other than GET / HEAD on a known one.
-    pub fn handle(
+    pub async fn handle(
         &self,
         method: &Method,
         path: &str,
@@ -145,7 +176,12 @@ impl StatusRoutes {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
-        handler(&StatusRequest { path, query }).into_response()
+        let request = StatusRequest { path, query };
+        match handler {
+            Route::Sync(handler) => handler(&request),
+            Route::Async(handler) => handler(&request).await,
+        }
+        .into_response()
     }
 }
 
@@ -153,6 +189,7 @@ impl StatusRoutes {
 pub fn routes(node: &Arc<Node>) -> StatusRoutes {
     let metrics_node = Arc::clone(node);
     let debug_node = Arc::clone(node);
+    let feed_node = Arc::clone(node);
     StatusRoutes::new()
         .get("/healthz", |_| Reply::text(StatusCode::OK, "ok\n"))
         .get("/metrics", move |_| match metrics_node.metrics().render() {
@@ -165,6 +202,29 @@ pub fn routes(node: &Arc<Node>) -> StatusRoutes {
         })
         .get("/debug/node", move |_| {
             Reply::json(&NodeInfo::from_node(&debug_node))
+        })
+        .get_async("/debug/cdc", move |_| {
+            let feed = feed_node.feed().cloned();
+            Box::pin(async move {
+                let Some(feed) = feed else {
+                    return Reply::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the change feed is not running\n",
+                    );
+                };
+                // A live answer from the feed's owner, as of after every
+                // request already sent to it.
+                match tokio::time::timeout(FEED_ANSWER_TIMEOUT, feed.debug_snapshot()).await {
+                    Ok(Ok(snapshot)) => Reply::json(&snapshot),
+                    Ok(Err(err)) => {
+                        Reply::text(StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n"))
+                    }
+                    Err(_) => Reply::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("the change feed did not answer within {FEED_ANSWER_TIMEOUT:?}\n"),
+                    ),
+                }
+            })
         })
 }
 
@@ -224,8 +284,12 @@ pub async fn serve(listener: TcpListener, routes: StatusRoutes, mut shutdown: Sh
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let response = routes.handle(req.method(), req.uri().path(), req.uri().query());
-                std::future::ready(Ok::<_, Infallible>(response))
+                let routes = Arc::clone(&routes);
+                async move {
+                    let uri = req.uri();
+                    let response = routes.handle(req.method(), uri.path(), uri.query()).await;
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -273,16 +337,16 @@ mod tests {
     #[tokio::test]
     async fn dispatches_by_exact_path() {
         let routes = table();
-        let ok = routes.handle(&Method::GET, "/a", Some("v=1"));
+        let ok = routes.handle(&Method::GET, "/a", Some("v=1")).await;
         assert_eq!(ok.status(), StatusCode::OK);
         assert_eq!(body(ok).await, "a Some(\"v=1\")");
 
-        let json = routes.handle(&Method::GET, "/j", None);
+        let json = routes.handle(&Method::GET, "/j", None).await;
         assert_eq!(json.headers()[CONTENT_TYPE], "application/json");
         let value: serde_json::Value = serde_json::from_str(&body(json).await).expect("valid JSON");
         assert_eq!(value["x"], 1);
 
-        let missing = routes.handle(&Method::GET, "/a/", None);
+        let missing = routes.handle(&Method::GET, "/a/", None).await;
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);
         assert!(body(missing).await.contains("/a/"));
     }
@@ -291,25 +355,47 @@ mod tests {
     async fn only_get_and_head_are_allowed() {
         let routes = table();
         assert_eq!(
-            routes.handle(&Method::HEAD, "/a", None).status(),
+            routes.handle(&Method::HEAD, "/a", None).await.status(),
             StatusCode::OK
         );
-        let post = routes.handle(&Method::POST, "/a", None);
+        let post = routes.handle(&Method::POST, "/a", None).await;
         assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(post.headers()[ALLOW], "GET, HEAD");
         assert_eq!(
-            routes.handle(&Method::POST, "/nope", None).status(),
+            routes.handle(&Method::POST, "/nope", None).await.status(),
             StatusCode::NOT_FOUND
         );
     }
 
-    #[test]
-    fn later_routes_replace_earlier_ones() {
+    #[tokio::test]
+    async fn later_routes_replace_earlier_ones() {
         let routes = table().get("/a", |_| Reply::text(StatusCode::IM_A_TEAPOT, ""));
         assert_eq!(routes.paths().collect::<Vec<_>>(), vec!["/a", "/j"]);
         assert_eq!(
-            routes.handle(&Method::GET, "/a", None).status(),
+            routes.handle(&Method::GET, "/a", None).await.status(),
             StatusCode::IM_A_TEAPOT
+        );
+    }
+
+    #[tokio::test]
+    async fn async_routes_are_awaited_and_see_the_query() {
+        let routes = table().get_async("/wait", |req| {
+            let query = req.query.map(str::to_owned);
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                Reply::text(StatusCode::ACCEPTED, format!("waited {query:?}"))
+            })
+        });
+        let response = routes.handle(&Method::GET, "/wait", Some("x=1")).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        assert_eq!(body(response).await, "waited Some(\"x=1\")");
+        let post = routes.handle(&Method::POST, "/wait", None).await;
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        // A sync route may replace an async one and the other way round.
+        let replaced = routes.get("/wait", |_| Reply::text(StatusCode::OK, ""));
+        assert_eq!(
+            replaced.handle(&Method::GET, "/wait", None).await.status(),
+            StatusCode::OK
         );
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod format;
 pub mod kv;
+pub mod watch;
 
 use std::io::{self, Write};
 

@@ -1,0 +1,763 @@
+//! The protocol state of a watch, free of I/O: what each feed event means
+//! for the output, for the subscriptions and for recovery. The driver in
+//! the parent module feeds it events and writes the lines it produces.
+//!
+//! Invariants:
+//! - a subscription's `floor` only rises, and only from resolved
+//!   timestamps received after its INITIALIZED row, so everything committed
+//!   at or below it has been delivered;
+//! - a subscription leaves `subs` on its error event, never otherwise
+//!   (a lost stream keeps every subscription, to be registered again);
+//! - a staged value lives from its PREWRITE to its COMMIT or ROLLBACK;
+//! - `printed` holds only pairs above the lowest floor (and at most
+//!   [`MAX_REMEMBERED`]), so it is bounded by what is still replayable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use kvfeed_proto::cdcpb::change_data_request::{self, Register};
+use kvfeed_proto::cdcpb::event::row::OpType;
+use kvfeed_proto::cdcpb::event::{self, LogType, Row};
+use kvfeed_proto::cdcpb::{self, ChangeDataEvent, ChangeDataRequest, Header};
+use kvfeed_storage::TimeStamp;
+use serde::Serialize;
+
+use super::{
+    MAX_REMEMBERED, PROGRESS_INTERVAL, REGION_ATTEMPTS, TICDC_VERSION, WatchError, WatchSpec,
+};
+use crate::client::region::clip;
+use crate::client::{KeyMode, RegionInfo};
+use crate::cmd::format::{Style, hex, json_text};
+
+/// Lines produced by one event.
+#[derive(Debug, Default)]
+pub(super) struct Lines {
+    pub(super) out: Vec<String>,
+    pub(super) notices: Vec<String>,
+}
+
+/// One subscription on the current stream.
+#[derive(Debug, Clone)]
+struct Sub {
+    region: RegionInfo,
+    /// The subscribed range (PD's key space): the watched range ∩ region.
+    start: Vec<u8>,
+    end: Vec<u8>,
+    /// Everything committed at or below it has been delivered.
+    floor: u64,
+    initialized: bool,
+    /// Region-error retries in a row that led to this subscription.
+    attempts: u32,
+}
+
+/// A range to look up in PD and subscribe again.
+#[derive(Debug, Clone)]
+pub(super) struct Parked {
+    pub(super) start: Vec<u8>,
+    pub(super) end: Vec<u8>,
+    pub(super) floor: u64,
+    pub(super) attempts: u32,
+}
+
+/// The protocol state of a watch, free of I/O so it can be tested alone.
+#[derive(Debug)]
+pub(super) struct State {
+    pub(super) spec: WatchSpec,
+    cluster_id: u64,
+    pub(super) checkpoint: u64,
+    next_request_id: u64,
+    subs: BTreeMap<u64, Sub>,
+    pub(super) parked: Vec<Parked>,
+    /// Prewritten values by (key, start_ts), until COMMIT or ROLLBACK.
+    staged: HashMap<(Vec<u8>, u64), Vec<u8>>,
+    /// Printed (commit_ts, key) pairs above the floors.
+    printed: BTreeSet<(u64, Vec<u8>)>,
+    announced: bool,
+    last_progress: Option<tokio::time::Instant>,
+}
+
+impl State {
+    pub(super) fn new(spec: WatchSpec, cluster_id: u64) -> State {
+        State {
+            spec,
+            cluster_id,
+            checkpoint: 0,
+            next_request_id: 1,
+            subs: BTreeMap::new(),
+            parked: Vec::new(),
+            staged: HashMap::new(),
+            printed: BTreeSet::new(),
+            announced: false,
+            last_progress: None,
+        }
+    }
+
+    /// Subscriptions for `parked`'s range in `regions`; returns their
+    /// Register requests.
+    pub(super) fn subscribe(
+        &mut self,
+        parked: &Parked,
+        regions: Vec<RegionInfo>,
+    ) -> Vec<ChangeDataRequest> {
+        let mut requests = Vec::new();
+        for region in regions {
+            let Some((start, end)) = clip(
+                &parked.start,
+                &parked.end,
+                &region.start_key,
+                &region.end_key,
+            ) else {
+                continue;
+            };
+            let id = self.next_request_id;
+            self.next_request_id += 1;
+            let sub = Sub {
+                region,
+                start,
+                end,
+                floor: parked.floor,
+                initialized: false,
+                attempts: parked.attempts,
+            };
+            requests.push(self.register(id, &sub));
+            self.subs.insert(id, sub);
+        }
+        requests
+    }
+
+    /// Register requests for every subscription (a new stream).
+    pub(super) fn registers(&self) -> Vec<ChangeDataRequest> {
+        self.subs
+            .iter()
+            .map(|(id, sub)| self.register(*id, sub))
+            .collect()
+    }
+
+    fn register(&self, request_id: u64, sub: &Sub) -> ChangeDataRequest {
+        ChangeDataRequest {
+            header: Some(Header {
+                cluster_id: self.cluster_id,
+                ticdc_version: TICDC_VERSION.to_owned(),
+            }),
+            region_id: sub.region.id.0,
+            region_epoch: Some(sub.region.epoch),
+            checkpoint_ts: sub.floor,
+            start_key: sub.start.clone(),
+            end_key: sub.end.clone(),
+            request_id,
+            request: Some(change_data_request::Request::Register(Register {})),
+            kv_api: self.spec.kv_api().into(),
+            ..ChangeDataRequest::default()
+        }
+    }
+
+    /// After a lost stream: every subscription is registered again on the
+    /// next one, from its floor.
+    pub(super) fn requeue_all(&mut self) {
+        for sub in self.subs.values_mut() {
+            sub.initialized = false;
+        }
+    }
+
+    pub(super) fn on_event(
+        &mut self,
+        event: ChangeDataEvent,
+        lines: &mut Lines,
+    ) -> Result<(), WatchError> {
+        for e in event.events {
+            match e.event {
+                Some(event::Event::Entries(entries)) => {
+                    if self.subs.contains_key(&e.request_id) {
+                        for row in entries.entries {
+                            self.on_row(e.request_id, row, lines);
+                        }
+                    }
+                }
+                Some(event::Event::Error(error)) => self.on_error(e.request_id, &error, lines)?,
+                Some(event::Event::ResolvedTs(ts)) => {
+                    self.on_resolved(e.request_id, &[e.region_id], ts, lines);
+                }
+                Some(event::Event::Admin(_) | event::Event::LongTxn(_)) | None => {}
+            }
+        }
+        if let Some(resolved) = event.resolved_ts {
+            self.on_resolved(resolved.request_id, &resolved.regions, resolved.ts, lines);
+        }
+        Ok(())
+    }
+
+    fn on_row(&mut self, request_id: u64, row: Row, lines: &mut Lines) {
+        let staged_key = (row.key.clone(), row.start_ts);
+        match LogType::try_from(row.r#type) {
+            Ok(LogType::Initialized) => {
+                if let Some(sub) = self.subs.get_mut(&request_id) {
+                    sub.initialized = true;
+                    sub.attempts = 0;
+                }
+                self.maybe_announce(lines);
+            }
+            Ok(LogType::Prewrite) => {
+                self.staged.insert(staged_key, row.value);
+            }
+            Ok(LogType::Rollback) => {
+                self.staged.remove(&staged_key);
+            }
+            Ok(LogType::Commit) => {
+                let staged = self.staged.remove(&staged_key);
+                let value = match staged {
+                    Some(value) if row.value.is_empty() => value,
+                    _ => row.value.clone(),
+                };
+                self.print(&row, value, lines);
+            }
+            Ok(LogType::Committed) => {
+                self.staged.remove(&staged_key);
+                let value = row.value.clone();
+                self.print(&row, value, lines);
+            }
+            Ok(LogType::Unknown) | Err(_) => {}
+        }
+    }
+
+    fn print(&mut self, row: &Row, value: Vec<u8>, lines: &mut Lines) {
+        if !self.printed.insert((row.commit_ts, row.key.clone())) {
+            return;
+        }
+        while self.printed.len() > MAX_REMEMBERED {
+            self.printed.pop_first();
+        }
+        let change = Change {
+            delete: row.op_type == OpType::Delete as i32,
+            key: &row.key,
+            value: &value,
+            start_ts: row.start_ts,
+            commit_ts: row.commit_ts,
+        };
+        lines.out.push(change.line(self.spec.style, self.spec.json));
+    }
+
+    fn maybe_announce(&mut self, lines: &mut Lines) {
+        if self.announced || !self.parked.is_empty() {
+            return;
+        }
+        if self.subs.is_empty() || !self.subs.values().all(|s| s.initialized) {
+            return;
+        }
+        self.announced = true;
+        let kind = match self.spec.mode {
+            KeyMode::Txn => "transactional",
+            KeyMode::Raw => "raw",
+        };
+        let regions = self.subs.len();
+        let plural = if regions == 1 { "" } else { "s" };
+        lines.notices.push(format!(
+            "watching {} ({kind} keys, {regions} region{plural}) for changes after ts={} ({})",
+            self.spec.description,
+            self.checkpoint,
+            wall_time(self.checkpoint)
+        ));
+    }
+
+    fn on_error(
+        &mut self,
+        request_id: u64,
+        error: &cdcpb::Error,
+        lines: &mut Lines,
+    ) -> Result<(), WatchError> {
+        let Some(sub) = self.subs.remove(&request_id) else {
+            return Ok(());
+        };
+        let region = sub.region.id.0;
+        let (reason, retryable) = describe(error);
+        if !retryable {
+            return Err(WatchError::Refused { region, reason });
+        }
+        let attempts = sub.attempts + 1;
+        if attempts >= REGION_ATTEMPTS {
+            return Err(WatchError::RegionRetries {
+                region,
+                reason,
+                attempts,
+            });
+        }
+        lines
+            .notices
+            .push(format!("region {region}: {reason}; subscribing again"));
+        self.parked.push(Parked {
+            start: sub.start,
+            end: sub.end,
+            floor: sub.floor,
+            attempts,
+        });
+        Ok(())
+    }
+
+    /// A resolved ts for `regions` of `request_id` (0: of any request, as
+    /// servers that predate per-request resolved ts send it).
+    fn on_resolved(&mut self, request_id: u64, regions: &[u64], ts: u64, lines: &mut Lines) {
+        for (id, sub) in &mut self.subs {
+            let ours = request_id == 0 || request_id == *id;
+            // Before INITIALIZED a resolved ts does not cover the catch-up.
+            if ours && sub.initialized && regions.contains(&sub.region.id.0) {
+                sub.floor = sub.floor.max(ts);
+            }
+        }
+        // Pairs at or below every floor can never be delivered again.
+        if let Some(lowest) = self.subs.values().map(|s| s.floor).min() {
+            while self
+                .printed
+                .first()
+                .is_some_and(|(commit_ts, _)| *commit_ts <= lowest)
+            {
+                self.printed.pop_first();
+            }
+            if self.spec.progress {
+                let now = tokio::time::Instant::now();
+                if self
+                    .last_progress
+                    .is_none_or(|last| now.duration_since(last) >= PROGRESS_INTERVAL)
+                {
+                    self.last_progress = Some(now);
+                    lines
+                        .notices
+                        .push(format!("resolved ts={lowest} ({})", wall_time(lowest)));
+                }
+            }
+        }
+    }
+}
+
+/// A feed error in words, and whether subscribing again can help.
+fn describe(error: &cdcpb::Error) -> (String, bool) {
+    if let Some(e) = &error.epoch_not_match {
+        let regions = e.current_regions.len();
+        return (format!("epoch_not_match ({regions} current regions)"), true);
+    }
+    if error.region_not_found.is_some() {
+        return ("region_not_found".to_owned(), true);
+    }
+    if error.not_leader.is_some() {
+        return ("not_leader".to_owned(), true);
+    }
+    if let Some(e) = &error.server_is_busy {
+        return (format!("server_is_busy: {}", e.reason), true);
+    }
+    if error.congested.is_some() {
+        return ("congested (output read too slowly)".to_owned(), true);
+    }
+    if let Some(e) = &error.cluster_id_mismatch {
+        return (
+            format!(
+                "cluster_id_mismatch: the server's cluster is {}, this watch asked for {}",
+                e.current, e.request
+            ),
+            false,
+        );
+    }
+    if let Some(e) = &error.compatibility {
+        return (
+            format!("compatibility: requires {}", e.required_version),
+            false,
+        );
+    }
+    if error.duplicate_request.is_some() {
+        return ("duplicate_request".to_owned(), false);
+    }
+    ("an unknown error".to_owned(), false)
+}
+
+/// One printed change.
+struct Change<'a> {
+    delete: bool,
+    key: &'a [u8],
+    value: &'a [u8],
+    start_ts: u64,
+    commit_ts: u64,
+}
+
+/// The `--json` form of a change.
+#[derive(Serialize)]
+struct JsonChange {
+    op: &'static str,
+    key: String,
+    value: Option<String>,
+    key_hex: String,
+    value_hex: Option<String>,
+    commit_ts: u64,
+    start_ts: u64,
+    wall_time: String,
+}
+
+impl Change<'_> {
+    fn line(&self, style: Style, json: bool) -> String {
+        let wall = wall_time(self.commit_ts);
+        if json {
+            let line = JsonChange {
+                op: if self.delete { "DELETE" } else { "PUT" },
+                key: json_text(self.key),
+                value: (!self.delete).then(|| json_text(self.value)),
+                key_hex: hex(self.key),
+                value_hex: (!self.delete).then(|| hex(self.value)),
+                commit_ts: self.commit_ts,
+                start_ts: self.start_ts,
+                wall_time: wall,
+            };
+            // Strings and integers always serialise; never abort a watch
+            // over one line.
+            return serde_json::to_string(&line).unwrap_or_else(|_| "{}".to_owned());
+        }
+        let key = style.show(self.key);
+        if self.delete {
+            format!("DELETE {key}  ts={} ({wall})", self.commit_ts)
+        } else {
+            let value = style.show(self.value);
+            format!("PUT {key} {value}  ts={} ({wall})", self.commit_ts)
+        }
+    }
+}
+
+/// The physical part of a timestamp as UTC, to the millisecond:
+/// `2024-05-01T12:34:56.789Z`.
+pub fn wall_time(ts: u64) -> String {
+    let ms = TimeStamp::new(ts).physical();
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Days since 1970-01-01 as a proleptic Gregorian date (H. Hinnant's
+/// algorithm, for days ≥ 0 only: timestamps are never before the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvfeed_proto::cdcpb::change_data_request::KvApi;
+    use kvfeed_proto::cdcpb::event::Entries;
+    use kvfeed_proto::cdcpb::{ClusterIdMismatch, ResolvedTs};
+    use kvfeed_proto::errorpb::EpochNotMatch;
+    use kvfeed_proto::metapb;
+    use kvfeed_storage::region::RegionId;
+
+    fn spec(mode: KeyMode, json: bool) -> WatchSpec {
+        WatchSpec {
+            mode,
+            start: b"p".to_vec(),
+            end: b"q".to_vec(),
+            description: "prefix p".to_owned(),
+            from_ts: None,
+            style: Style::Text,
+            json,
+            progress: false,
+        }
+    }
+
+    fn region(id: u64, start: &[u8], end: &[u8]) -> RegionInfo {
+        RegionInfo {
+            id: RegionId(id),
+            start_key: start.to_vec(),
+            end_key: end.to_vec(),
+            epoch: metapb::RegionEpoch {
+                conf_ver: 1,
+                version: 3,
+            },
+            leader: metapb::Peer {
+                id: 100 + id,
+                store_id: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A state with one raw-space subscription per region over [a, z).
+    fn state(regions: Vec<RegionInfo>, json: bool) -> (State, Vec<ChangeDataRequest>) {
+        let mut state = State::new(spec(KeyMode::Raw, json), 42);
+        let parked = Parked {
+            start: b"a".to_vec(),
+            end: b"z".to_vec(),
+            floor: 100,
+            attempts: 0,
+        };
+        let requests = state.subscribe(&parked, regions);
+        (state, requests)
+    }
+
+    fn row(kind: LogType, op: OpType, key: &[u8], value: &[u8], start: u64, commit: u64) -> Row {
+        Row {
+            r#type: kind as i32,
+            op_type: op as i32,
+            key: key.to_vec(),
+            value: value.to_vec(),
+            start_ts: start,
+            commit_ts: commit,
+            ..Row::default()
+        }
+    }
+
+    fn rows(request_id: u64, rows: Vec<Row>) -> ChangeDataEvent {
+        ChangeDataEvent {
+            events: vec![cdcpb::Event {
+                request_id,
+                event: Some(event::Event::Entries(Entries { entries: rows })),
+                ..cdcpb::Event::default()
+            }],
+            resolved_ts: None,
+        }
+    }
+
+    fn error(request_id: u64, error: cdcpb::Error) -> ChangeDataEvent {
+        ChangeDataEvent {
+            events: vec![cdcpb::Event {
+                request_id,
+                event: Some(event::Event::Error(error)),
+                ..cdcpb::Event::default()
+            }],
+            resolved_ts: None,
+        }
+    }
+
+    fn feed(state: &mut State, event: ChangeDataEvent) -> Lines {
+        let mut lines = Lines::default();
+        state.on_event(event, &mut lines).expect("no fatal error");
+        lines
+    }
+
+    fn initialized() -> Row {
+        row(LogType::Initialized, OpType::Unknown, b"", b"", 0, 0)
+    }
+
+    #[test]
+    fn registers_clip_the_range_to_each_region() {
+        let (_, requests) = state(vec![region(2, b"", b"m"), region(3, b"m", b"")], false);
+        let summary: Vec<String> = requests
+            .iter()
+            .map(|r| {
+                let start = String::from_utf8_lossy(&r.start_key);
+                let end = String::from_utf8_lossy(&r.end_key);
+                format!(
+                    "{} {} [{start}, {end}) {}",
+                    r.request_id, r.region_id, r.checkpoint_ts
+                )
+            })
+            .collect();
+        assert_eq!(summary, vec!["1 2 [a, m) 100", "2 3 [m, z) 100"]);
+        let header = requests[0].header.clone().expect("header");
+        assert_eq!(
+            (header.cluster_id, header.ticdc_version.as_str()),
+            (42, "8.5.0")
+        );
+        assert_eq!(requests[0].kv_api, KvApi::RawKv as i32);
+        assert_eq!(requests[0].region_epoch.map(|e| e.version), Some(3));
+    }
+
+    #[test]
+    fn commits_print_the_prewritten_value_and_rollbacks_nothing() {
+        let (mut state, _) = state(vec![region(2, b"", b"")], false);
+        let lines = feed(
+            &mut state,
+            rows(
+                1,
+                vec![
+                    row(LogType::Prewrite, OpType::Put, b"pk", b"big", 10, 0),
+                    row(LogType::Prewrite, OpType::Put, b"pr", b"gone", 11, 0),
+                    row(LogType::Rollback, OpType::Unknown, b"pr", b"", 11, 0),
+                    row(LogType::Commit, OpType::Put, b"pk", b"", 10, 12),
+                    row(LogType::Committed, OpType::Delete, b"pd", b"", 13, 13),
+                ],
+            ),
+        );
+        assert_eq!(
+            lines.out,
+            vec![
+                format!("PUT pk big  ts=12 ({})", wall_time(12)),
+                format!("DELETE pd  ts=13 ({})", wall_time(13)),
+            ]
+        );
+        assert!(state.staged.is_empty(), "{:?}", state.staged);
+        // The same change delivered again (a replay) is not printed twice.
+        let again = feed(
+            &mut state,
+            rows(
+                1,
+                vec![row(LogType::Committed, OpType::Delete, b"pd", b"", 13, 13)],
+            ),
+        );
+        assert!(again.out.is_empty(), "{:?}", again.out);
+    }
+
+    #[test]
+    fn json_lines_carry_every_field() {
+        let (mut state, _) = state(vec![region(2, b"", b"")], true);
+        let lines = feed(
+            &mut state,
+            rows(
+                1,
+                vec![row(
+                    LogType::Committed,
+                    OpType::Put,
+                    b"k",
+                    &[0xff],
+                    5,
+                    6 << 18,
+                )],
+            ),
+        );
+        let json: serde_json::Value = serde_json::from_str(&lines.out[0]).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "op": "PUT", "key": "k", "value": "\\xff", "key_hex": "6b", "value_hex": "ff",
+                "commit_ts": 6 << 18, "start_ts": 5, "wall_time": "1970-01-01T00:00:00.006Z",
+            })
+        );
+    }
+
+    #[test]
+    fn watching_is_announced_once_every_subscription_is_initialized() {
+        let (mut state, _) = state(vec![region(2, b"", b"m"), region(3, b"m", b"")], false);
+        assert!(
+            feed(&mut state, rows(1, vec![initialized()]))
+                .notices
+                .is_empty()
+        );
+        let lines = feed(&mut state, rows(2, vec![initialized()]));
+        assert_eq!(lines.notices.len(), 1, "{:?}", lines.notices);
+        assert!(lines.notices[0].starts_with("watching prefix p (raw keys, 2 regions)"));
+        assert!(
+            feed(&mut state, rows(2, vec![initialized()]))
+                .notices
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn region_errors_park_the_range_from_its_floor_until_attempts_run_out() {
+        let (mut state, _) = state(vec![region(2, b"", b"")], false);
+        feed(&mut state, rows(1, vec![initialized()]));
+        let resolved = ChangeDataEvent {
+            events: vec![],
+            resolved_ts: Some(ResolvedTs {
+                regions: vec![2],
+                ts: 150,
+                request_id: 1,
+            }),
+        };
+        feed(&mut state, resolved);
+        assert_eq!(state.registers()[0].checkpoint_ts, 150);
+        let stale = cdcpb::Error {
+            epoch_not_match: Some(EpochNotMatch::default()),
+            ..cdcpb::Error::default()
+        };
+        let lines = feed(&mut state, error(1, stale.clone()));
+        assert!(
+            lines.notices[0].contains("epoch_not_match"),
+            "{:?}",
+            lines.notices
+        );
+        assert!(state.subs.is_empty());
+        let parked = state.parked.pop().expect("parked");
+        assert_eq!((parked.floor, parked.attempts), (150, 1));
+        assert_eq!(
+            (parked.start.as_slice(), parked.end.as_slice()),
+            (&b"a"[..], &b"z"[..])
+        );
+
+        // Failing again and again: parked with one more attempt each time,
+        // until the budget is spent.
+        let mut parked = parked;
+        loop {
+            let new_ids: Vec<u64> = state
+                .subscribe(&parked, vec![region(2, b"", b"")])
+                .iter()
+                .map(|r| r.request_id)
+                .collect();
+            let mut lines = Lines::default();
+            match state.on_event(error(new_ids[0], stale.clone()), &mut lines) {
+                Ok(()) => parked = state.parked.pop().expect("parked again"),
+                Err(WatchError::RegionRetries {
+                    region, attempts, ..
+                }) => {
+                    assert_eq!((region, attempts), (2, REGION_ATTEMPTS));
+                    break;
+                }
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn refusals_that_retrying_cannot_fix_are_fatal() {
+        let (mut state, _) = state(vec![region(2, b"", b"")], false);
+        let mismatch = cdcpb::Error {
+            cluster_id_mismatch: Some(ClusterIdMismatch {
+                current: 7,
+                request: 42,
+            }),
+            ..cdcpb::Error::default()
+        };
+        let mut lines = Lines::default();
+        match state.on_event(error(1, mismatch), &mut lines) {
+            Err(WatchError::Refused { region, reason }) => {
+                assert_eq!(region, 2);
+                assert!(reason.contains("cluster_id_mismatch"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn resolved_ts_before_initialized_does_not_raise_the_floor() {
+        let (mut state, _) = state(vec![region(2, b"", b"")], false);
+        let resolved = |ts| ChangeDataEvent {
+            events: vec![],
+            resolved_ts: Some(ResolvedTs {
+                regions: vec![2],
+                ts,
+                request_id: 1,
+            }),
+        };
+        feed(&mut state, resolved(500));
+        assert_eq!(state.registers()[0].checkpoint_ts, 100);
+        feed(&mut state, rows(1, vec![initialized()]));
+        feed(
+            &mut state,
+            rows(
+                1,
+                vec![row(LogType::Committed, OpType::Put, b"k", b"v", 200, 200)],
+            ),
+        );
+        assert_eq!(state.printed.len(), 1);
+        feed(&mut state, resolved(300));
+        assert_eq!(state.registers()[0].checkpoint_ts, 300);
+        assert!(
+            state.printed.is_empty(),
+            "pairs below every floor are forgotten"
+        );
+    }
+
+    #[test]
+    fn wall_times_are_utc_with_milliseconds() {
+        assert_eq!(wall_time(0), "1970-01-01T00:00:00.000Z");
+        let ts = |ms: u64| TimeStamp::compose(ms, 17).into_inner();
+        assert_eq!(wall_time(ts(951_782_400_000)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(wall_time(ts(1_700_000_000_123)), "2023-11-14T22:13:20.123Z");
+        assert_eq!(wall_time(ts(4_102_444_799_999)), "2099-12-31T23:59:59.999Z");
+    }
+}
