@@ -218,7 +218,8 @@ fn status_address(advertise_addr: &str, status_addr: SocketAddr) -> String {
     }
 }
 
-fn peer(region: &Region) -> metapb::Peer {
+/// The region's only peer, on [`STORE_ID`].
+pub(crate) fn peer(region: &Region) -> metapb::Peer {
     metapb::Peer {
         id: region.peer_id,
         store_id: STORE_ID,
@@ -227,7 +228,9 @@ fn peer(region: &Region) -> metapb::Peer {
     }
 }
 
-fn region_meta(region: &Region) -> metapb::Region {
+/// The metadata form of a region, as PD hands it out (and as region errors
+/// carry it in `current_regions`).
+pub(crate) fn region_meta(region: &Region) -> metapb::Region {
     metapb::Region {
         id: region.id.0,
         start_key: region.start_key.clone(),

@@ -24,11 +24,12 @@
 //! [`KvError::MissingContext`]) instead of a region error a client would
 //! retry forever.
 
-use kvfeed_proto::{errorpb, kvrpcpb, metapb};
+use kvfeed_proto::{errorpb, kvrpcpb};
 use kvfeed_storage::mvcc::{decode_bytes, encode_bytes};
 use kvfeed_storage::region::{Region, RegionEpoch, RegionError, RegionId, RegionMap, STORE_ID};
 
 use super::errors::{KvError, hex};
+use crate::pd::region_meta;
 
 /// Requests that carry a `Context`.
 pub trait HasContext: Send + 'static {
@@ -184,7 +185,7 @@ fn region_error(regions: &RegionMap, err: RegionError) -> KvError {
         }
         RegionError::EpochNotMatch { region, .. } => {
             out.epoch_not_match = Some(errorpb::EpochNotMatch {
-                current_regions: regions.get(region).map(to_meta).into_iter().collect(),
+                current_regions: regions.get(region).map(region_meta).into_iter().collect(),
             });
         }
         RegionError::KeyNotInRegion { region, key } => {
@@ -201,25 +202,6 @@ fn region_error(regions: &RegionMap, err: RegionError) -> KvError {
         }
     }
     KvError::Region(Box::new(out))
-}
-
-/// The metadata form of a region (as PD hands it out).
-pub fn to_meta(region: &Region) -> metapb::Region {
-    metapb::Region {
-        id: region.id.0,
-        start_key: region.start_key.clone(),
-        end_key: region.end_key.clone(),
-        region_epoch: Some(metapb::RegionEpoch {
-            conf_ver: region.epoch.conf_ver,
-            version: region.epoch.version,
-        }),
-        peers: vec![metapb::Peer {
-            id: region.peer_id,
-            store_id: STORE_ID,
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
 }
 
 impl Scope {
@@ -344,6 +326,7 @@ fn min_upper(a: Option<&[u8]>, b: Option<&[u8]>) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvfeed_proto::metapb;
 
     fn layout() -> RegionMap {
         // Three regions: [-inf, enc(b)), [enc(b), enc(d)), [enc(d), +inf).
@@ -399,7 +382,7 @@ mod tests {
             .epoch_not_match
             .map(|x| x.current_regions)
             .unwrap_or_default();
-        assert_eq!(current, vec![to_meta(&r1)]);
+        assert_eq!(current, vec![region_meta(&r1)]);
         assert!(e.message.contains(&r1.id.to_string()), "{}", e.message);
 
         let mut c = ctx(&r1);
