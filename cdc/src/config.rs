@@ -20,8 +20,18 @@ pub struct FeedConfig {
     /// `ChangeDataEvent`s queued per connection and not yet taken by its
     /// `EventStream`. When full, the connection's subscriptions are stopped
     /// with `congested`. One more slot is always kept for that error. At
-    /// least 1. (A byte quota will replace this count.)
+    /// least 1. Bytes are bounded separately by the memory quota below.
     pub sink_capacity: usize,
+    /// `sink-memory-quota`: bytes that all connections together may hold
+    /// in events queued and not yet taken by their streams, plus the live
+    /// rows their initializing subscriptions hold back. When an event does
+    /// not fit, the connections holding the most are congested first (see
+    /// `owner::outbound`). At least 1 is used. Default 512 MiB (TiKV's).
+    pub sink_memory_quota: u64,
+    /// The same bound for one connection; when an event would take the
+    /// connection beyond it, that connection alone is congested. Capped at
+    /// `sink_memory_quota`. Default 64 MiB.
+    pub conn_memory_quota: u64,
     /// `min-ts-interval`: how often resolved timestamps are computed and
     /// sent. Values below [`MIN_TS_INTERVAL_FLOOR`] are raised to it.
     /// Default 1s (TiKV's).
@@ -58,6 +68,12 @@ impl FeedConfig {
     pub fn effective_min_ts_interval(&self) -> Duration {
         self.min_ts_interval.max(MIN_TS_INTERVAL_FLOOR)
     }
+
+    /// [`FeedConfig::conn_memory_quota`], at least 1 and at most the
+    /// feed-wide quota.
+    pub fn effective_conn_memory_quota(&self) -> u64 {
+        self.conn_memory_quota.min(self.sink_memory_quota).max(1)
+    }
 }
 
 impl Default for FeedConfig {
@@ -66,6 +82,8 @@ impl Default for FeedConfig {
             max_subscriptions_per_conn: 100_000,
             command_queue: 1024,
             sink_capacity: 1024,
+            sink_memory_quota: 512 << 20,
+            conn_memory_quota: 64 << 20,
             min_ts_interval: Duration::from_secs(1),
             incremental_scan_threads: 4,
             incremental_scan_concurrency: 6,
@@ -89,5 +107,17 @@ mod tests {
         assert_eq!(fast.effective_min_ts_interval(), MIN_TS_INTERVAL_FLOOR);
         let slow = FeedConfig::default();
         assert_eq!(slow.effective_min_ts_interval(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_connection_cap_is_at_most_the_global_quota() {
+        let small = FeedConfig {
+            sink_memory_quota: 1000,
+            conn_memory_quota: 5000,
+            ..FeedConfig::default()
+        };
+        assert_eq!(small.effective_conn_memory_quota(), 1000);
+        let d = FeedConfig::default();
+        assert_eq!(d.effective_conn_memory_quota(), 64 << 20);
     }
 }

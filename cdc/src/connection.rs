@@ -26,9 +26,10 @@
 //!    ignored; ids are never reused, so it cannot hit another connection.
 //!    Requests still queued for a removed connection are ignored the same
 //!    way.
-//! 5. Dropping the [`EventStream`] closes its channel and drains it, so the
-//!    bytes it held are unaccounted at once and the owner's next send sees
-//!    the closed channel and removes the connection ("send_failed").
+//! 5. Dropping the [`EventStream`] closes its queue and frees what it held
+//!    (module `queue`), so the bytes are uncharged at once and the owner's
+//!    next send sees the closed queue and removes the connection
+//!    ("send_failed").
 //!
 //! # Reasons
 //!
@@ -39,7 +40,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -48,9 +48,10 @@ use kvfeed_proto::cdcpb::{ChangeDataEvent, ChangeDataRequest, change_data_reques
 
 use crate::error::FeedError;
 use crate::ids::{ConnId, RegionId, RequestId};
-use crate::metrics::{FeedMetrics, PendingBytes};
-use crate::owner::{Command, Control, Queued};
+use crate::metrics::FeedMetrics;
+use crate::owner::{Command, Control};
 use crate::protocol::{Features, ProtocolVersion};
+use crate::queue::{QueueRx, Queued, TryRecv};
 
 /// Why a connection ended; the label of `kvfeed_cdc_aborted_connections_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -358,24 +359,13 @@ pub enum TryNext {
 #[derive(Debug)]
 pub struct EventStream {
     id: ConnId,
-    rx: mpsc::Receiver<Queued>,
-    pending: Arc<PendingBytes>,
+    rx: QueueRx,
     metrics: FeedMetrics,
 }
 
 impl EventStream {
-    pub(crate) fn new(
-        id: ConnId,
-        rx: mpsc::Receiver<Queued>,
-        pending: Arc<PendingBytes>,
-        metrics: FeedMetrics,
-    ) -> EventStream {
-        EventStream {
-            id,
-            rx,
-            pending,
-            metrics,
-        }
+    pub(crate) fn new(id: ConnId, rx: QueueRx, metrics: FeedMetrics) -> EventStream {
+        EventStream { id, rx, metrics }
     }
 
     pub fn conn_id(&self) -> ConnId {
@@ -399,27 +389,16 @@ impl EventStream {
     /// Takes an event if one is queued, without waiting.
     pub fn try_next(&mut self) -> TryNext {
         match self.rx.try_recv() {
-            Ok(queued) => TryNext::Event(self.take(queued)),
-            Err(mpsc::error::TryRecvError::Empty) => TryNext::Empty,
-            Err(mpsc::error::TryRecvError::Disconnected) => TryNext::Ended,
+            TryRecv::Item(queued) => TryNext::Event(self.take(queued)),
+            TryRecv::Empty => TryNext::Empty,
+            TryRecv::Ended => TryNext::Ended,
         }
     }
 
+    /// The queue uncharged the bytes when it gave the message up.
     fn take(&self, queued: Queued) -> ChangeDataEvent {
-        self.pending.sub(queued.bytes);
         self.metrics.events_sent.inc();
         self.metrics.sent_bytes.inc_by(queued.bytes as u64);
         queued.event
-    }
-}
-
-impl Drop for EventStream {
-    fn drop(&mut self) {
-        // After close() no send can succeed, so draining leaves nothing
-        // accounted behind.
-        self.rx.close();
-        while let Ok(queued) = self.rx.try_recv() {
-            self.pending.sub(queued.bytes);
-        }
     }
 }

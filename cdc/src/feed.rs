@@ -46,7 +46,9 @@ use crate::debug::{DebugSnapshot, FeedCounts};
 use crate::error::FeedError;
 use crate::ids::ConnId;
 use crate::metrics::{FeedMetrics, PendingBytes, TaskGuard};
-use crate::owner::{Command, Control, NewConnection, Owner, OwnerDeps, RESERVED_SLOTS};
+use crate::owner::{Command, Control, NewConnection, Observed, Owner, OwnerDeps, RESERVED_SLOTS};
+use crate::queue;
+use crate::quota::MemoryQuota;
 use crate::resolve::{self, MinTsSource};
 use crate::scan::ScanPool;
 
@@ -81,6 +83,7 @@ struct Inner {
     control: mpsc::UnboundedSender<Control>,
     metrics: FeedMetrics,
     config: FeedConfig,
+    quota: Arc<MemoryQuota>,
     next_conn: AtomicU64,
     closing: AtomicBool,
     /// Its sender is shared by the owner, the resolved-ts task and every
@@ -99,6 +102,7 @@ impl Drop for Inner {
 
 struct FeedObserver {
     control: mpsc::UnboundedSender<Control>,
+    metrics: FeedMetrics,
 }
 
 impl Observer for FeedObserver {
@@ -107,7 +111,8 @@ impl Observer for FeedObserver {
         if batch.source == BatchSource::Client {
             // Fails only once the owner is gone (its registration is being
             // removed at that moment).
-            let _ = self.control.send(Control::Batch(Arc::clone(batch)));
+            let observed = Observed::new(Arc::clone(batch), &self.metrics);
+            let _ = self.control.send(Control::Batch(observed));
         }
     }
 }
@@ -125,7 +130,9 @@ impl Feed {
         let done = Arc::new(done_tx);
         let observer = deps.store.add_observer(Arc::new(FeedObserver {
             control: control_tx.clone(),
+            metrics: metrics.clone(),
         }));
+        let quota = Arc::new(MemoryQuota::new(&deps.config, &metrics));
         // Read only: the feed never writes safe points.
         let safe_points = SafePoints::new(Arc::clone(&deps.store), Arc::clone(deps.tso.clock()));
         let (pool, scan_rx) = ScanPool::new(
@@ -170,6 +177,7 @@ impl Feed {
                 control: control_tx,
                 metrics,
                 config: deps.config,
+                quota,
                 next_conn: AtomicU64::new(1),
                 closing: AtomicBool::new(false),
                 done: done_rx,
@@ -186,8 +194,14 @@ impl Feed {
         }
         let id = ConnId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
         let span = tracing::info_span!("cdc_conn", conn_id = id.0, peer = %info.peer);
-        let (sink, events) = mpsc::channel(self.inner.config.sink_capacity.max(1) + RESERVED_SLOTS);
-        let pending = Arc::new(PendingBytes::new(&self.inner.metrics));
+        let pending = Arc::new(PendingBytes::new(
+            &self.inner.metrics,
+            Arc::clone(&self.inner.quota),
+        ));
+        let (sink, events) = queue::channel(
+            self.inner.config.sink_capacity.max(1) + RESERVED_SLOTS,
+            Arc::clone(&pending),
+        );
         let (ended_tx, ended_rx) = watch::channel(());
         self.inner
             .control
@@ -210,7 +224,7 @@ impl Feed {
             ended_rx,
             span,
         );
-        let stream = EventStream::new(id, events, pending, self.inner.metrics.clone());
+        let stream = EventStream::new(id, events, self.inner.metrics.clone());
         Ok((connection, stream))
     }
 

@@ -44,15 +44,19 @@
 //! - Deregistrations (sent from `Drop`, which cannot await), observed store
 //!   batches (sent from inside the store's publish lock, which must not
 //!   block) and resolved-ts samples travel over an *unbounded* channel. Its
-//!   growth is bounded by the store's own write rate; a memory quota on it
-//!   is planned. Samples share it with batches on purpose: FIFO order is
-//!   what makes resolved timestamps honest (below).
+//!   growth is bounded by the store's own write rate and by the owner's
+//!   pace; it is the one unbounded path left, measured (not limited) by
+//!   `kvfeed_cdc_observed_queue_bytes`. Samples share it with batches on
+//!   purpose: FIFO order is what makes resolved timestamps honest (below).
 //! - Catch-up scans hand batches over a *bounded* channel and wait for
 //!   their connection to have room first, so a scan runs at its reader's
 //!   pace.
-//! - Events to a client travel over a bounded per-connection channel that
-//!   the owner only ever `try_send`s to: one slow reader cannot stall the
-//!   owner, it gets a `congested` error instead.
+//! - Events to a client travel over a bounded per-connection queue that
+//!   the owner never waits on, charged (with the rows initializing
+//!   subscriptions hold back) to a per-connection cap and the feed-wide
+//!   `sink_memory_quota` (module `quota`): one slow reader cannot stall the
+//!   owner or the writers, it gets a `congested` error instead and what it
+//!   had not read is freed.
 //!
 //! Because the inbound channels are separate, the owner applies one
 //! ordering rule: before it handles a request it drains every control and
@@ -147,6 +151,8 @@ pub mod ids;
 pub mod metrics;
 mod owner;
 pub mod protocol;
+mod queue;
+mod quota;
 mod resolve;
 mod scan;
 pub mod subscription;

@@ -14,12 +14,14 @@
 //! Each [`FeedMetrics`] is its own set of collectors (not prometheus'
 //! process-wide registry), so two feeds in one test process never mix.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::Notify;
 
 use crate::error::FeedError;
+use crate::quota::MemoryQuota;
 
 /// The feed's collectors. Cloning shares them.
 #[derive(Clone, Debug)]
@@ -34,6 +36,9 @@ pub struct FeedMetrics {
     pub(crate) scan_tasks: IntGaugeVec,
     pub(crate) scanned_bytes: IntCounter,
     pub(crate) resolved_ts_lag: Gauge,
+    pub(crate) memory_quota: IntGaugeVec,
+    pub(crate) congested: IntCounter,
+    pub(crate) observed_queue_bytes: IntGauge,
 }
 
 impl FeedMetrics {
@@ -91,12 +96,32 @@ impl FeedMetrics {
                  initialized subscription (0 without one).",
             )
             .map_err(FeedError::Metrics)?,
+            memory_quota: IntGaugeVec::new(
+                Opts::new(
+                    "kvfeed_cdc_memory_quota_bytes",
+                    "The sink memory quota: bytes charged for events queued for connections \
+                     and rows held back by initializing subscriptions (used), and its size \
+                     (capacity).",
+                ),
+                &["kind"],
+            )
+            .map_err(FeedError::Metrics)?,
+            congested: counter(
+                "kvfeed_cdc_congested_total",
+                "Subscriptions stopped with the congested error (memory quota, queue full, \
+                 held-back rows over their cap, or a stalled reader during a catch-up scan).",
+            )?,
+            observed_queue_bytes: gauge(
+                "kvfeed_cdc_observed_queue_bytes",
+                "Bytes of applied store batches announced to the feed and not yet routed \
+                 (the unbounded control channel; not part of the memory quota).",
+            )?,
         })
     }
 
     /// Registers every collector into `registry`.
     pub fn register(&self, registry: &Registry) -> Result<(), FeedError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(self.connections.clone()),
             Box::new(self.subscriptions.clone()),
             Box::new(self.pending_bytes.clone()),
@@ -107,6 +132,9 @@ impl FeedMetrics {
             Box::new(self.scan_tasks.clone()),
             Box::new(self.scanned_bytes.clone()),
             Box::new(self.resolved_ts_lag.clone()),
+            Box::new(self.memory_quota.clone()),
+            Box::new(self.congested.clone()),
+            Box::new(self.observed_queue_bytes.clone()),
         ];
         for c in collectors {
             registry.register(c).map_err(FeedError::Metrics)?;
@@ -162,6 +190,26 @@ impl FeedMetrics {
     /// The last resolved-ts lag, in seconds.
     pub fn resolved_ts_lag_seconds(&self) -> f64 {
         self.resolved_ts_lag.get()
+    }
+
+    /// Bytes charged to the sink memory quota now.
+    pub fn memory_quota_used(&self) -> i64 {
+        self.memory_quota.with_label_values(&["used"]).get()
+    }
+
+    /// The sink memory quota's size in bytes.
+    pub fn memory_quota_capacity(&self) -> i64 {
+        self.memory_quota.with_label_values(&["capacity"]).get()
+    }
+
+    /// Subscriptions stopped with `congested` so far.
+    pub fn congested(&self) -> u64 {
+        self.congested.get()
+    }
+
+    /// Bytes of observed store batches not yet routed by the owner.
+    pub fn observed_queue_bytes(&self) -> i64 {
+        self.observed_queue_bytes.get()
     }
 }
 
@@ -235,44 +283,70 @@ impl Drop for TaskGuard {
     }
 }
 
-/// Bytes queued in one connection's event channel and not yet taken by its
-/// `EventStream`, mirrored into the global gauge. It also wakes catch-up
-/// scans of the connection that wait for the client to take events
-/// (`drained`), which is how a scan is paced by its reader.
+/// Bytes queued in one connection's event queue and not yet taken by its
+/// `EventStream`, mirrored into the global gauge, plus the bytes its
+/// initializing subscriptions hold back; both are charged to the feed's
+/// [`MemoryQuota`] (see module `quota`). It also wakes catch-up scans of
+/// the connection that wait for the client to take events (`drained`),
+/// which is how a scan is paced by its reader.
 ///
-/// The owner adds *before* it tries to queue an event (and subtracts again
-/// if that fails); the stream subtracts when it takes one, and when it is
-/// dropped it drains what is left. So every byte added is subtracted exactly
-/// once, whichever side goes first.
+/// The queue adds under its lock when it accepts an event and subtracts
+/// when the event leaves it (taken, purged, or dropped with the queue), so
+/// every byte added is subtracted exactly once. Held bytes are added and
+/// subtracted by `quota::HeldCharge`, whose `Drop` returns them.
 #[derive(Debug)]
 pub(crate) struct PendingBytes {
     conn: AtomicI64,
+    held: AtomicI64,
     gauge: IntGauge,
+    quota: Arc<MemoryQuota>,
     drained: Notify,
 }
 
+fn signed(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
 impl PendingBytes {
-    pub(crate) fn new(metrics: &FeedMetrics) -> PendingBytes {
+    pub(crate) fn new(metrics: &FeedMetrics, quota: Arc<MemoryQuota>) -> PendingBytes {
         PendingBytes {
             conn: AtomicI64::new(0),
+            held: AtomicI64::new(0),
             gauge: metrics.pending_bytes.clone(),
+            quota,
             drained: Notify::new(),
         }
     }
 
     pub(crate) fn add(&self, bytes: usize) {
-        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let bytes = signed(bytes);
         self.conn.fetch_add(bytes, Ordering::Relaxed);
         self.gauge.add(bytes);
+        self.quota.add(bytes);
     }
 
     pub(crate) fn sub(&self, bytes: usize) {
-        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let bytes = signed(bytes);
         self.conn.fetch_sub(bytes, Ordering::Relaxed);
         self.gauge.sub(bytes);
+        self.quota.sub(bytes);
         // Only waiters registered now are woken; a scan registers before it
         // checks for room (see `scan::pace`), so it cannot miss this.
         self.drained.notify_waiters();
+    }
+
+    /// Charges bytes held back by an initializing subscription.
+    pub(crate) fn hold(&self, bytes: usize) {
+        let bytes = signed(bytes);
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+        self.quota.add(bytes);
+    }
+
+    /// Returns bytes charged by [`PendingBytes::hold`].
+    pub(crate) fn release(&self, bytes: usize) {
+        let bytes = signed(bytes);
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+        self.quota.sub(bytes);
     }
 
     /// Notified whenever queued events are taken (or dropped).
@@ -285,6 +359,27 @@ impl PendingBytes {
     /// negative; the conversion clamps anyway rather than trust that.
     pub(crate) fn get(&self) -> u64 {
         u64::try_from(self.conn.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// Everything charged to the connection: queued plus held back.
+    pub(crate) fn charged(&self) -> u64 {
+        let held = u64::try_from(self.held.load(Ordering::Relaxed)).unwrap_or(0);
+        self.get().saturating_add(held)
+    }
+
+    /// Whether `bytes` more fit both the connection's cap and the feed's
+    /// quota.
+    pub(crate) fn fits(&self, bytes: usize) -> bool {
+        self.quota.fits_conn(self.charged(), bytes) && self.quota.fits(bytes)
+    }
+
+    /// Whether `bytes` more fit the connection's own cap.
+    pub(crate) fn fits_conn(&self, bytes: usize) -> bool {
+        self.quota.fits_conn(self.charged(), bytes)
+    }
+
+    pub(crate) fn quota(&self) -> &Arc<MemoryQuota> {
+        &self.quota
     }
 }
 

@@ -51,6 +51,7 @@ use kvfeed_storage::TimeStamp;
 use kvfeed_storage::store::SeqNo;
 
 use crate::ids::{KvApi, RegionId, RequestId};
+use crate::quota::HeldCharge;
 use crate::resolve::{LockChange, LockSet};
 use crate::scan::ScanId;
 
@@ -101,6 +102,9 @@ struct Init {
     armed: Arc<AtomicBool>,
     held: Vec<Held>,
     held_bytes: usize,
+    /// `held_bytes`, charged to the connection and the memory quota while
+    /// this lives (none in unit tests).
+    charge: Option<HeldCharge>,
     scanned_locks: Vec<(Vec<u8>, TimeStamp)>,
 }
 
@@ -159,6 +163,7 @@ impl Subscription {
         scan: ScanId,
         cancel: watch::Sender<()>,
         armed: Arc<AtomicBool>,
+        charge: Option<HeldCharge>,
     ) -> Subscription {
         let mut sub = Subscription::new(spec);
         sub.init = Some(Init {
@@ -167,6 +172,7 @@ impl Subscription {
             armed,
             held: Vec::new(),
             held_bytes: 0,
+            charge,
             scanned_locks: Vec::new(),
         });
         sub
@@ -239,7 +245,9 @@ impl Subscription {
     }
 
     /// Initializing: holds back one routed batch. Err when the held-back
-    /// data now exceeds `cap` bytes (the caller stops the subscription).
+    /// data now exceeds `cap` bytes, or takes the connection beyond its
+    /// memory cap or the feed beyond its quota (the caller stops the
+    /// subscription).
     pub(crate) fn hold_back(
         &mut self,
         seq: SeqNo,
@@ -254,7 +262,11 @@ impl Subscription {
             + locks.iter().map(LockChange::size).sum::<usize>();
         init.held_bytes += bytes;
         init.held.push(Held { seq, rows, locks });
-        if init.held_bytes > cap {
+        let over_quota = init.charge.as_mut().is_some_and(|charge| {
+            charge.set(init.held_bytes);
+            charge.over_quota()
+        });
+        if init.held_bytes > cap || over_quota {
             Err(Overflow)
         } else {
             Ok(())
@@ -278,6 +290,9 @@ impl Subscription {
                         + h.locks.iter().map(LockChange::size).sum::<usize>()
                 })
                 .sum();
+            if let Some(charge) = init.charge.as_mut() {
+                charge.set(init.held_bytes);
+            }
         }
     }
 
@@ -411,6 +426,7 @@ mod tests {
             ScanId(1),
             cancel,
             Arc::clone(&armed),
+            None,
         );
         assert!(!s.accepts(SeqNo(3)), "not armed: the snapshot will have it");
         armed.store(true, Ordering::SeqCst);
@@ -445,8 +461,13 @@ mod tests {
     fn the_held_back_bytes_are_capped() {
         let (cancel, _) = watch::channel(());
         let armed = Arc::new(AtomicBool::new(true));
-        let mut s =
-            Subscription::with_scan(spec(KvApi::TiDb, b"", b"", false), ScanId(1), cancel, armed);
+        let mut s = Subscription::with_scan(
+            spec(KvApi::TiDb, b"", b"", false),
+            ScanId(1),
+            cancel,
+            armed,
+            None,
+        );
         let big = Row {
             value: vec![0; 100],
             ..Row::default()

@@ -127,9 +127,13 @@ pub struct CdcConfig {
     /// scans together, as a size string; `"0"` means unlimited. Default `"0"`
     /// (TiKV's is `"128MB"`).
     pub incremental_scan_speed_limit: ReadableSize,
-    /// `sink-memory-quota`: memory that events queued for slow subscribers
-    /// may hold before those subscribers are told they are congested. Greater
-    /// than zero. Default `"512MB"` (binary units: 512 MiB).
+    /// `sink-memory-quota`: bytes that change-feed events queued for
+    /// subscribers (and rows held back during catch-up scans) may hold in
+    /// all; one connection may hold at most 64 MiB of it. An event that does
+    /// not fit congests the connection over its share, or the connections
+    /// holding the most: their subscriptions get the `congested` error and
+    /// their unread events are freed. Greater than zero. Default `"512MB"`
+    /// (binary units: 512 MiB).
     pub sink_memory_quota: ReadableSize,
 }
 

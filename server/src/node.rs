@@ -428,8 +428,8 @@ impl Node {
 }
 
 /// The feed's tunables from `[cdc]` (same names as TiKV's). The feed's own
-/// defaults apply to what `[cdc]` does not name, and `sink-memory-quota`
-/// waits for the feed's byte quota.
+/// defaults apply to what `[cdc]` does not name (one connection's share of
+/// `sink-memory-quota` is the feed's default, capped at the quota).
 fn feed_config(cdc: &CdcConfig) -> FeedConfig {
     FeedConfig {
         min_ts_interval: cdc.min_ts_interval.as_duration(),
@@ -437,6 +437,7 @@ fn feed_config(cdc: &CdcConfig) -> FeedConfig {
         incremental_scan_concurrency: cdc.incremental_scan_concurrency,
         incremental_scan_concurrency_limit: cdc.incremental_scan_concurrency_limit,
         incremental_scan_speed_limit: cdc.incremental_scan_speed_limit.as_bytes(),
+        sink_memory_quota: cdc.sink_memory_quota.as_bytes(),
         ..FeedConfig::default()
     }
 }

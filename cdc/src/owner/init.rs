@@ -16,6 +16,7 @@ use std::sync::atomic::AtomicBool;
 use tokio::sync::watch;
 
 use crate::ids::ConnId;
+use crate::quota::HeldCharge;
 use crate::scan::{ScanEvent, ScanId, ScanJob, ScanKey, ScanMsg, ScanSpec};
 use crate::subscription::{Subscription, SubscriptionSpec, SubscriptionState};
 
@@ -77,7 +78,8 @@ impl Owner {
             pending: Arc::clone(conn.sink.pending()),
             span,
         };
-        let sub = Subscription::with_scan(spec, scan, cancel_tx, armed);
+        let charge = HeldCharge::new(Arc::clone(conn.sink.pending()));
+        let sub = Subscription::with_scan(spec, scan, cancel_tx, armed, Some(charge));
         // Validation refused duplicates, so this only fails if the
         // connection vanished, in which case dropping `sub` is the cleanup.
         if self.registry.insert_sub(conn_id, sub) {
@@ -127,6 +129,9 @@ impl Owner {
                 }
             }
             ScanEvent::Failed(refusal) => {
+                if matches!(refusal, Refusal::Congested(_)) {
+                    self.registry.note_congested(1);
+                }
                 tracing::warn!(
                     conn_id = conn.0,
                     region_id = region_id.0,

@@ -47,8 +47,8 @@
 //! A request for a connection that is no longer registered is ignored.
 //! The price of this rule: when writes outpace the owner, a request waits
 //! behind every batch queued before it. The control channel is unbounded
-//! today; the planned memory quota will bound that wait along with the
-//! queue.
+//! (the memory quota covers events queued for connections, not it); its
+//! backlog is measured by `kvfeed_cdc_observed_queue_bytes`.
 
 mod init;
 mod outbound;
@@ -74,10 +74,11 @@ use crate::debug::{DebugSnapshot, FeedCounts};
 use crate::ids::{ConnId, RegionId, RequestId};
 use crate::metrics::{FeedMetrics, PendingBytes};
 use crate::protocol::{Features, ProtocolVersion};
+use crate::queue::QueueTx;
 use crate::resolve::MinTs;
 use crate::scan::{ScanMsg, ScanPool};
 
-pub(crate) use outbound::{Queued, RESERVED_SLOTS};
+pub(crate) use outbound::RESERVED_SLOTS;
 pub(crate) use rows::raw_row;
 pub(crate) use validate::Refusal;
 
@@ -127,10 +128,51 @@ pub(crate) enum Control {
         conn: ConnId,
         reason: CloseReason,
     },
-    Batch(Arc<ChangeBatch>),
+    Batch(Observed),
     /// A resolved-ts sample (see `resolve`).
     MinTs(MinTs),
     Shutdown,
+}
+
+/// An applied store batch on its way to the owner. Its size is counted in
+/// `kvfeed_cdc_observed_queue_bytes` from creation until it is dropped
+/// (routed, or discarded with the channel), so the gauge measures the
+/// unbounded control channel on every path.
+#[derive(Debug)]
+pub(crate) struct Observed {
+    batch: Arc<ChangeBatch>,
+    bytes: i64,
+    gauge: prometheus::IntGauge,
+}
+
+impl Observed {
+    pub(crate) fn new(batch: Arc<ChangeBatch>, metrics: &FeedMetrics) -> Observed {
+        let bytes: usize = batch
+            .mutations
+            .iter()
+            .map(|m| {
+                let value = match &m.op {
+                    kvfeed_storage::engine::Op::Put(v) => v.len(),
+                    kvfeed_storage::engine::Op::Delete => 0,
+                };
+                m.key.len() + value
+            })
+            .sum();
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let gauge = metrics.observed_queue_bytes.clone();
+        gauge.add(bytes);
+        Observed {
+            batch,
+            bytes,
+            gauge,
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.gauge.sub(self.bytes);
+    }
 }
 
 /// Everything the registry keeps for a new connection.
@@ -139,7 +181,7 @@ pub(crate) struct NewConnection {
     pub id: ConnId,
     pub peer: String,
     pub features: Features,
-    pub sink: mpsc::Sender<Queued>,
+    pub sink: QueueTx,
     pub pending: Arc<PendingBytes>,
     /// Dropped with the registry entry; the `Connection` watches for that.
     pub ended: watch::Sender<()>,
@@ -309,13 +351,13 @@ impl Owner {
                 self.outbox.discard(conn);
                 self.registry.remove_conn(conn, reason);
             }
-            Control::Batch(batch) => router::route_batch(
+            Control::Batch(observed) => router::route_batch(
                 &mut self.registry,
                 &self.regions,
                 &self.observer.store,
                 &mut self.locks,
                 &mut self.outbox,
-                &batch,
+                &observed.batch,
                 self.config.scan_buffer_bytes,
             ),
             Control::MinTs(sample) => resolved::on_min_ts(

@@ -13,35 +13,50 @@
 //!
 //! # Queueing without blocking
 //!
-//! Each connection has a bounded channel of `sink_capacity +`
-//! [`RESERVED_SLOTS`] messages. The owner is its only sender and only ever
-//! `try_send`s, so a slow reader never stalls the owner (and with it every
-//! other connection). Ordinary events may use all but the reserved slot;
-//! the congestion notice may use it too. Since nobody else sends, a free
-//! slot seen by the owner stays free until it uses it.
+//! Each connection has a queue (module `queue`) of `sink_capacity +`
+//! [`RESERVED_SLOTS`] messages. The owner is its only sender and never
+//! waits, so a slow reader never stalls the owner (and with it every other
+//! connection, or the writers). Ordinary events may use all but the
+//! reserved slot and must fit the memory quota (module `quota`): the
+//! connection's charge plus the event within `conn_memory_quota`, the
+//! feed's within `sink_memory_quota`. The congestion notice may use the
+//! reserved slot and is admitted beyond the quota (it is a few bytes per
+//! subscription). Since nobody else adds, room seen by the owner stays
+//! free until it uses it.
 //!
 //! # Congestion
 //!
-//! When an ordinary event finds no free slot, the connection is congested:
-//! every subscription it has is stopped and removed, and one notice carries
-//! a `congested` error for each of them, plus one for every Register whose
-//! only answer (an error) could not be queued, so every request still gets
-//! exactly one final answer. The rest of what could not be queued is
-//! dropped, which is correct because the subscriptions it was for are
-//! gone. Only this connection is affected (TiKV errors every subscriber of
-//! the region instead). If even the reserved slot is taken (the client has
-//! not read since the last notice), the connection cannot be told anything
-//! and is ended ("congested"); a closed channel ends it as "send_failed".
+//! When an ordinary event finds no free slot or would take its connection
+//! beyond its cap, that connection is congested: everything queued and
+//! not yet taken is purged (uncharged at once), every subscription it has
+//! is stopped and removed (releasing what initializing ones held back),
+//! and one notice carries a `congested` error for each of them, plus one
+//! for every Register whose only answer (an error) was purged or could not
+//! be queued, so every request still gets exactly one final answer. The
+//! rest is dropped, which is correct because the subscriptions it was for
+//! are gone. Only this connection is affected (TiKV errors every
+//! subscriber of the region instead). If a notice was still unread (the
+//! client has not read since the last congestion), the connection is
+//! ended ("congested"); a closed queue ends it as "send_failed".
 //!
-//! Bytes are accounted in `PendingBytes` before queueing and unaccounted by
-//! the stream when taken, or here if queueing fails.
+//! When an event fits its connection's cap but not the feed-wide quota,
+//! the connections holding the most bytes (and at least one subscription)
+//! are congested, largest first, as long as they hold more than the
+//! event's own connection; if room is still missing, the event's
+//! connection is congested. So a reader that keeps up is not punished for
+//! readers that do not, and a connection is never congested for less than
+//! what the one it makes room for holds.
+//!
+//! Resolved timestamps are offered, never forced: one that does not fit
+//! stays pending (replaced by newer ones) and is offered again at the next
+//! flush; it congests nobody. Its limit: while the quota is held by
+//! others, a connection with no rows flowing waits for its resolved ts
+//! until rows (which can congest the holders) or reads make room.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 
 use kvfeed_proto::cdcpb::event::{self, Entries, LogType, Row};
 use kvfeed_proto::cdcpb::{self, ChangeDataEvent, Congested, Event};
@@ -49,35 +64,32 @@ use kvfeed_proto::cdcpb::{self, ChangeDataEvent, Congested, Event};
 use crate::connection::CloseReason;
 use crate::ids::{ConnId, RegionId, RequestId};
 use crate::metrics::PendingBytes;
+use crate::queue::{PushError, QueueTx, Queued, WeakQueue};
 use crate::{CHANGE_DATA_EVENT_MAX_BYTES, EVENT_MAX_ROW_BYTES};
 
 use super::registry::Registry;
 
-/// Slots of each connection's channel kept for the congestion notice.
+/// Slots of each connection's queue kept for the congestion notice.
 pub(crate) const RESERVED_SLOTS: usize = 1;
-
-/// One message in a connection's channel, with its encoded size.
-#[derive(Debug)]
-pub(crate) struct Queued {
-    pub event: ChangeDataEvent,
-    pub bytes: usize,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Refused {
+    /// No ordinary slot, or over the connection's byte cap.
     Full,
+    /// Over the feed-wide quota (the connection's own cap has room).
+    Global,
     Closed,
 }
 
-/// The owner's end of a connection's event channel.
+/// The owner's end of a connection's event queue.
 #[derive(Debug)]
 pub(crate) struct Sink {
-    tx: mpsc::Sender<Queued>,
+    tx: QueueTx,
     pending: Arc<PendingBytes>,
 }
 
 impl Sink {
-    pub(crate) fn new(tx: mpsc::Sender<Queued>, pending: Arc<PendingBytes>) -> Sink {
+    pub(crate) fn new(tx: QueueTx, pending: Arc<PendingBytes>) -> Sink {
         Sink { tx, pending }
     }
 
@@ -85,32 +97,43 @@ impl Sink {
         self.pending.get()
     }
 
-    /// Queues `event` unless that would take a reserved slot (allowed only
-    /// with `use_reserve`). Gives the event back when refused.
+    /// Bytes charged to the connection (queued plus held back).
+    pub(crate) fn charged(&self) -> u64 {
+        self.pending.charged()
+    }
+
+    /// Queues `event` unless that would take a reserved slot or go beyond
+    /// the memory quota (both allowed only for a notice). Gives the event
+    /// back when refused.
     fn send(
         &self,
         event: ChangeDataEvent,
         bytes: usize,
-        use_reserve: bool,
+        notice: bool,
     ) -> Result<(), (Refused, ChangeDataEvent)> {
         if self.tx.is_closed() {
             return Err((Refused::Closed, event));
         }
-        if !use_reserve && self.tx.capacity() <= RESERVED_SLOTS {
-            return Err((Refused::Full, event));
-        }
-        self.pending.add(bytes);
-        match self.tx.try_send(Queued { event, bytes }) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(q)) => {
-                self.pending.sub(q.bytes);
-                Err((Refused::Full, q.event))
+        if !notice {
+            if self.tx.free() <= RESERVED_SLOTS || !self.pending.fits_conn(bytes) {
+                return Err((Refused::Full, event));
             }
-            Err(TrySendError::Closed(q)) => {
-                self.pending.sub(q.bytes);
-                Err((Refused::Closed, q.event))
+            if !self.pending.quota().fits(bytes) {
+                return Err((Refused::Global, event));
             }
         }
+        let queued = Queued {
+            event,
+            bytes,
+            notice,
+        };
+        self.tx.try_push(queued).map_err(|(why, q)| {
+            let why = match why {
+                PushError::Full => Refused::Full,
+                PushError::Closed => Refused::Closed,
+            };
+            (why, q.event)
+        })
     }
 }
 
@@ -118,28 +141,28 @@ impl Sink {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Offer {
     Queued,
-    /// No ordinary slot free; try again later.
+    /// No ordinary slot or byte free; try again later.
     Full,
     /// The stream is gone.
     Closed,
 }
 
 impl Sink {
-    /// Queues `event` in an ordinary slot if one is free. Unlike rows, a
-    /// refused message does not congest the connection: the caller keeps
+    /// Queues `event` if an ordinary slot and the bytes are free. Unlike
+    /// rows, a refused message does not congest anyone: the caller keeps
     /// it (or a newer replacement) for a later try.
     pub(crate) fn offer(&self, event: ChangeDataEvent) -> Offer {
         let bytes = event.encoded_len();
         match self.send(event, bytes, false) {
             Ok(()) => Offer::Queued,
-            Err((Refused::Full, _)) => Offer::Full,
+            Err((Refused::Full | Refused::Global, _)) => Offer::Full,
             Err((Refused::Closed, _)) => Offer::Closed,
         }
     }
 
-    /// A handle that does not keep the channel open (for scan pacing).
-    pub(crate) fn weak(&self) -> mpsc::WeakSender<Queued> {
-        self.tx.downgrade()
+    /// A handle that does not keep the queue open (for scan pacing).
+    pub(crate) fn weak(&self) -> WeakQueue {
+        self.tx.weak()
     }
 
     pub(crate) fn pending(&self) -> &Arc<PendingBytes> {
@@ -191,43 +214,108 @@ impl Outbox {
         self.per_conn.remove(&conn);
     }
 
-    /// Queues everything on the connections' channels, handling congestion
-    /// and closed channels as described in the module docs.
+    /// Queues everything on the connections' queues, handling congestion,
+    /// the memory quota and closed queues as described in the module docs.
     pub(crate) fn flush(&mut self, registry: &mut Registry) {
-        for (conn, events) in self.per_conn.drain() {
-            let Some(state) = registry.conn(conn) else {
+        let mut work = std::mem::take(&mut self.per_conn);
+        let order: Vec<ConnId> = work.keys().copied().collect();
+        for conn in order {
+            // Gone if congested as a victim earlier in this flush.
+            let Some(items) = work.remove(&conn) else {
                 continue;
             };
-            let mut messages = pack(events).into_iter();
-            let mut refused = None;
-            for (message, bytes) in messages.by_ref() {
-                if let Err((why, message)) = state.sink.send(message, bytes, false) {
-                    refused = Some((why, message));
+            let mut messages = pack(items).into_iter();
+            let mut next = messages.next();
+            while let Some((message, bytes)) = next.take() {
+                let Some(state) = registry.conn(conn) else {
                     break;
-                }
-            }
-            match refused {
-                None => {}
-                Some((Refused::Closed, _)) => {
-                    registry.remove_conn(conn, CloseReason::SendFailed);
-                }
-                Some((Refused::Full, first)) => {
-                    let unsent = std::iter::once(first).chain(messages.map(|(m, _)| m));
-                    congest(registry, conn, unsent);
+                };
+                match state.sink.send(message, bytes, false) {
+                    Ok(()) => next = messages.next(),
+                    Err((Refused::Closed, _)) => {
+                        registry.remove_conn(conn, CloseReason::SendFailed);
+                    }
+                    Err((Refused::Global, message))
+                        if make_room(registry, &mut work, conn, bytes) =>
+                    {
+                        next = Some((message, bytes));
+                    }
+                    Err((_, first)) => {
+                        let unsent =
+                            std::iter::once(first).chain(messages.by_ref().map(|(m, _)| m));
+                        congest(registry, conn, unsent.collect());
+                    }
                 }
             }
         }
     }
 }
 
-/// Stops every subscription of `conn` and tells the client so.
-fn congest(registry: &mut Registry, conn: ConnId, unsent: impl Iterator<Item = ChangeDataEvent>) {
+/// The feed-wide quota has no room for `bytes` more for `conn`: congests
+/// the connections holding the most, largest first, while they hold more
+/// than `conn` does. Returns whether `bytes` now fit; false means `conn`
+/// is itself (one of) the largest and is the one to congest.
+fn make_room(
+    registry: &mut Registry,
+    work: &mut HashMap<ConnId, Vec<Item>>,
+    conn: ConnId,
+    bytes: usize,
+) -> bool {
+    let Some(state) = registry.conn(conn) else {
+        return false;
+    };
+    let own = state.sink.charged();
+    let quota = Arc::clone(state.sink.pending().quota());
+    while !quota.fits(bytes) {
+        // Connections without subscriptions hold only final answers;
+        // congesting them frees nothing worth having.
+        let victim = registry
+            .conns()
+            .filter(|c| c.id != conn && !c.subs.is_empty())
+            .map(|c| (c.sink.charged(), c.id))
+            .max();
+        match victim {
+            Some((held, victim)) if held > own => {
+                let unsent = work
+                    .remove(&victim)
+                    .map(|items| pack(items).into_iter().map(|(m, _)| m).collect())
+                    .unwrap_or_default();
+                if let Some(v) = registry.conn(victim) {
+                    tracing::warn!(
+                        parent: &v.span,
+                        held,
+                        for_conn = conn.0,
+                        "memory quota full; the largest holder is congested"
+                    );
+                }
+                congest(registry, victim, unsent);
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Stops every subscription of `conn`, drops what is queued for it and
+/// tells the client so.
+fn congest(registry: &mut Registry, conn: ConnId, mut unsent: Vec<ChangeDataEvent>) {
+    let Some(state) = registry.conn(conn) else {
+        return;
+    };
+    // What the client has not taken yet is for subscriptions about to be
+    // stopped: freed now. A notice among it means the client has not read
+    // since the last congestion.
+    let purged = state.sink.tx.purge();
+    let unread_notice = purged.iter().any(|q| q.notice);
+    unsent.extend(purged.into_iter().map(|q| q.event));
     let mut keys: BTreeSet<(RequestId, RegionId)> = unsent
+        .into_iter()
         .flat_map(|m| m.events)
         .filter(|e| matches!(e.event, Some(event::Event::Error(_))))
         .map(|e| (RequestId(e.request_id), RegionId(e.region_id)))
         .collect();
     let stopped = registry.remove_all_subs(conn);
+    registry.note_congested(stopped.len());
     keys.extend(
         stopped
             .iter()
@@ -240,8 +328,12 @@ fn congest(registry: &mut Registry, conn: ConnId, unsent: impl Iterator<Item = C
         parent: &state.span,
         subscriptions = stopped.len(),
         answers = keys.len(),
-        "event queue full; the connection's subscriptions are stopped as congested"
+        "event queue or memory quota full; the connection's subscriptions are stopped as congested"
     );
+    if unread_notice {
+        registry.remove_conn(conn, CloseReason::Congested);
+        return;
+    }
     if keys.is_empty() {
         return;
     }
@@ -255,7 +347,7 @@ fn congest(registry: &mut Registry, conn: ConnId, unsent: impl Iterator<Item = C
     let bytes = notice.encoded_len();
     match state.sink.send(notice, bytes, true) {
         Ok(()) => {}
-        Err((Refused::Full, _)) => {
+        Err((Refused::Full | Refused::Global, _)) => {
             registry.remove_conn(conn, CloseReason::Congested);
         }
         Err((Refused::Closed, _)) => {

@@ -167,6 +167,18 @@ impl Registry {
             .get_mut(&(request_id, region_id))
     }
 
+    /// Every connection.
+    pub(crate) fn conns(&self) -> impl Iterator<Item = &ConnState> {
+        self.conns.values()
+    }
+
+    /// Counts subscriptions stopped with `congested`.
+    pub(crate) fn note_congested(&self, subscriptions: usize) {
+        self.metrics
+            .congested
+            .inc_by(u64::try_from(subscriptions).unwrap_or(u64::MAX));
+    }
+
     /// Every connection, mutably (the resolved-ts round visits them all).
     pub(crate) fn conns_mut(&mut self) -> impl Iterator<Item = &mut ConnState> {
         self.conns.values_mut()
@@ -342,23 +354,25 @@ impl Drop for Registry {
 mod tests {
     use std::sync::Arc;
 
-    use tokio::sync::mpsc;
-
     use super::*;
+    use crate::config::FeedConfig;
     use crate::ids::KvApi;
     use crate::metrics::PendingBytes;
-    use crate::owner::Queued;
+    use crate::queue::{self, QueueRx};
+    use crate::quota::MemoryQuota;
     use crate::subscription::SubscriptionSpec;
 
-    fn conn(id: u64, metrics: &FeedMetrics) -> (NewConnection, mpsc::Receiver<Queued>) {
-        let (sink, rx) = mpsc::channel(4);
+    fn conn(id: u64, metrics: &FeedMetrics) -> (NewConnection, QueueRx) {
+        let quota = Arc::new(MemoryQuota::new(&FeedConfig::default(), metrics));
+        let pending = Arc::new(PendingBytes::new(metrics, quota));
+        let (sink, rx) = queue::channel(4, Arc::clone(&pending));
         let (ended, _) = watch::channel(());
         let new = NewConnection {
             id: ConnId(id),
             peer: format!("peer-{id}"),
             features: Features::default(),
             sink,
-            pending: Arc::new(PendingBytes::new(metrics)),
+            pending,
             ended,
             span: tracing::Span::none(),
         };

@@ -13,9 +13,11 @@
 //! until its scan is done. So a key's rows reach every subscriber in the
 //! order the store applied them, after the scan's rows for that key.
 //!
-//! An initializing subscription whose held-back data outgrows
-//! `FeedConfig::scan_buffer_bytes` is stopped with `congested`, alone: the
-//! rest of its connection is unaffected.
+//! Held-back data is charged to the connection's memory quota. An
+//! initializing subscription whose held-back data outgrows
+//! `FeedConfig::scan_buffer_bytes`, or takes its connection beyond its
+//! memory cap (or the feed beyond its quota), is stopped with `congested`,
+//! alone: the rest of its connection is unaffected.
 //!
 //! # Old values
 //!
@@ -134,6 +136,7 @@ pub(crate) fn route_batch(
     }
     for (conn, request_id, region_id) in overflowed {
         if registry.remove_sub(conn, request_id, region_id).is_some() {
+            registry.note_congested(1);
             tracing::warn!(
                 conn_id = conn.0,
                 region_id = region_id.0,

@@ -37,8 +37,9 @@
 //! # Pacing and memory
 //!
 //! Before handing a batch over, the task waits until the connection has room
-//! (free channel slots beyond those kept for live rows, and fewer than
-//! [`SCAN_PENDING_BYTES`] queued), woken whenever the client takes events.
+//! (free queue slots beyond those kept for live rows, and fewer than
+//! [`SCAN_PENDING_BYTES`] — or half the connection's memory cap, if less —
+//! queued), woken whenever the client takes events.
 //! A scan therefore runs at its reader's pace and a range is never held in
 //! memory: per scan at most one batch being read, one in the hand-over
 //! channel, and what the connection's queue admits. The speed limit
@@ -77,7 +78,8 @@ use kvfeed_storage::store::{SeqNo, Store};
 use crate::config::FeedConfig;
 use crate::ids::{ConnId, RegionId, RequestId};
 use crate::metrics::{FeedMetrics, PendingBytes, ScanOutcome, ScanTaskGuard};
-use crate::owner::{Queued, RESERVED_SLOTS, Refusal};
+use crate::owner::{RESERVED_SLOTS, Refusal};
+use crate::queue::WeakQueue;
 
 use limiter::SpeedLimiter;
 pub(crate) use reader::{ScanSpec, Scanner};
@@ -139,7 +141,7 @@ pub(crate) struct ScanJob {
     /// Set before the snapshot is taken; see the module docs.
     pub armed: Arc<AtomicBool>,
     /// Looked at (never sent to) for pacing.
-    pub sink: mpsc::WeakSender<Queued>,
+    pub sink: WeakQueue,
     pub pending: Arc<PendingBytes>,
     pub span: tracing::Span,
 }
@@ -377,7 +379,7 @@ impl ScanPool {
     /// Waits until the connection has room for another batch.
     async fn pace(
         &self,
-        sink: &mpsc::WeakSender<Queued>,
+        sink: &WeakQueue,
         pending: &PendingBytes,
         cancel: &mut watch::Receiver<()>,
     ) -> Pace {
@@ -386,12 +388,14 @@ impl ScanPool {
             let drained = pending.drained().notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            let Some(tx) = sink.upgrade() else {
+            let Some(free) = sink.free() else {
                 return Pace::Gone;
             };
-            let free = tx.capacity().saturating_sub(RESERVED_SLOTS);
-            drop(tx);
-            if free >= self.free_slots && pending.get() < SCAN_PENDING_BYTES {
+            let free = free.saturating_sub(RESERVED_SLOTS);
+            // At most half the connection's byte cap queued, so a batch
+            // (≤ SCAN_BATCH_MAX_BYTES) rarely meets a full quota.
+            let queued_cap = SCAN_PENDING_BYTES.min(pending.quota().conn_capacity() / 2);
+            if free >= self.free_slots && pending.get() < queued_cap {
                 return Pace::Room;
             }
             // Each take restarts the clock: only a reader that takes

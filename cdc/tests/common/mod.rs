@@ -172,7 +172,8 @@ impl Env {
         (start_ts, commit_ts)
     }
 
-    /// No connection, subscription, queued byte or connection task is left,
+    /// No connection, subscription, queued or charged byte or connection
+    /// task is left,
     /// by the registry's own account and by every gauge.
     pub async fn assert_clean(&self) {
         let counts = self.settle().await;
@@ -184,6 +185,8 @@ impl Env {
         assert_eq!(m.subscriptions(), 0, "subscriptions gauge");
         assert_eq!(m.pending_bytes(), 0, "pending bytes gauge");
         assert_eq!(m.connection_tasks(), 0, "connection task gauge");
+        assert_eq!(m.memory_quota_used(), 0, "memory quota used");
+        assert_eq!(m.observed_queue_bytes(), 0, "observed queue bytes");
     }
 
     /// Prewrites `mutations` (primary = the first key) at a fresh start_ts.
