@@ -70,6 +70,38 @@ impl Watcher {
         }
     }
 
+    /// Like [`Watcher::start`], also returning the stderr lines before
+    /// `watching`.
+    fn start_with_notices(server: &TestServer, args: &[&str]) -> (Watcher, Vec<String>) {
+        let mut child = kvfeed()
+            .arg("watch")
+            .args(["--pd", &server.pd_endpoint()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvfeed watch");
+        let stdout = lines_of(child.stdout.take().expect("piped"));
+        let stderr = lines_of(child.stderr.take().expect("piped"));
+        let mut watcher = Watcher {
+            child,
+            stdout,
+            stderr,
+        };
+        let mut seen = Vec::new();
+        loop {
+            match watcher.stderr.recv_timeout(WAIT) {
+                Ok(line) if line.starts_with("watching ") => return (watcher, seen),
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = watcher.child.kill();
+                    panic!("no `watching` line for {args:?}; stderr: {seen:?}");
+                }
+            }
+        }
+    }
+
     /// The next `n` lines on stdout.
     fn lines(&self, n: usize) -> Vec<String> {
         (0..n)
@@ -267,6 +299,7 @@ async fn the_library_watch_ends_with_ok_when_cancelled() {
         style: Style::Hex,
         json: false,
         progress: false,
+        progress_tty: false,
     };
     let (mut out, mut out_rx) = line_writer();
     let (mut notices, mut notice_rx) = line_writer();
@@ -337,6 +370,53 @@ fn watch_rides_through_a_server_restart_without_repeating_lines() {
             format!("PUT s2 after  ts={c2} ({})", wall_time(c2)),
             format!("PUT s3 marker  ts={c3} ({})", wall_time(c3)),
         ]
+    );
+    assert_eq!(watcher.interrupt().code(), Some(0));
+}
+
+#[test]
+fn from_ts_shows_catch_up_progress_then_each_preloaded_change_once() {
+    const PRELOADED: usize = 30;
+    let server = TestServer::start();
+    let mut expected = Vec::new();
+    for i in 0..PRELOADED {
+        let (key, value) = (format!("c{i:02}"), format!("v{i}"));
+        let (_, c) = write_json(&server, &["put", &key, &value]);
+        expected.push(format!("PUT {key} {value}  ts={c} ({})", wall_time(c)));
+    }
+    // A key outside the prefix, and one deleted: both shape the count.
+    run(&server, &["put", "d0", "outside"]);
+    let (_, c) = write_json(&server, &["delete", "c00"]);
+    expected.push(format!("DELETE c00  ts={c} ({})", wall_time(c)));
+
+    let (watcher, notices) =
+        Watcher::start_with_notices(&server, &["--prefix", "c", "--from-ts", "1"]);
+    // stderr is a pipe: progress comes as whole lines, and the last one
+    // before `watching` sums up the catch-up.
+    let summary = notices
+        .last()
+        .unwrap_or_else(|| panic!("no catch-up summary before `watching`: {notices:?}"));
+    let rows = PRELOADED + 1;
+    assert!(
+        summary.starts_with(&format!("caught up: {rows} rows, ")) && summary.contains(" rows/s, "),
+        "{notices:?}"
+    );
+    assert!(
+        !notices.iter().any(|l| l.contains('\r')),
+        "no in-place redraws on a pipe: {notices:?}"
+    );
+    // Commit order per key; keys in key order within one region's scan.
+    let mut lines = watcher.lines(expected.len());
+    let key_of = |line: &String| line.split(' ').nth(1).map(str::to_owned);
+    lines.sort_by_key(key_of);
+    let mut sorted = expected.clone();
+    sorted.sort_by_key(key_of);
+    assert_eq!(lines, sorted);
+    // Nothing more: a live marker is the next line.
+    let (_, m) = write_json(&server, &["put", "cz", "marker"]);
+    assert_eq!(
+        watcher.lines(1),
+        vec![format!("PUT cz marker  ts={m} ({})", wall_time(m))]
     );
     assert_eq!(watcher.interrupt().code(), Some(0));
 }

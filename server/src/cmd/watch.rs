@@ -5,7 +5,10 @@
 //! subscription (its own request id) on a single `EventFeed` stream. Lines
 //! go to stdout, one per committed change; everything else (the `watching`
 //! line once every subscription is initialized, retries, progress) goes to
-//! stderr, so stdout stays machine-readable.
+//! stderr, so stdout stays machine-readable. With `--from-ts`, catch-up
+//! progress (rows, rows/s, bytes) goes to stderr until then: one line
+//! redrawn in place on a terminal, a line every few seconds otherwise, and
+//! a `caught up: …` summary just before `watching`.
 //!
 //! What a transaction looks like on the feed, and so what is printed:
 //! PREWRITE rows stage a value and print nothing; COMMIT prints the change,
@@ -34,9 +37,10 @@
 //! it can run inside tests; [`run`] wires it to stdout, stderr and SIGINT /
 //! SIGTERM, both of which end the watch with status 0.
 
+mod progress;
 mod state;
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::time::Duration;
 
 use clap::Args;
@@ -166,6 +170,9 @@ pub struct WatchSpec {
     pub style: Style,
     pub json: bool,
     pub progress: bool,
+    /// Notices go to a terminal: catch-up progress redraws one line in
+    /// place instead of printing a line every few seconds.
+    pub progress_tty: bool,
 }
 
 impl WatchSpec {
@@ -180,6 +187,7 @@ impl WatchSpec {
             style: args.client.style(),
             json: args.client.json,
             progress: args.progress,
+            progress_tty: io::stderr().is_terminal(),
         })
     }
 
@@ -275,6 +283,7 @@ pub async fn watch(
         out,
         notices,
         store_id: None,
+        status_width: 0,
     };
     let result = tokio::select! {
         biased;
@@ -304,6 +313,8 @@ struct Watcher<'a, O, N> {
     out: &'a mut O,
     notices: &'a mut N,
     store_id: Option<u64>,
+    /// Characters of the in-place status line on a terminal (0: none).
+    status_width: usize,
 }
 
 impl<O: Write, N: Write> Watcher<'_, O, N> {
@@ -382,6 +393,9 @@ impl<O: Write, N: Write> Watcher<'_, O, N> {
             *reconnects = reconnect_backoff();
             let mut lines = Lines::default();
             self.state.on_event(event, &mut lines)?;
+            if let Some(status) = &lines.status {
+                self.status(status);
+            }
             for notice in &lines.notices {
                 self.notice(notice)?;
             }
@@ -463,8 +477,34 @@ impl<O: Write, N: Write> Watcher<'_, O, N> {
 
     fn notice(&mut self, line: &str) -> Result<(), WatchError> {
         // stderr going away is no reason to stop printing changes.
-        let _ = writeln!(self.notices, "{line}").and_then(|()| self.notices.flush());
+        let _ = self
+            .clear_status()
+            .and_then(|()| writeln!(self.notices, "{line}"))
+            .and_then(|()| self.notices.flush());
         Ok(())
+    }
+
+    /// Shows catch-up progress: in place on a terminal, else as a line.
+    fn status(&mut self, line: &str) {
+        if !self.state.spec.progress_tty {
+            let _ = self.notice(line);
+            return;
+        }
+        let width = line.chars().count();
+        // Pad over the previous, longer text; no newline, so the next
+        // status (or notice) overwrites it.
+        let pad = self.status_width.saturating_sub(width);
+        let _ = write!(self.notices, "\r{line}{:pad$}", "").and_then(|()| self.notices.flush());
+        self.status_width = width;
+    }
+
+    /// Blanks an in-place status line so a notice starts on a clean line.
+    fn clear_status(&mut self) -> io::Result<()> {
+        if self.status_width == 0 {
+            return Ok(());
+        }
+        let width = std::mem::take(&mut self.status_width);
+        write!(self.notices, "\r{:width$}\r", "")
     }
 }
 

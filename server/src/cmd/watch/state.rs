@@ -19,8 +19,10 @@ use kvfeed_proto::cdcpb::event::row::OpType;
 use kvfeed_proto::cdcpb::event::{self, LogType, Row};
 use kvfeed_proto::cdcpb::{self, ChangeDataEvent, ChangeDataRequest, Header};
 use kvfeed_storage::TimeStamp;
+use prost::Message;
 use serde::Serialize;
 
+use super::progress::CatchUp;
 use super::{
     MAX_REMEMBERED, PROGRESS_INTERVAL, REGION_ATTEMPTS, TICDC_VERSION, WatchError, WatchSpec,
 };
@@ -33,6 +35,8 @@ use crate::cmd::format::{Style, hex, json_text};
 pub(super) struct Lines {
     pub(super) out: Vec<String>,
     pub(super) notices: Vec<String>,
+    /// Catch-up progress, when due: transient, shown in place on a terminal.
+    pub(super) status: Option<String>,
 }
 
 /// One subscription on the current stream.
@@ -73,11 +77,17 @@ pub(super) struct State {
     printed: BTreeSet<(u64, Vec<u8>)>,
     announced: bool,
     last_progress: Option<tokio::time::Instant>,
+    /// Counts the catch-up of `--from-ts` until every region is initialized.
+    catch_up: Option<CatchUp>,
 }
 
 impl State {
     pub(super) fn new(spec: WatchSpec, cluster_id: u64) -> State {
+        let catch_up = spec
+            .from_ts
+            .map(|_| CatchUp::new(tokio::time::Instant::now(), spec.progress_tty));
         State {
+            catch_up,
             spec,
             cluster_id,
             checkpoint: 0,
@@ -167,6 +177,7 @@ impl State {
             match e.event {
                 Some(event::Event::Entries(entries)) => {
                     if self.subs.contains_key(&e.request_id) {
+                        self.count_catch_up(&entries.entries, lines);
                         for row in entries.entries {
                             self.on_row(e.request_id, row, lines);
                         }
@@ -183,6 +194,25 @@ impl State {
             self.on_resolved(resolved.request_id, &resolved.regions, resolved.ts, lines);
         }
         Ok(())
+    }
+
+    /// Counts change rows toward the catch-up progress while it lasts.
+    fn count_catch_up(&mut self, rows: &[Row], lines: &mut Lines) {
+        let Some(catch_up) = &mut self.catch_up else {
+            return;
+        };
+        let changes = rows
+            .iter()
+            .filter(|r| r.r#type != LogType::Initialized as i32);
+        let (count, bytes) = changes.fold((0u64, 0u64), |(n, b), r| {
+            (n + 1, b + r.encoded_len() as u64)
+        });
+        if count == 0 {
+            return;
+        }
+        if let Some(line) = catch_up.add(count, bytes, tokio::time::Instant::now()) {
+            lines.status = Some(line);
+        }
     }
 
     fn on_row(&mut self, request_id: u64, row: Row, lines: &mut Lines) {
@@ -243,6 +273,12 @@ impl State {
             return;
         }
         self.announced = true;
+        if let Some(catch_up) = self.catch_up.take() {
+            lines.status = None;
+            lines
+                .notices
+                .push(catch_up.summary(tokio::time::Instant::now()));
+        }
         let kind = match self.spec.mode {
             KeyMode::Txn => "transactional",
             KeyMode::Raw => "raw",
@@ -466,6 +502,7 @@ mod tests {
             style: Style::Text,
             json,
             progress: false,
+            progress_tty: false,
         }
     }
 
