@@ -58,6 +58,15 @@ pub enum Command {
     /// --prefix, --from-key or --to-key every key is watched. A `watching`
     /// line on stderr says when every subscription is in place.
     Watch(crate::cmd::watch::WatchArgs),
+    /// Measure a running server's change feed: throughput and latency
+    /// (feed), catch-up scans (scan), connection churn (churn), memory per
+    /// idle connection (idle), a stalled consumer (slow), and the physical
+    /// limits beneath them (engine).
+    ///
+    /// Each prints a table, then one JSON object on the last line of
+    /// stdout; progress goes to stderr. A correctness failure (a lost or
+    /// duplicated event, a gauge left above 0) exits with status 1.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]

@@ -33,8 +33,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry holding `kvfeed_build_info{version}` (always 1) and
-    /// `kvfeed_uptime_seconds`.
+    /// A registry holding `kvfeed_build_info{version}` (always 1),
+    /// `kvfeed_uptime_seconds` and the `kvfeed_process_*` gauges.
     pub fn new() -> Result<Metrics, MetricsError> {
         let registry = Registry::new();
         let build_info = IntGaugeVec::new(
@@ -60,6 +60,8 @@ impl Metrics {
         };
         metrics.register(Box::new(build_info))?;
         metrics.register(Box::new(metrics.uptime.clone()))?;
+        let process = crate::process::ProcessCollector::new().map_err(MetricsError::Register)?;
+        metrics.register(Box::new(process))?;
         Ok(metrics)
     }
 

@@ -1,0 +1,279 @@
+//! Reading the server's `/metrics` from outside: its memory and CPU (the
+//! `kvfeed_process_*` gauges) and the feed's own gauges.
+//!
+//! The server measures itself (from `/proc/self`, at scrape time), so the
+//! bench never confuses its own memory or CPU with the server's, even when
+//! both run on one machine. A [`Sampler`] scrapes every 250 ms for peaks
+//! and time series; one-off [`scrape`]s take before/after values.
+//!
+//! The HTTP client is a dozen lines over a `TcpStream` (one GET,
+//! `Connection: close`, read to the end) rather than a dependency: the
+//! status server is kvfeed's own and answers exactly that way. Every
+//! step has a deadline.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::BenchError;
+
+/// Resident memory of the server, bytes.
+pub const RSS: &str = "kvfeed_process_resident_memory_bytes";
+/// CPU time of the server, seconds.
+pub const CPU: &str = "kvfeed_process_cpu_seconds_total";
+pub const CONNECTIONS: &str = "kvfeed_cdc_connections";
+pub const SUBSCRIPTIONS: &str = "kvfeed_cdc_subscriptions";
+pub const PENDING_BYTES: &str = "kvfeed_cdc_pending_bytes";
+pub const SCANNED_BYTES: &str = "kvfeed_cdc_scanned_bytes_total";
+/// How often a [`Sampler`] scrapes.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Bound on one scrape, connect to last byte.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest `/metrics` body accepted.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// One scrape: every sample by its full name as rendered, labels included
+/// (`name` or `name{label="value"}`).
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    values: HashMap<String, f64>,
+}
+
+impl Scrape {
+    /// Parses the Prometheus text format (comments skipped; a line whose
+    /// value does not parse is skipped, not guessed).
+    pub fn parse(text: &str) -> Scrape {
+        let mut values = HashMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            // The value follows the name (and its `{...}`), before an
+            // optional timestamp.
+            let name_end = match line.find('{') {
+                Some(open) => line[open..].find('}').map(|close| open + close + 1),
+                None => line.find(char::is_whitespace),
+            };
+            let Some(name_end) = name_end else { continue };
+            let (name, rest) = line.split_at(name_end);
+            let Some(value) = rest.split_whitespace().next() else {
+                continue;
+            };
+            if let Ok(value) = value.parse::<f64>() {
+                values.insert(name.to_owned(), value);
+            }
+        }
+        Scrape { values }
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.values.get(name).copied()
+    }
+
+    /// Like [`Scrape::get`], but a missing metric is an error naming it.
+    pub fn require(&self, name: &str) -> Result<f64, BenchError> {
+        self.get(name).ok_or_else(|| BenchError::Metrics {
+            reason: format!("the server's /metrics has no {name}"),
+        })
+    }
+
+    pub fn rss(&self) -> Option<f64> {
+        self.get(RSS)
+    }
+
+    pub fn cpu(&self) -> Option<f64> {
+        self.get(CPU)
+    }
+}
+
+/// GET `/metrics` from `addr`.
+pub async fn scrape(addr: &str) -> Result<Scrape, BenchError> {
+    let failed = |reason: String| BenchError::Metrics {
+        reason: format!("cannot read http://{addr}/metrics: {reason}"),
+    };
+    let body = tokio::time::timeout(SCRAPE_TIMEOUT, get(addr, "/metrics"))
+        .await
+        .map_err(|_| failed(format!("no answer within {SCRAPE_TIMEOUT:?}")))?
+        .map_err(failed)?;
+    Ok(Scrape::parse(&body))
+}
+
+async fn get(addr: &str, path: &str) -> Result<String, String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    (&mut stream)
+        .take(MAX_BODY as u64 + 64 * 1024)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| "no end of the HTTP header".to_owned())?;
+    let status = head.split(' ').nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!("HTTP status {status}"));
+    }
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if chunked {
+        dechunk(body).ok_or_else(|| "malformed chunked body".to_owned())
+    } else {
+        Ok(body.to_owned())
+    }
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size_line, rest) = body.split_once("\r\n")?;
+        let size_text = size_line.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+/// One sample of a [`Sampler`]'s time series.
+#[derive(Debug, Clone, Copy)]
+pub struct Point {
+    /// Since the sampler started.
+    pub at: Duration,
+    pub rss: Option<f64>,
+    pub cpu: Option<f64>,
+    pub subscriptions: Option<f64>,
+    pub connections: Option<f64>,
+}
+
+/// What a [`Sampler`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    pub points: Vec<Point>,
+    /// Scrapes that failed (the figures are then from fewer samples).
+    pub errors: u64,
+}
+
+impl Samples {
+    pub fn peak_rss(&self) -> Option<f64> {
+        self.points.iter().filter_map(|p| p.rss).reduce(f64::max)
+    }
+}
+
+/// Scrapes every [`SAMPLE_EVERY`] on a task of its own until stopped.
+pub struct Sampler {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Samples>,
+}
+
+/// Longest run a sampler records (bounds its memory: 4 points a second).
+const MAX_POINTS: usize = 4 * 3600;
+
+impl Sampler {
+    pub fn start(addr: &str) -> Sampler {
+        let addr = addr.to_owned();
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut samples = Samples::default();
+            let mut ticks = tokio::time::interval(SAMPLE_EVERY);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    _ = ticks.tick() => {}
+                }
+                match scrape(&addr).await {
+                    Ok(s) if samples.points.len() < MAX_POINTS => samples.points.push(Point {
+                        at: started.elapsed(),
+                        rss: s.rss(),
+                        cpu: s.cpu(),
+                        subscriptions: s.get(SUBSCRIPTIONS),
+                        connections: s.get(CONNECTIONS),
+                    }),
+                    Ok(_) => {}
+                    Err(_) => samples.errors += 1,
+                }
+            }
+            samples
+        });
+        Sampler { stop, task }
+    }
+
+    /// Stops sampling and returns what was seen.
+    pub async fn finish(self) -> Samples {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Scrapes every `every` until `done` holds for a scrape or `deadline`
+/// passes; returns the last scrape and whether `done` held.
+pub async fn poll_until(
+    addr: &str,
+    deadline: Duration,
+    every: Duration,
+    done: impl Fn(&Scrape) -> bool,
+) -> Result<(Scrape, bool), BenchError> {
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        let scrape = scrape(addr).await?;
+        if done(&scrape) {
+            return Ok((scrape, true));
+        }
+        if tokio::time::Instant::now() + every > give_up {
+            return Ok((scrape, false));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_is_parsed_by_full_name() {
+        let text = "# HELP kvfeed_cdc_connections Open connections.\n\
+                    # TYPE kvfeed_cdc_connections gauge\n\
+                    kvfeed_cdc_connections 3\n\
+                    kvfeed_cdc_aborted_connections_total{reason=\"half close\"} 7\n\
+                    kvfeed_process_resident_memory_bytes 1.2345e7\n\
+                    kvfeed_broken NaNx\n\
+                    kvfeed_with_ts 5 1700000000000\n";
+        let s = Scrape::parse(text);
+        assert_eq!(s.get(CONNECTIONS), Some(3.0));
+        assert_eq!(
+            s.get("kvfeed_cdc_aborted_connections_total{reason=\"half close\"}"),
+            Some(7.0)
+        );
+        assert_eq!(s.rss(), Some(12_345_000.0));
+        assert_eq!(s.get("kvfeed_broken"), None);
+        assert_eq!(s.get("kvfeed_with_ts"), Some(5.0));
+        assert!(s.require(SUBSCRIPTIONS).is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n").as_deref(),
+            Some("hello world")
+        );
+        assert_eq!(dechunk("5\r\nhel"), None);
+    }
+}

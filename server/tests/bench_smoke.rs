@@ -1,0 +1,367 @@
+//! Smoke runs of `kvfeed bench`: every subcommand, tiny and short, through
+//! the real binary against a real `kvfeed serve`.
+//!
+//! Only counting is checked — puts were made, nothing was lost or
+//! duplicated, the feed's gauges came back to 0, a scan delivered exactly
+//! the preloaded keys — never a speed: timing depends on the machine, and
+//! a test that asserts it would fail on a busy one while proving nothing.
+//! Each test has a server of its own, because churn and idle compare the
+//! server's feed gauges before and after and must not see another test's
+//! connections. Every bench process is killed if it outlives [`LIMIT`].
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{TestServer, kvfeed};
+use serde_json::Value;
+
+/// Longest a smoke run may take before it is killed (and the test fails).
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// How a bench process ended.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The JSON object on the last line of stdout.
+    fn json(&self) -> Value {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| panic!("no output; stderr:\n{}", self.stderr));
+        serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "the last line is not JSON ({e}): {line}\nstderr:\n{}",
+                self.stderr
+            )
+        })
+    }
+
+    /// The JSON line of a run that must have succeeded.
+    fn ok(&self, bench: &str) -> Value {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "bench {bench} failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        let json = self.json();
+        assert_eq!(json["bench"], bench, "{json}");
+        assert_eq!(json["ok"], true, "{json}");
+        assert_eq!(json["failures"], Value::Array(Vec::new()), "{json}");
+        json
+    }
+}
+
+/// Runs `kvfeed <args>`, killing it after [`LIMIT`].
+fn run(args: &[String]) -> Run {
+    let mut child = kvfeed()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvfeed");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("piped")));
+    let stderr = read(Box::new(child.stderr.take().expect("piped")));
+    let pid = child.id();
+    let (done, finished) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(LIMIT).is_err() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    });
+    let status = child.wait().expect("wait for kvfeed");
+    let _ = done.send(());
+    let _ = watchdog.join();
+    Run {
+        code: status.code(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// `kvfeed bench <sub> --pd ... --status ... <extra>` against `server`.
+fn bench(server: &TestServer, sub: &str, extra: &[&str]) -> Run {
+    let mut args: Vec<String> = vec![
+        "bench".into(),
+        sub.into(),
+        "--pd".into(),
+        server.pd_endpoint(),
+        "--status".into(),
+        server.status_addr().to_owned(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    run(&args)
+}
+
+fn int(json: &Value, key: &str) -> u64 {
+    json[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not a count in {json}"))
+}
+
+fn gauge(json: &Value, key: &str) -> f64 {
+    json[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {json}"))
+}
+
+#[test]
+fn feed_delivers_every_raw_put_once_to_every_watcher() {
+    let server = TestServer::start();
+    let json = bench(
+        &server,
+        "feed",
+        &[
+            "--duration",
+            "1s",
+            "--writers",
+            "2",
+            "--watchers",
+            "2",
+            "--value-size",
+            "64",
+        ],
+    )
+    .ok("feed");
+    let puts = int(&json, "puts");
+    assert!(puts > 0, "{json}");
+    assert_eq!(int(&json, "lost"), 0, "{json}");
+    assert_eq!(int(&json, "duplicated"), 0, "{json}");
+    assert_eq!(int(&json, "put_errors"), 0, "{json}");
+    assert_eq!(int(&json, "events"), 2 * puts, "each watcher sees each put");
+    assert_eq!(json["params"]["mode"], "raw");
+}
+
+#[test]
+fn feed_counts_transactions_and_open_loop_schedules() {
+    let server = TestServer::start();
+    let txn = bench(
+        &server,
+        "feed",
+        &[
+            "--txn",
+            "--duration",
+            "1s",
+            "--writers",
+            "2",
+            "--watchers",
+            "1",
+        ],
+    )
+    .ok("feed");
+    let puts = int(&txn, "puts");
+    assert!(puts > 0, "{txn}");
+    assert_eq!(int(&txn, "lost"), 0, "{txn}");
+    assert_eq!(int(&txn, "duplicated"), 0, "{txn}");
+    assert_eq!(int(&txn, "events"), puts, "{txn}");
+    assert_eq!(txn["params"]["mode"], "txn");
+
+    // Open loop: 200 puts/s for 1 s schedules exactly 200 puts, each of
+    // which is acknowledged, failed or skipped.
+    let open = bench(
+        &server,
+        "feed",
+        &["--rate", "200", "--duration", "1s", "--writers", "4"],
+    )
+    .ok("feed");
+    let scheduled = int(&open, "puts") + int(&open, "puts_skipped") + int(&open, "put_errors");
+    assert_eq!(scheduled, 200, "{open}");
+    assert_eq!(int(&open, "lost"), 0, "{open}");
+    assert_eq!(int(&open, "events"), int(&open, "puts"), "{open}");
+}
+
+#[test]
+fn scan_delivers_exactly_the_preloaded_keys() {
+    let server = TestServer::start();
+    let json = bench(&server, "scan", &["--keys", "3000", "--value-size", "32"]).ok("scan");
+    assert_eq!(int(&json, "rows"), 3000, "{json}");
+    assert_eq!(int(&json, "duplicated"), 0, "{json}");
+    assert_eq!(int(&json, "unexpected"), 0, "{json}");
+}
+
+#[test]
+fn churn_leaves_no_connection_subscription_or_byte_behind() {
+    let server = TestServer::start();
+    let json = bench(
+        &server,
+        "churn",
+        &[
+            "--clients",
+            "4",
+            "--duration",
+            "1s",
+            "--seed",
+            "7",
+            "--preload",
+            "32",
+        ],
+    )
+    .ok("churn");
+    let connections = int(&json, "connections");
+    assert!(connections > 0, "{json}");
+    let by_stage: u64 = [
+        "before_request",
+        "after_register",
+        "mid_stream",
+        "half_close",
+        "drop",
+    ]
+    .iter()
+    .map(|s| int(&json, &format!("stage_{s}")))
+    .sum();
+    assert_eq!(by_stage, connections, "{json}");
+    assert_eq!(int(&json, "errors"), 0, "{json}");
+    for g in ["cdc_connections", "cdc_subscriptions", "cdc_pending_bytes"] {
+        assert_eq!(gauge(&json, g), 0.0, "{g}: {json}");
+    }
+    // The bench's own view agrees with the server's.
+    let metrics = server.metrics();
+    for line in ["kvfeed_cdc_connections 0", "kvfeed_cdc_subscriptions 0"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
+
+#[test]
+fn idle_holds_then_releases_every_connection() {
+    let server = TestServer::start();
+    let json = bench(&server, "idle", &["--connections", "20", "--batch", "10"]).ok("idle");
+    assert_eq!(int(&json, "connections"), 20, "{json}");
+    assert_eq!(gauge(&json, "cdc_connections"), 20.0, "{json}");
+    assert!(json["rss_per_connection_kib"].is_number(), "{json}");
+}
+
+#[test]
+fn slow_consumer_costs_the_fast_one_nothing() {
+    let server = TestServer::start();
+    let json = bench(&server, "slow", &["--duration", "1s", "--writers", "2"]).ok("slow");
+    let puts = int(&json, "puts");
+    assert!(puts > 0, "{json}");
+    assert_eq!(int(&json, "fast_lost"), 0, "{json}");
+    assert_eq!(int(&json, "fast_duplicated"), 0, "{json}");
+    assert_eq!(int(&json, "fast_rows"), puts, "{json}");
+    // Either the server gave up on the slow consumer and said so, or it
+    // kept up and the slow consumer got everything.
+    let congested = json["congested"].as_bool().expect("congested is a flag");
+    assert!(congested || int(&json, "slow_missed") == 0, "{json}");
+}
+
+#[test]
+fn engine_scans_what_it_wrote_and_streams_over_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = run(&[
+        "bench".into(),
+        "engine".into(),
+        "--keys".into(),
+        "2000".into(),
+        "--dir".into(),
+        dir.path().display().to_string(),
+        "--grpc".into(),
+        "--grpc-duration".into(),
+        "200ms".into(),
+        "--message-size".into(),
+        "4096".into(),
+    ])
+    .ok("engine");
+    assert_eq!(int(&json, "scan_entries"), 2000, "{json}");
+    assert!(int(&json, "grpc_messages") > 0, "{json}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read the directory")
+        .collect();
+    assert!(left.is_empty(), "temporary databases left behind: {left:?}");
+}
+
+#[test]
+fn bad_targets_are_refused_with_a_reason() {
+    let remote = run(&[
+        "bench".into(),
+        "feed".into(),
+        "--pd".into(),
+        "192.0.2.1:20160".into(),
+    ]);
+    assert_ne!(remote.code, Some(0));
+    assert!(remote.stderr.contains("loopback"), "{}", remote.stderr);
+
+    let server = TestServer::start();
+    // A port that was free a moment ago: nothing answers /metrics there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let no_status = run(&[
+        "bench".into(),
+        "scan".into(),
+        "--pd".into(),
+        server.pd_endpoint(),
+        "--status".into(),
+        closed,
+        "--keys".into(),
+        "10".into(),
+    ]);
+    assert_ne!(no_status.code, Some(0));
+    assert!(
+        no_status.stderr.contains("/metrics"),
+        "{}",
+        no_status.stderr
+    );
+
+    let bad_size = bench(&server, "feed", &["--value-size", "8"]);
+    assert_ne!(bad_size.code, Some(0));
+    assert!(
+        bad_size.stderr.contains("--value-size"),
+        "{}",
+        bad_size.stderr
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_server_reports_its_own_memory_and_cpu() {
+    let server = TestServer::start();
+    let metrics = server.metrics();
+    for name in [
+        "kvfeed_process_resident_memory_bytes",
+        "kvfeed_process_cpu_seconds_total",
+        "kvfeed_process_open_fds",
+    ] {
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        let value: f64 = value.parse().expect("a number");
+        assert!(value >= 0.0, "{name} = {value}");
+    }
+    let rss = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvfeed_process_resident_memory_bytes "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("rss");
+    assert!(
+        rss > 1024.0 * 1024.0,
+        "a running server holds more than 1 MiB: {rss}"
+    );
+
+    let help = run(&["bench".into(), "idle".into(), "--help".into()]);
+    assert_eq!(help.code, Some(0));
+    assert!(help.stdout.contains("ulimit -n"), "{}", help.stdout);
+}
