@@ -27,7 +27,11 @@
 //!   whose receiver sits in the task's request source: dropping the
 //!   response stream makes the next `next_request` an error, which ends
 //!   `serve` (reason `stream_error`) at once. (The request stream usually
-//!   fails too when the client goes; nothing relies on it.)
+//!   fails too when the client goes; nothing relies on it.) If `serve` is
+//!   not waiting for a request at that moment — after a half-close it
+//!   flushes, waiting for the connection's catch-up scans — the task drops
+//!   the `serve` future instead ([`run_connection`]); the guard inside the
+//!   dropped connection deregisters it.
 //!
 //! # How a call ends
 //!
@@ -129,6 +133,7 @@ impl FeedService {
             })?;
         let span = tracing::info_span!("feed_call", conn_id = connection.id().0, %peer);
         let (gone_tx, gone_rx) = oneshot::channel();
+        let (abandoned_tx, abandoned_rx) = oneshot::channel();
         let (outcome_tx, outcome_rx) = oneshot::channel();
         let requests = Requests {
             stream: request.into_inner(),
@@ -136,13 +141,21 @@ impl FeedService {
             failure: None,
         };
         tokio::spawn(
-            run_connection(connection, requests, feed.task_guard(), outcome_tx).instrument(span),
+            run_connection(
+                connection,
+                requests,
+                feed.task_guard(),
+                abandoned_rx,
+                outcome_tx,
+            )
+            .instrument(span),
         );
         Ok(Response::new(FeedStream {
             events,
             events_ended: false,
             outcome: Some(outcome_rx),
             _gone: gone_tx,
+            _abandoned: abandoned_tx,
         }))
     }
 }
@@ -167,16 +180,32 @@ fn requested_features<T>(request: &Request<T>) -> Result<Features, Status> {
 }
 
 /// The call's task: runs the request loop and reports how the call ends.
+///
+/// `abandoned` resolves when the response stream is dropped. The request
+/// source already ends `serve` then, but only while `serve` is waiting for a
+/// request: after a half-close, `serve` flushes (it waits for the
+/// connection's catch-up scans), and a flush towards a client that is gone
+/// may never finish. Racing the whole of `serve` against `abandoned` drops
+/// the `serve` future — and with it the connection, whose guard deregisters
+/// it — on that path too, so the task can never outlive its call.
 async fn run_connection(
     connection: Connection,
     mut requests: Requests,
     task: TaskGuard,
+    abandoned: oneshot::Receiver<()>,
     outcome: oneshot::Sender<Option<Status>>,
 ) {
     // Counted for exactly as long as this task holds the connection.
     let _task = task;
     tracing::debug!(features = ?connection.features().names(), "feed call started");
-    let status = match connection.serve(&mut requests).await {
+    let served = tokio::select! {
+        served = connection.serve(&mut requests) => served,
+        _ = abandoned => {
+            tracing::debug!("response stream dropped while serving; connection released");
+            return;
+        }
+    };
+    let status = match served {
         Ok(ServeEnd::HalfClosed) => {
             tracing::debug!("client half-closed");
             None
@@ -258,6 +287,9 @@ pub struct FeedStream {
     /// Dropped with the stream, which tells the call's task the client is
     /// gone (see [`Requests`]).
     _gone: oneshot::Sender<()>,
+    /// Dropped with the stream too; ends the task wherever `serve` is
+    /// waiting (see [`run_connection`]).
+    _abandoned: oneshot::Sender<()>,
 }
 
 impl fmt::Debug for FeedStream {

@@ -242,6 +242,39 @@ fn churn_leaves_no_connection_subscription_or_byte_behind() {
     }
 }
 
+/// Regression: a client that registers, half-closes and drops the call at
+/// once used to leave its connection (and task) behind about once in 400
+/// calls, when the drop landed while the server was flushing the
+/// half-close. Thousands of such calls must leave nothing.
+#[test]
+fn churn_of_register_then_drop_leaves_nothing_behind() {
+    let server = TestServer::start();
+    let json = bench(
+        &server,
+        "churn",
+        &[
+            "--clients",
+            "16",
+            "--duration",
+            "3s",
+            "--stages",
+            "after_register",
+            "--preload",
+            "32",
+        ],
+    )
+    .ok("churn");
+    assert!(int(&json, "connections") > 0, "{json}");
+    for g in [
+        "cdc_connections",
+        "cdc_subscriptions",
+        "cdc_pending_bytes",
+        "cdc_connection_tasks",
+    ] {
+        assert_eq!(gauge(&json, g), 0.0, "{g}: {json}");
+    }
+}
+
 #[test]
 fn idle_holds_then_releases_every_connection() {
     let server = TestServer::start();
