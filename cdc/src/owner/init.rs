@@ -89,6 +89,7 @@ impl Owner {
 
     /// Applies one message of a catch-up scan.
     pub(super) fn on_scan(&mut self, msg: ScanMsg) {
+        self.scans_flushed.push(msg.flushed);
         let ScanKey {
             conn,
             request_id,

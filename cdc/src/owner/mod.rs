@@ -225,6 +225,9 @@ pub(crate) struct Owner {
     closing: HashMap<ConnId, oneshot::Sender<()>>,
     /// Connections with a resolved ts waiting to be sent.
     resolved_pending: BTreeSet<ConnId>,
+    /// Scan messages handled this step; dropped after the flush, which
+    /// tells each scan its events are queued (see `ScanMsg::flushed`).
+    scans_flushed: Vec<oneshot::Sender<()>>,
     metrics: FeedMetrics,
     observer: ObserverGuard,
 }
@@ -248,6 +251,7 @@ impl Owner {
             next_scan: 1,
             closing: HashMap::new(),
             resolved_pending: BTreeSet::new(),
+            scans_flushed: Vec::new(),
             metrics: deps.metrics,
             observer: ObserverGuard {
                 store: deps.store,
@@ -473,6 +477,7 @@ impl Owner {
 
     fn flush(&mut self) {
         self.outbox.flush(&mut self.registry);
+        self.scans_flushed.clear();
         resolved::flush(&mut self.registry, &mut self.resolved_pending);
         self.finish_closes();
     }

@@ -67,7 +67,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use kvfeed_proto::cdcpb::event::Row;
@@ -130,6 +130,13 @@ pub(crate) enum ScanEvent {
 pub(crate) struct ScanMsg {
     pub key: ScanKey,
     pub event: ScanEvent,
+    /// Dropped by the owner once the events this message produced are
+    /// queued on the connection (after the step's flush). The scan waits
+    /// for it before looking for room again, so its own earlier batch is
+    /// counted in the room it sees: without this, batches still on their
+    /// way to the owner were invisible to `pace`, and a burst of them could
+    /// overfill a reading client's queue and congest it.
+    pub flushed: oneshot::Sender<()>,
 }
 
 /// Everything a scan task needs about its subscription and connection.
@@ -416,10 +423,23 @@ impl ScanPool {
         key: ScanKey,
         event: ScanEvent,
     ) -> bool {
+        let (flushed, queued) = oneshot::channel();
+        let msg = ScanMsg {
+            key,
+            event,
+            flushed,
+        };
         tokio::select! {
-            sent = self.tx.send(ScanMsg { key, event }) => sent.is_ok(),
-            () = cancelled(cancel) => false,
+            sent = self.tx.send(msg) => if sent.is_err() { return false; },
+            () = cancelled(cancel) => return false,
         }
+        // Err is the expected answer: the owner drops the sender at its next
+        // flush whatever became of the subscription (or when it is gone), so
+        // this wait always ends and needs no race with `cancel` — which,
+        // after `Done`, fires as the subscription completes and would make a
+        // finished scan look aborted.
+        let _ = queued.await;
+        true
     }
 }
 
