@@ -24,24 +24,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("kvfeed: {}", error_chain(err.as_ref()));
+            eprintln!("kvfeed: {}", kvfeed::cli::error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// `err` followed by its sources, so that e.g. an I/O cause is not lost.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Many errors already embed their source in their own message.
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

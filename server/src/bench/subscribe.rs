@@ -131,28 +131,13 @@ pub async fn connect(addr: &str) -> Result<Channel, BenchError> {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(BenchError::Connect {
             addr: addr.to_owned(),
-            reason: error_chain(&e),
+            reason: crate::cli::error_chain(&e),
         }),
         Err(_) => Err(BenchError::Connect {
             addr: addr.to_owned(),
             reason: format!("no connection within {OPEN_TIMEOUT:?}"),
         }),
     }
-}
-
-/// `err` and its sources in one line (an `os error 24` is deep inside).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// One `EventFeed` call: the request sender and the event stream.
