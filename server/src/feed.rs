@@ -30,7 +30,7 @@
 //!   fails too when the client goes; nothing relies on it.) If `serve` is
 //!   not waiting for a request at that moment — after a half-close it
 //!   flushes, waiting for the connection's catch-up scans — the task drops
-//!   the `serve` future instead ([`run_connection`]); the guard inside the
+//!   the `serve` future instead (`run_connection`); the guard inside the
 //!   dropped connection deregisters it.
 //!
 //! # How a call ends
