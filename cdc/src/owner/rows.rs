@@ -215,18 +215,7 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                     // An overlapped rollback of the lock's transaction,
                     // marked on another one's record (see the module docs).
                     if matches!(lock.lock_type, LockType::Put | LockType::Delete) {
-                        rows.push(txn_row(
-                            key,
-                            Row {
-                                start_ts: lock.start_ts.into_inner(),
-                                r#type: LogType::Rollback as i32,
-                                op_type: OpType::Unknown as i32,
-                                key: key.clone(),
-                                txn_source: lock.txn_source,
-                                ..Row::default()
-                            },
-                            None,
-                        ));
+                        rows.push(rollback_row(key, lock.start_ts, lock.txn_source));
                     }
                     continue;
                 }
@@ -235,18 +224,7 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                     WriteType::Delete => OpType::Delete,
                     WriteType::Rollback => {
                         if lock_deleted.contains(&key[..]) {
-                            rows.push(txn_row(
-                                key,
-                                Row {
-                                    start_ts: write.start_ts.into_inner(),
-                                    r#type: LogType::Rollback as i32,
-                                    op_type: OpType::Unknown as i32,
-                                    key: key.clone(),
-                                    txn_source: write.txn_source,
-                                    ..Row::default()
-                                },
-                                None,
-                            ));
+                            rows.push(rollback_row(key, write.start_ts, write.txn_source));
                         }
                         continue;
                     }
@@ -325,6 +303,23 @@ fn txn_row(key: &[u8], row: Row, old_value_ts: Option<TimeStamp>) -> DecodedRow 
         row,
         old_value_ts,
     }
+}
+
+/// The ROLLBACK row of transaction `start_ts` on `key` (commit_ts 0, as TiKV
+/// sends it).
+fn rollback_row(key: &[u8], start_ts: TimeStamp, txn_source: u64) -> DecodedRow {
+    txn_row(
+        key,
+        Row {
+            start_ts: start_ts.into_inner(),
+            r#type: LogType::Rollback as i32,
+            op_type: OpType::Unknown as i32,
+            key: key.to_vec(),
+            txn_source,
+            ..Row::default()
+        },
+        None,
+    )
 }
 
 /// The COMMITTED row of a raw write (live or scanned).
