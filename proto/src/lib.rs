@@ -13,6 +13,12 @@
 //! Each module holds the prost messages of one package, plus tonic clients
 //! and servers for packages with a service (`pd_client`/`pd_server`,
 //! `tikv_client`/`tikv_server`, `change_data_client`/`change_data_server`).
+//!
+//! With the `etcd` feature, `etcdserverpb` and `mvccpb` hold the client
+//! side of the part of etcd's v3 API the benchmarks compare kvfeed with
+//! (`KV.Put`, `Watch.Watch`), from kvfeed's own `proto/etcd/*.proto`; the
+//! same rule applies: names and numbers are etcd's, `tests/etcd_wire.rs`
+//! pins them.
 
 /// Expands to a module holding generated code, with the lints that
 /// generated code trips switched off for that module only.
@@ -59,4 +65,14 @@ generated!(
 generated!(
     /// The change feed (`ChangeData`): subscriptions, events, resolved ts.
     cdcpb
+);
+generated!(
+    /// etcd's key-value records and watch events (`etcd` feature).
+    #[cfg(feature = "etcd")]
+    mvccpb
+);
+generated!(
+    /// etcd's `KV` (Put) and `Watch` clients (`etcd` feature).
+    #[cfg(feature = "etcd")]
+    etcdserverpb
 );

@@ -20,6 +20,12 @@
 //! has them, connection tasks and ongoing scans) are back to their values
 //! before the run — 0 on a server without other feed clients. Anything
 //! else is a leak and fails the run.
+//!
+//! On etcd (`--target etcd://...`) a connection is one `Watch` call with
+//! one watch of the preloaded range from the revision of its first key, so
+//! etcd replays them as kvfeed's catch-up scan does; the stages map onto
+//! it as `etcd::churn_one` says, and the leak check reads etcd's watch
+//! stream and watcher gauges and its open `Watch` calls.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,36 +41,122 @@ use super::report::Report;
 use super::scrape::{CONNECTIONS, PENDING_BYTES, SUBSCRIPTIONS, Scrape, poll_until, scrape};
 use super::stats::{SplitMix64, per_second};
 use super::subscribe::{FeedStream, Item, Plan, connect, describe, for_each_item};
-use super::{
-    BenchError, Server, TargetArgs, check_duration, check_range, progress, run_prefix, secs,
-};
+use super::target::System;
+use super::{BenchError, TargetArgs, check_duration, check_range, progress, run_prefix, secs};
 use crate::client::KeyMode;
 use crate::units::ReadableDuration;
 
 const NAME: &str = "churn";
 /// Bound on one connection's life, whatever its stage.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of each preloaded value.
+const PRELOAD_VALUE_SIZE: usize = 64;
 /// How often the leak check polls.
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
-/// Gauges that must return to their value before the run, with their
-/// report keys. The last two are checked when the server has them (a
-/// labelled gauge appears only once used, so absent counts as 0).
-const LEAK_GAUGES: [(&str, &str); 5] = [
-    ("cdc_connections", CONNECTIONS),
-    ("cdc_subscriptions", SUBSCRIPTIONS),
-    ("cdc_pending_bytes", PENDING_BYTES),
-    ("cdc_connection_tasks", "kvfeed_cdc_connection_tasks"),
-    (
-        "cdc_scans_ongoing",
-        "kvfeed_cdc_scan_tasks{state=\"ongoing\"}",
-    ),
-];
-/// How many of [`LEAK_GAUGES`] every server must have.
-const REQUIRED_GAUGES: usize = 3;
+/// A figure that must return to its value before the run.
+struct Leak {
+    /// Report key.
+    key: &'static str,
+    /// What the table shows (the metric's name).
+    label: &'static str,
+    /// Every server must have it; otherwise it is checked when present (a
+    /// labelled gauge appears only once used, so absent counts as 0).
+    required: bool,
+    read: fn(&Scrape) -> Option<f64>,
+}
 
-fn gauge_or_zero(scrape: &Scrape, name: &str) -> f64 {
-    scrape.get(name).unwrap_or(0.0)
+impl Leak {
+    fn value_or_zero(&self, scrape: &Scrape) -> f64 {
+        (self.read)(scrape).unwrap_or(0.0)
+    }
+}
+
+/// What the leak check reads on `system`.
+fn leaks(system: &System) -> Vec<Leak> {
+    match system {
+        System::Kvfeed(_) => vec![
+            Leak {
+                key: "cdc_connections",
+                label: CONNECTIONS,
+                required: true,
+                read: |s| s.get(CONNECTIONS),
+            },
+            Leak {
+                key: "cdc_subscriptions",
+                label: SUBSCRIPTIONS,
+                required: true,
+                read: |s| s.get(SUBSCRIPTIONS),
+            },
+            Leak {
+                key: "cdc_pending_bytes",
+                label: PENDING_BYTES,
+                required: true,
+                read: |s| s.get(PENDING_BYTES),
+            },
+            Leak {
+                key: "cdc_connection_tasks",
+                label: "kvfeed_cdc_connection_tasks",
+                required: false,
+                read: |s| s.get("kvfeed_cdc_connection_tasks"),
+            },
+            Leak {
+                key: "cdc_scans_ongoing",
+                label: "kvfeed_cdc_scan_tasks{state=\"ongoing\"}",
+                required: false,
+                read: |s| s.get("kvfeed_cdc_scan_tasks{state=\"ongoing\"}"),
+            },
+        ],
+        #[cfg(feature = "etcd")]
+        System::Etcd(_) => {
+            use super::etcd::{WATCH_STREAMS, WATCHERS, open_watch_calls};
+            vec![
+                Leak {
+                    key: "etcd_watch_streams",
+                    label: WATCH_STREAMS,
+                    required: true,
+                    read: |s| s.get(WATCH_STREAMS),
+                },
+                Leak {
+                    key: "etcd_watchers",
+                    label: WATCHERS,
+                    required: true,
+                    read: |s| s.get(WATCHERS),
+                },
+                Leak {
+                    key: "etcd_watch_calls_open",
+                    label: "Watch calls open (gRPC started - handled)",
+                    required: true,
+                    read: open_watch_calls,
+                },
+            ]
+        }
+    }
+}
+
+/// What each churned call subscribes to.
+#[derive(Clone)]
+enum Calls {
+    /// EventFeed calls registering every subscription of the plan.
+    Kvfeed(Arc<Plan>),
+    /// Watch calls replaying the `preloaded` keys under `prefix`, from
+    /// the revision of the first.
+    #[cfg(feature = "etcd")]
+    Etcd {
+        prefix: Arc<[u8]>,
+        preloaded: u64,
+        first_revision: i64,
+    },
+}
+
+impl Calls {
+    fn regions(&self) -> Option<usize> {
+        match self {
+            Calls::Kvfeed(plan) => Some(plan.subs.len()),
+            #[cfg(feature = "etcd")]
+            Calls::Etcd { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -157,6 +249,21 @@ struct Tally {
     stage_time: [Duration; 5],
     errors: u64,
     first_error: Option<String>,
+    /// Half-closed calls the server did not end (see [`Ended`]).
+    half_close_left_open: u64,
+}
+
+/// How a connection that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// As its stage says.
+    AsPlanned,
+    /// Half-closed, but the server kept the call open; the client dropped
+    /// it after a grace period. kvfeed ends such a call (waiting for it is
+    /// bounded by the stage timeout, and an overrun is an error); etcd
+    /// keeps it open until the client cancels it, which is what its
+    /// clients do instead, so on etcd this is counted, not failed.
+    HalfCloseLeftOpen,
 }
 
 pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
@@ -169,17 +276,35 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     } else {
         args.stages.clone().into()
     };
-    let server = Server::connect(&args.target).await?;
+    let system = System::connect(&args.target).await?;
     let prefix = run_prefix(NAME);
-    if args.preload > 0 {
-        load::preload(&server, &prefix, args.preload, 64).await?;
-    }
-    let plan = Arc::new(Plan::new(&server, KeyMode::Raw, &prefix, &prefix_end(&prefix)).await?);
+    let calls = match &system {
+        System::Kvfeed(server) => {
+            if args.preload > 0 {
+                load::preload(server, &prefix, args.preload, PRELOAD_VALUE_SIZE).await?;
+            }
+            let plan = Plan::new(server, KeyMode::Raw, &prefix, &prefix_end(&prefix)).await?;
+            Calls::Kvfeed(Arc::new(plan))
+        }
+        #[cfg(feature = "etcd")]
+        System::Etcd(etcd) => {
+            let first_revision = etcd
+                .preload(&prefix, args.preload, PRELOAD_VALUE_SIZE)
+                .await?;
+            Calls::Etcd {
+                prefix: prefix.clone().into(),
+                preloaded: args.preload,
+                first_revision,
+            }
+        }
+    };
     let mut channels = Vec::new();
     for _ in 0..args.clients {
-        channels.push(connect(server.feed_addr()).await?);
+        channels.push(connect(system.stream_addr()).await?);
     }
-    let before = scrape(&server.status).await?;
+    let metrics = system.metrics_addr();
+    let leaks = leaks(&system);
+    let before = scrape(metrics).await?;
     progress(
         NAME,
         &format!("{} clients churning for {}", args.clients, args.duration),
@@ -188,10 +313,10 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     let deadline = tokio::time::Instant::now() + duration;
     let mut clients = JoinSet::new();
     for (i, channel) in channels.into_iter().enumerate() {
-        let (plan, stages) = (Arc::clone(&plan), Arc::clone(&stages));
+        let (calls, stages) = (calls.clone(), Arc::clone(&stages));
         // Each client its own stream of choices, all fixed by --seed.
         let mut rng = SplitMix64::new(args.seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-        clients.spawn(async move { client(channel, &plan, &stages, deadline, &mut rng).await });
+        clients.spawn(async move { client(channel, &calls, &stages, deadline, &mut rng).await });
     }
     let mut tally = Tally::default();
     while let Some(done) = clients.join_next().await {
@@ -201,17 +326,18 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
             tally.stage_time[i] += t.stage_time[i];
         }
         tally.errors += t.errors;
+        tally.half_close_left_open += t.half_close_left_open;
         if tally.first_error.is_none() {
             tally.first_error = t.first_error;
         }
     }
     let elapsed = started.elapsed();
-    progress(NAME, "waiting for the feed's gauges to settle");
+    progress(NAME, "waiting for the server's gauges to settle");
     let settled_from = Instant::now();
-    let (after, settled) = poll_until(&server.status, settle, POLL_EVERY, |s| {
-        LEAK_GAUGES
+    let (after, settled) = poll_until(metrics, settle, POLL_EVERY, |s| {
+        leaks
             .iter()
-            .all(|(_, g)| gauge_or_zero(s, g) == gauge_or_zero(&before, g))
+            .all(|leak| leak.value_or_zero(s) == leak.value_or_zero(&before))
     })
     .await?;
     let settle_time = settled_from.elapsed();
@@ -220,10 +346,12 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     let mut report = Report::new(NAME);
     report.json(
         "params",
-        json!({"clients": args.clients, "duration_s": secs(duration), "seed": args.seed,
+        json!({"target": system.name(), "clients": args.clients,
+               "duration_s": secs(duration), "seed": args.seed,
                "stages": stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
-               "preload": args.preload, "regions": plan.subs.len()}),
+               "preload": args.preload, "regions": calls.regions()}),
     );
+    report.text("target", "target", system.name());
     report.section("Connections");
     report.int("connections", "connections", total);
     report.float(
@@ -255,6 +383,11 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
         );
     }
     report.json("stages", serde_json::Value::Object(stages));
+    report.int(
+        "half_close_left_open",
+        "  half-closed calls the server kept open",
+        tally.half_close_left_open,
+    );
     report.int("errors", "errors", tally.errors);
     if let Some(error) = &tally.first_error {
         report.text("first_error", "first error", error);
@@ -264,7 +397,7 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
         ));
     }
     report.section("After the run");
-    report_gauges(&mut report, &before, &after);
+    report_gauges(&mut report, &leaks, &before, &after);
     report.float(
         "settle_seconds",
         "time to settle",
@@ -274,7 +407,7 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     );
     if !settled {
         report.fail(format!(
-            "the feed's gauges did not return to their values before the run within {}",
+            "the server's gauges did not return to their values before the run within {}",
             args.settle_timeout
         ));
     }
@@ -288,28 +421,33 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-fn report_gauges(report: &mut Report, before: &Scrape, after: &Scrape) {
-    for (i, (key, name)) in LEAK_GAUGES.iter().enumerate() {
-        let required = i < REQUIRED_GAUGES;
-        if required && after.get(name).is_none() {
-            report.fail(format!("the server's /metrics has no {name}"));
-        }
-        let (was, is) = if required {
-            (before.get(name), after.get(name))
+fn report_gauges(report: &mut Report, leaks: &[Leak], before: &Scrape, after: &Scrape) {
+    for leak in leaks {
+        let (was, is) = if leak.required {
+            ((leak.read)(before), (leak.read)(after))
         } else {
             (
-                Some(gauge_or_zero(before, name)),
-                Some(gauge_or_zero(after, name)),
+                Some(leak.value_or_zero(before)),
+                Some(leak.value_or_zero(after)),
             )
         };
-        report.opt_float(key, name, is, 0, "");
-        report.opt_float(&format!("{key}_before"), "  before the run", was, 0, "");
+        if is.is_none() {
+            report.fail(format!("the server's /metrics has no {}", leak.label));
+        }
+        report.opt_float(leak.key, leak.label, is, 0, "");
+        report.opt_float(
+            &format!("{}_before", leak.key),
+            "  before the run",
+            was,
+            0,
+            "",
+        );
     }
 }
 
 async fn client(
     channel: Channel,
-    plan: &Plan,
+    calls: &Calls,
     stages: &[Stage],
     deadline: tokio::time::Instant,
     rng: &mut SplitMix64,
@@ -318,9 +456,13 @@ async fn client(
     while tokio::time::Instant::now() < deadline {
         let stage = Stage::pick(rng, stages);
         let began = Instant::now();
-        let outcome = tokio::time::timeout(STAGE_TIMEOUT, one(&channel, plan, stage)).await;
+        let outcome = tokio::time::timeout(STAGE_TIMEOUT, one(&channel, calls, stage)).await;
         let error = match outcome {
-            Ok(Ok(())) => None,
+            Ok(Ok(Ended::AsPlanned)) => None,
+            Ok(Ok(Ended::HalfCloseLeftOpen)) => {
+                tally.half_close_left_open += 1;
+                None
+            }
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!(
                 "stage {} took longer than {STAGE_TIMEOUT:?}",
@@ -344,7 +486,22 @@ async fn client(
 }
 
 /// One connection, ended at `stage`.
-async fn one(channel: &Channel, plan: &Plan, stage: Stage) -> Result<(), BenchError> {
+async fn one(channel: &Channel, calls: &Calls, stage: Stage) -> Result<Ended, BenchError> {
+    match calls {
+        Calls::Kvfeed(plan) => one_feed(channel, plan, stage)
+            .await
+            .map(|()| Ended::AsPlanned),
+        #[cfg(feature = "etcd")]
+        Calls::Etcd {
+            prefix,
+            preloaded,
+            first_revision,
+        } => super::etcd::churn_one(channel, prefix, (*preloaded, *first_revision), stage).await,
+    }
+}
+
+/// One EventFeed call, ended at `stage`.
+async fn one_feed(channel: &Channel, plan: &Plan, stage: Stage) -> Result<(), BenchError> {
     let mut stream = FeedStream::open(channel.clone()).await?;
     if stage == Stage::BeforeRequest {
         return Ok(());

@@ -13,6 +13,11 @@
 //! Each connection needs a file descriptor in the bench and one in the
 //! server: at the open-files limit the run stops with an error that says
 //! so (raise it with `ulimit -n`).
+//!
+//! On etcd (`--target etcd://...`) each connection carries one `Watch`
+//! call with one watch of a small range, ready at `created`; etcd's watch
+//! stream and watcher gauges play the part of the feed's connection and
+//! subscription gauges, and its RSS comes from its own `/metrics`.
 
 use std::time::{Duration, Instant};
 
@@ -20,13 +25,13 @@ use clap::Args;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::load::prefix_end;
 use super::report::Report;
 use super::scrape::{CONNECTIONS, SUBSCRIPTIONS, poll_until, scrape};
 use super::stats::per_second;
-use super::subscribe::{FeedStream, Plan, connect};
-use super::watcher::INIT_TIMEOUT;
-use super::{BenchError, Server, TargetArgs, check_range, progress, run_prefix, secs};
+use super::subscribe::{FeedStream, connect};
+use super::target::System;
+use super::watcher::{INIT_TIMEOUT, WatchPlan};
+use super::{BenchError, TargetArgs, check_range, progress, run_prefix, secs};
 use crate::client::KeyMode;
 
 const NAME: &str = "idle";
@@ -55,7 +60,8 @@ pub struct IdleArgs {
 
 /// One open idle connection: dropping it closes it.
 struct Idle {
-    _requests: tokio::sync::mpsc::Sender<kvfeed_proto::cdcpb::ChangeDataRequest>,
+    /// The call's request side, kept open (dropping it would half-close).
+    _requests: Box<dyn std::any::Any + Send>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -65,16 +71,45 @@ impl Drop for Idle {
     }
 }
 
+/// The server's gauges of watch connections and of what they watch, with
+/// how much one idle connection adds to the second.
+struct Gauges {
+    /// Report key of the first while all are open.
+    key: &'static str,
+    connections: &'static str,
+    subscriptions: &'static str,
+    subscriptions_each: f64,
+}
+
+fn gauges(system: &System, watch: &WatchPlan) -> Gauges {
+    match system {
+        System::Kvfeed(_) => Gauges {
+            key: "cdc_connections",
+            connections: CONNECTIONS,
+            subscriptions: SUBSCRIPTIONS,
+            subscriptions_each: watch.regions().unwrap_or(1) as f64,
+        },
+        #[cfg(feature = "etcd")]
+        System::Etcd(_) => Gauges {
+            key: "etcd_watch_streams",
+            connections: super::etcd::WATCH_STREAMS,
+            subscriptions: super::etcd::WATCHERS,
+            subscriptions_each: 1.0,
+        },
+    }
+}
+
 pub async fn run(args: &IdleArgs) -> Result<Report, BenchError> {
     check_range("--connections", args.connections, 1, 100_000)?;
     check_range("--batch", args.batch, 1, 1000)?;
-    let server = Server::connect(&args.target).await?;
+    let system = System::connect(&args.target).await?;
     let prefix = run_prefix(NAME);
-    let plan = Plan::new(&server, KeyMode::Raw, &prefix, &prefix_end(&prefix)).await?;
-    let checkpoint = server.cluster.tso().await?.into_inner();
-    let before = scrape(&server.status).await?;
-    let base_conns = before.require(CONNECTIONS)?;
-    let base_subs = before.require(SUBSCRIPTIONS)?;
+    let watch = system.watch_plan(KeyMode::Raw, &prefix).await?;
+    let gauges = gauges(&system, &watch);
+    let metrics = system.metrics_addr();
+    let before = scrape(metrics).await?;
+    let base_conns = before.require(gauges.connections)?;
+    let base_subs = before.require(gauges.subscriptions)?;
     progress(
         NAME,
         &format!(
@@ -88,9 +123,8 @@ pub async fn run(args: &IdleArgs) -> Result<Report, BenchError> {
         let batch = args.batch.min(args.connections - open.len());
         let mut opening = JoinSet::new();
         for _ in 0..batch {
-            let addr = server.feed_addr().to_owned();
-            let register = plan.registers(checkpoint);
-            opening.spawn(async move { open_idle(&addr, register).await });
+            let watch = watch.clone();
+            opening.spawn(async move { open_idle(&watch).await });
         }
         while let Some(done) = opening.join_next().await {
             let idle = done.map_err(|e| BenchError::Feed(format!("an open task failed: {e}")))?;
@@ -114,24 +148,26 @@ pub async fn run(args: &IdleArgs) -> Result<Report, BenchError> {
     }
     let opened_in = started.elapsed();
     let k = open.len() as f64;
-    let subs_each = plan.subs.len() as f64;
-    let (after, all_there) = poll_until(&server.status, SETTLE, POLL_EVERY, |s| {
-        s.get(CONNECTIONS) >= Some(base_conns + k)
-            && s.get(SUBSCRIPTIONS) >= Some(base_subs + k * subs_each)
+    let (conns, subs) = (gauges.connections, gauges.subscriptions);
+    let (after, all_there) = poll_until(metrics, SETTLE, POLL_EVERY, |s| {
+        s.get(conns) >= Some(base_conns + k)
+            && s.get(subs) >= Some(base_subs + k * gauges.subscriptions_each)
     })
     .await?;
     progress(NAME, "closing");
     drop(open);
-    let (closed, all_gone) = poll_until(&server.status, SETTLE, POLL_EVERY, |s| {
-        s.get(CONNECTIONS) == Some(base_conns) && s.get(SUBSCRIPTIONS) == Some(base_subs)
+    let (closed, all_gone) = poll_until(metrics, SETTLE, POLL_EVERY, |s| {
+        s.get(conns) == Some(base_conns) && s.get(subs) == Some(base_subs)
     })
     .await?;
 
     let mut report = Report::new(NAME);
     report.json(
         "params",
-        json!({"connections": args.connections, "batch": args.batch, "regions": plan.subs.len()}),
+        json!({"target": system.name(), "connections": args.connections,
+               "batch": args.batch, "regions": watch.regions()}),
     );
+    report.text("target", "target", system.name());
     report.int("connections", "connections opened", args.connections as u64);
     report.float(
         "open_per_sec",
@@ -141,9 +177,9 @@ pub async fn run(args: &IdleArgs) -> Result<Report, BenchError> {
         "",
     );
     report.opt_float(
-        "cdc_connections",
-        "kvfeed_cdc_connections while open",
-        after.get(CONNECTIONS),
+        gauges.key,
+        &format!("{conns} while open"),
+        after.get(conns),
         0,
         "",
     );
@@ -184,9 +220,31 @@ pub async fn run(args: &IdleArgs) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-/// Opens one connection, subscribes, waits for INITIALIZED, then leaves a
-/// task reading it.
-async fn open_idle(
+/// Opens one connection as `watch` says, waits until it is ready, then
+/// leaves a task reading it.
+async fn open_idle(watch: &WatchPlan) -> Result<Idle, BenchError> {
+    match watch {
+        WatchPlan::Kvfeed {
+            addr,
+            plan,
+            checkpoint,
+        } => open_idle_feed(addr, plan.registers(*checkpoint)).await,
+        #[cfg(feature = "etcd")]
+        WatchPlan::Etcd { addr, prefix } => {
+            let watcher = super::etcd::EtcdWatcher::open(addr, prefix).await?;
+            let (requests, mut responses) = watcher.into_parts();
+            let reader =
+                tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });
+            Ok(Idle {
+                _requests: Box::new(requests),
+                reader,
+            })
+        }
+    }
+}
+
+/// Opens one EventFeed call, subscribes, waits for INITIALIZED.
+async fn open_idle_feed(
     addr: &str,
     registers: Vec<kvfeed_proto::cdcpb::ChangeDataRequest>,
 ) -> Result<Idle, BenchError> {
@@ -220,7 +278,7 @@ async fn open_idle(
     } = stream;
     let reader = tokio::spawn(async move { while let Ok(Some(_)) = events.message().await {} });
     Ok(Idle {
-        _requests: requests,
+        _requests: Box::new(requests),
         reader,
     })
 }

@@ -15,6 +15,10 @@
 //! prewrite and a commit), which is what `--txn` is meant to measure; they
 //! run on a thread of their own (see `TxnExecutor` for why).
 //!
+//! On etcd (`--target etcd://...`) a put is one `KV.Put` on a connection
+//! all writers share, as the raw puts share the store's; everything else
+//! here is the same for both systems.
+//!
 //! Open loop (`--rate`): each writer sends at fixed intervals whether or
 //! not earlier puts have finished, and stamps each value with its
 //! *scheduled* time, so a server that falls behind shows up as latency
@@ -37,7 +41,7 @@ use crate::client::{ClientError, Cluster, KeyMode, RegionInfo};
 /// Bytes of the stamp at the start of every value.
 pub const STAMP_LEN: usize = 20;
 /// Bound on one put, retries included.
-const PUT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const PUT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Region-error retries of one raw put.
 const REGION_RETRIES: u32 = 5;
 /// In-flight puts per open-loop writer.
@@ -282,9 +286,12 @@ pub struct LoadResult {
     pub elapsed: Duration,
 }
 
-enum Backend {
+/// How the writers send a put.
+pub enum Backend {
     Raw(RawWriter),
     Txn(TxnExecutor),
+    #[cfg(feature = "etcd")]
+    Etcd(super::etcd::EtcdWriter),
 }
 
 /// One put for the [`TxnExecutor`].
@@ -303,7 +310,7 @@ struct TxnJob {
 /// local tasks, with a cluster connection of its own; writers send it
 /// puts and await the answers, which are `Send`. One thread is plenty:
 /// transactional puts wait on round trips, not on CPU.
-struct TxnExecutor {
+pub struct TxnExecutor {
     jobs: mpsc::Sender<TxnJob>,
 }
 
@@ -367,11 +374,27 @@ impl TxnExecutor {
 }
 
 impl Backend {
+    /// kvfeed's writers of `mode` for keys under `prefix`.
+    pub async fn kvfeed(
+        server: &Server,
+        mode: KeyMode,
+        prefix: &[u8],
+    ) -> Result<Backend, BenchError> {
+        Ok(match mode {
+            KeyMode::Raw => {
+                Backend::Raw(RawWriter::new(server, prefix, &prefix_end(prefix)).await?)
+            }
+            KeyMode::Txn => Backend::Txn(TxnExecutor::start(server.cluster.pd_addr()).await?),
+        })
+    }
+
     async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), BenchError> {
         let put = async {
             match self {
                 Backend::Raw(raw) => raw.put(key, value).await,
                 Backend::Txn(txn) => txn.put(key, value).await,
+                #[cfg(feature = "etcd")]
+                Backend::Etcd(etcd) => etcd.put(key, value).await.map(|_revision| ()),
             }
         };
         tokio::time::timeout(PUT_TIMEOUT, put)
@@ -420,14 +443,16 @@ impl Tally {
     }
 }
 
-/// Runs the writers for `spec.duration` and waits for their last puts.
+/// Runs kvfeed writers for `spec.duration` and waits for their last puts.
 pub async fn run(server: &Server, spec: &LoadSpec) -> Result<LoadResult, BenchError> {
-    let backend = Arc::new(match spec.mode {
-        KeyMode::Raw => {
-            Backend::Raw(RawWriter::new(server, &spec.prefix, &prefix_end(&spec.prefix)).await?)
-        }
-        KeyMode::Txn => Backend::Txn(TxnExecutor::start(server.cluster.pd_addr()).await?),
-    });
+    let backend = Backend::kvfeed(server, spec.mode, &spec.prefix).await?;
+    run_on(backend, spec).await
+}
+
+/// Runs writers on `backend` for `spec.duration` (`spec.mode` is then
+/// `backend`'s) and waits for their last puts.
+pub async fn run_on(backend: Backend, spec: &LoadSpec) -> Result<LoadResult, BenchError> {
+    let backend = Arc::new(backend);
     let started = Instant::now();
     let start_ns = unix_nanos();
     let first = tokio::time::Instant::now();

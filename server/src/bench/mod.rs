@@ -23,10 +23,14 @@
 //! Subcommands, one module each: [`feed`], [`scan`], [`churn`], [`idle`],
 //! [`slow`], [`engine`] (with [`grpc`]). Shared pieces: [`load`] (writers
 //! and preloading), [`subscribe`] and [`watcher`] (the consumer side),
-//! [`scrape`] (`/metrics`), [`stats`] and [`report`].
+//! [`scrape`] (`/metrics`), [`stats`] and [`report`]. `feed`, `churn` and
+//! `idle` can drive etcd instead of kvfeed, for a comparison: [`target`]
+//! chooses, and the `etcd` module (feature `etcd`) speaks etcd's API.
 
 pub mod churn;
 pub mod engine;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod feed;
 pub mod grpc;
 pub mod idle;
@@ -37,6 +41,7 @@ pub mod scrape;
 pub mod slow;
 pub mod stats;
 pub mod subscribe;
+pub mod target;
 pub mod watcher;
 
 use std::io;
@@ -50,6 +55,7 @@ use crate::client::{ClientError, Cluster, StoreConn};
 use crate::cmd::DEFAULT_PD;
 use crate::units::ReadableDuration;
 use report::Report;
+use target::TargetKind;
 
 /// Where `kvfeed serve` puts its status server by default.
 pub const DEFAULT_STATUS: &str = "127.0.0.1:20180";
@@ -88,6 +94,19 @@ pub enum BenchCommand {
 /// The server under test, for every benchmark that needs one.
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
+    /// The system to benchmark: `kvfeed` (the server at --pd and --status)
+    /// or `etcd://HOST:PORT`, an etcd's client URL, whose /metrics gives
+    /// its memory and CPU (--pd and --status are then not used). Only
+    /// feed, churn and idle drive etcd, and only in a kvfeed built with
+    /// the `etcd` feature.
+    #[arg(
+        long,
+        value_name = "kvfeed|etcd://HOST:PORT",
+        default_value = "kvfeed",
+        value_parser = target::parse_target
+    )]
+    pub target: TargetKind,
+
     /// PD address of the server (kvfeed serves PD on its gRPC address);
     /// `http://` is optional.
     #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_PD)]
@@ -160,6 +179,13 @@ impl Server {
     /// Connects to PD and the store, refusing non-loopback addresses
     /// (including the store address PD hands out) unless allowed.
     pub async fn connect(target: &TargetArgs) -> Result<Server, BenchError> {
+        if target.target != TargetKind::Kvfeed {
+            return Err(BenchError::Usage(
+                "this benchmark drives kvfeed only; --target etcd://... works with \
+                 feed, churn and idle"
+                    .to_owned(),
+            ));
+        }
         check_loopback(&target.pd, target.allow_remote)?;
         check_loopback(&target.status, target.allow_remote)?;
         let cluster = Cluster::connect(&target.pd).await?;
@@ -337,6 +363,7 @@ mod tests {
         assert_eq!(args.rate, Some(500.0));
         assert_eq!(args.target.pd, DEFAULT_PD);
         assert_eq!(args.target.status, DEFAULT_STATUS);
+        assert_eq!(args.target.target, TargetKind::Kvfeed);
         assert!(
             Cli::try_parse_from(["kvfeed", "bench", "feed", "--raw", "--txn"]).is_err(),
             "--raw and --txn exclude each other"

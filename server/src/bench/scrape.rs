@@ -1,5 +1,6 @@
 //! Reading the server's `/metrics` from outside: its memory and CPU (the
-//! `kvfeed_process_*` gauges) and the feed's own gauges.
+//! `kvfeed_process_*` gauges, or the `process_*` ones of the Prometheus Go
+//! client when the server is etcd) and the feed's own gauges.
 //!
 //! The server measures itself (from `/proc/self`, at scrape time), so the
 //! bench never confuses its own memory or CPU with the server's, even when
@@ -25,6 +26,10 @@ use super::BenchError;
 pub const RSS: &str = "kvfeed_process_resident_memory_bytes";
 /// CPU time of the server, seconds.
 pub const CPU: &str = "kvfeed_process_cpu_seconds_total";
+/// The same two figures under the names the Prometheus client libraries
+/// use (etcd's, read when the bench drives etcd).
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const CONNECTIONS: &str = "kvfeed_cdc_connections";
 pub const SUBSCRIPTIONS: &str = "kvfeed_cdc_subscriptions";
 pub const PENDING_BYTES: &str = "kvfeed_cdc_pending_bytes";
@@ -82,12 +87,30 @@ impl Scrape {
         })
     }
 
-    pub fn rss(&self) -> Option<f64> {
-        self.get(RSS)
+    /// The sum of every series of metric `name` whose labels contain
+    /// `label` (`None` if there is none).
+    pub fn sum(&self, name: &str, label: &str) -> Option<f64> {
+        let mut found = None;
+        for (key, value) in &self.values {
+            let matches = key
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label));
+            if matches {
+                found = Some(found.unwrap_or(0.0) + value);
+            }
+        }
+        found
     }
 
+    /// The server's resident memory, bytes: kvfeed's gauge, or the
+    /// standard one of another server.
+    pub fn rss(&self) -> Option<f64> {
+        self.get(RSS).or_else(|| self.get(PROCESS_RSS))
+    }
+
+    /// The server's CPU time, seconds (as [`Scrape::rss`]).
     pub fn cpu(&self) -> Option<f64> {
-        self.get(CPU)
+        self.get(CPU).or_else(|| self.get(PROCESS_CPU))
     }
 }
 
@@ -266,6 +289,15 @@ mod tests {
         assert_eq!(s.get("kvfeed_broken"), None);
         assert_eq!(s.get("kvfeed_with_ts"), Some(5.0));
         assert!(s.require(SUBSCRIPTIONS).is_err());
+        assert_eq!(
+            s.sum("kvfeed_cdc_aborted_connections_total", "half close"),
+            Some(7.0)
+        );
+        assert_eq!(s.sum("kvfeed_cdc_aborted", "half close"), None);
+        let etcd =
+            Scrape::parse("process_resident_memory_bytes 2e6\nprocess_cpu_seconds_total 1.5\n");
+        assert_eq!(etcd.rss(), Some(2e6));
+        assert_eq!(etcd.cpu(), Some(1.5));
     }
 
     #[test]
