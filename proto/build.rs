@@ -36,6 +36,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Smaller per-call buffers than tonic's default: see `src/codec.rs`.
+        .codec_path("crate::codec::LeanCodec")
         .compile_with_config(config, &protos, &[PathBuf::from(PROTO_DIR)])?;
 
     // Cargo tells a build script which features are on through the

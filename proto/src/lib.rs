@@ -20,6 +20,8 @@
 //! same rule applies: names and numbers are etcd's, `tests/etcd_wire.rs`
 //! pins them.
 
+pub mod codec;
+
 /// Expands to a module holding generated code, with the lints that
 /// generated code trips switched off for that module only.
 macro_rules! generated {
