@@ -11,12 +11,15 @@
 //! - Keys within a column family are ordered bytewise; iteration in both
 //!   directions honours the bounds exactly.
 
+pub mod cursor;
 pub mod fjall;
 pub mod memory;
 
 use std::ops::Bound;
 
 use crate::Result;
+
+pub use cursor::Cursor;
 
 /// Column families. `Default`, `Lock` and `Write` are TiKV's Percolator
 /// families; `Raw` holds raw key-value data (kept apart so that transactional

@@ -15,7 +15,7 @@ use std::ops::Bound;
 use super::key::{Key, TS_SUFFIX_LEN, split_versioned};
 use super::lock::{Lock, LockInfo, LockType};
 use super::write::{Write, WriteType};
-use crate::engine::{Cf, EngineIter, EngineSnapshot};
+use crate::engine::{Cf, Cursor, EngineSnapshot};
 use crate::{Error, Result, TimeStamp};
 
 /// One entry of a transactional read: a key-value pair, or the lock that
@@ -344,7 +344,7 @@ impl<'a> MvccReader<'a> {
             )?;
         while out.len() < opts.limit {
             let lock_key = locks.head_key();
-            let write_key = writes.head_user_key()?;
+            let write_key = writes.head_key_prefix(TS_SUFFIX_LEN, Cf::Write)?;
             let current: Vec<u8> = match (lock_key, write_key) {
                 (None, None) => break,
                 (Some(l), None) => l.to_vec(),
@@ -357,8 +357,8 @@ impl<'a> MvccReader<'a> {
             let key = Key::from_encoded(current).map_err(|e| Error::corrupt("write", e))?;
             let raw = key.to_raw()?;
             let mut blocked = None;
-            if let Some((k, v)) = &locks.head
-                && k.as_slice() == key.as_encoded()
+            if let Some((k, v)) = locks.head()
+                && k == key.as_encoded()
             {
                 blocked = blocking_lock(&Lock::from_bytes(v)?, &raw, opts.ts, opts.bypass);
                 locks.advance()?;
@@ -367,7 +367,7 @@ impl<'a> MvccReader<'a> {
             // visible at `ts`. Forward, versions arrive newest first; in
             // reverse, oldest first, so the last match wins.
             let mut visible: Option<Write> = None;
-            while let Some((k, v)) = &writes.head
+            while let Some((k, v)) = writes.head()
                 && key.is_prefix_of(k)
             {
                 if blocked.is_none() && (opts.reverse || visible.is_none()) {
@@ -412,42 +412,6 @@ pub struct ScanOptions<'a> {
     /// Start timestamps of transactions whose locks the caller has resolved
     /// (kvrpcpb `Context.resolved_locks`).
     pub bypass: &'a [TimeStamp],
-}
-
-/// A one-item lookahead over an engine iterator.
-struct Cursor<'a> {
-    iter: EngineIter<'a>,
-    head: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl<'a> Cursor<'a> {
-    fn new(mut iter: EngineIter<'a>) -> Result<Self> {
-        let head = iter.next().transpose()?;
-        Ok(Cursor { iter, head })
-    }
-
-    fn advance(&mut self) -> Result<()> {
-        self.head = self.iter.next().transpose()?;
-        Ok(())
-    }
-
-    fn head_key(&self) -> Option<&[u8]> {
-        self.head.as_ref().map(|(k, _)| k.as_slice())
-    }
-
-    /// The encoded user key of a versioned head key.
-    fn head_user_key(&self) -> Result<Option<&[u8]>> {
-        match &self.head {
-            None => Ok(None),
-            Some((k, _)) => match k.len().checked_sub(TS_SUFFIX_LEN) {
-                Some(n) => Ok(Some(&k[..n])),
-                None => Err(Error::corrupt(
-                    "write",
-                    "versioned key shorter than its timestamp",
-                )),
-            },
-        }
-    }
 }
 
 #[cfg(test)]

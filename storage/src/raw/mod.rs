@@ -36,7 +36,7 @@ use crate::tso::{Clock, Tso};
 use crate::{Error, Result, TimeStamp};
 
 use latch::{InFlight, Latches};
-pub use record::{RawChange, RawOp, decode_change};
+pub use record::{RawChange, RawOp, decode_change, decode_version};
 use record::{Record, TS_LEN, decode_user_key, encode_key, split_key};
 
 /// Tombstones written by one [`RawStore::delete_range`] batch, so a huge range

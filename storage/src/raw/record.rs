@@ -194,6 +194,30 @@ pub fn decode_change(mutation: &Mutation) -> Result<Option<RawChange>> {
     }))
 }
 
+/// Decodes one stored version of `key` at `ts` (its engine value, as a scan
+/// reads it) into the change it made. The value keeps the record's
+/// allocation: a scan reads every version once and builds one row from it,
+/// so copying each value again would be pure overhead.
+pub fn decode_version(key: Vec<u8>, ts: TimeStamp, mut record: Vec<u8>) -> Result<RawChange> {
+    let decoded = Record::decode(&record)?;
+    let (kind, expire_ts) = (decoded.kind, decoded.expire_ts);
+    // The value is the record's tail, after the header (and expiry).
+    let header = record.len() - decoded.value.len();
+    let op = match kind {
+        Kind::Put => {
+            record.drain(..header);
+            RawOp::Put(record)
+        }
+        Kind::Delete => RawOp::Delete,
+    };
+    Ok(RawChange {
+        key,
+        ts,
+        op,
+        expire_ts,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +230,21 @@ mod tests {
         let (encoded, ts) = split_key(&new).expect("split");
         assert_eq!(ts, TimeStamp::new(9));
         assert_eq!(decode_user_key(encoded).expect("decode"), b"k".to_vec());
+    }
+
+    #[test]
+    fn decode_version_keeps_the_value_and_expiry() {
+        let ts = TimeStamp::new(7);
+        let put =
+            decode_version(b"k".to_vec(), ts, Record::encode_put(b"value", Some(99))).expect("put");
+        assert_eq!(put.op, RawOp::Put(b"value".to_vec()));
+        assert_eq!(
+            (put.key.as_slice(), put.ts, put.expire_ts),
+            (&b"k"[..], ts, Some(99))
+        );
+        let delete = decode_version(b"k".to_vec(), ts, Record::encode_delete()).expect("delete");
+        assert_eq!((delete.op, delete.expire_ts), (RawOp::Delete, None));
+        assert!(decode_version(b"k".to_vec(), ts, vec![9, 1, 0]).is_err());
     }
 
     #[test]
