@@ -230,6 +230,9 @@ impl Drop for QueueRx {
         for q in state.items.drain(..) {
             self.shared.pending.sub(q.bytes);
         }
+        // Wakes scans waiting for room even when nothing was queued: they
+        // must learn that the stream is gone.
+        self.shared.pending.drained().notify_waiters();
     }
 }
 

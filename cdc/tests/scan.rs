@@ -316,6 +316,47 @@ async fn a_keys_long_history_spans_batches_in_order() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn histories_stay_in_order_when_batches_end_inside_keys() {
+    // Keys of 300 versions after the checkpoint (written interleaved, with
+    // older ones before it): batches of 1024 rows end inside a key, and
+    // the rest of that key comes next, in commit order. One key's history
+    // is longer than a batch.
+    let env = env();
+    let region = env.region_a();
+    let keys: [&[u8]; 5] = [b"h1", b"h2", b"h3", b"h4", b"h5"];
+    for key in keys {
+        env.put(key, b"before");
+        env.raw.put(key, b"before", None).expect("put");
+    }
+    let checkpoint = env.ts();
+    let (mut txn_want, mut raw_want) = (Vec::new(), Vec::new());
+    for i in 0..300u32 {
+        for key in keys {
+            let value = i.to_be_bytes();
+            txn_want.push(committed(key, OpType::Put, env.put(key, &value), &value));
+            let ts = env.raw.put(key, &value, None).expect("put");
+            raw_want.push(committed(key, OpType::Put, (ts, ts), &value));
+        }
+    }
+    for i in 0..1100u32 {
+        let value = i.to_be_bytes();
+        txn_want.push(committed(
+            b"long",
+            OpType::Put,
+            env.put(b"long", &value),
+            &value,
+        ));
+    }
+    // Scan order: by key, then oldest first.
+    txn_want.sort_by(|a, b| (&a.0, a.4).cmp(&(&b.0, b.4)));
+    raw_want.sort_by(|a, b| (&a.0, a.4).cmp(&(&b.0, b.4)));
+    let txn = scan(&env, from(register(1, &region), checkpoint)).await;
+    assert_eq!(summary(&txn.rows), txn_want);
+    let raw = scan(&env, from(register_raw(2, &region, b"", b""), checkpoint)).await;
+    assert_eq!(summary(&raw.rows), raw_want);
+}
+
+#[tokio::test(start_paused = true)]
 async fn old_values_and_the_loop_filter_apply_to_scanned_rows() {
     let env = env();
     let region = env.region_a();

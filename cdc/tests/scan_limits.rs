@@ -219,6 +219,36 @@ async fn deregistering_stops_a_large_scan() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn dropping_the_event_stream_while_a_scan_waits_ends_the_connection() {
+    // One queue slot and nobody reading: the scan waits for room when the
+    // embedder drops the event stream, then half-closes. The owner must
+    // learn that the scan ended, or `close` waits for it forever.
+    let env = env_with(FeedConfig {
+        sink_capacity: 2,
+        ..FeedConfig::default()
+    });
+    let region = env.region_a();
+    fill_raw(&env, "g", 20_000, 8);
+    let (mut conn, mut events) = env.connect();
+    conn.handle(register_raw(1, &region, b"", b""))
+        .await
+        .expect("handle");
+    assert!(
+        !events.expect().await.is_initialized(),
+        "the scan is running"
+    );
+    drop(events);
+    let closed = tokio::time::timeout(Duration::from_secs(30), conn.close()).await;
+    assert!(
+        closed.is_ok(),
+        "close() still waits for a scan whose event stream is gone"
+    );
+    let m = env.feed.metrics().clone();
+    env.assert_clean().await;
+    assert_eq!((m.scan_tasks("aborted"), m.scan_tasks("finished")), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn too_many_queued_scans_answer_server_is_busy() {
     // One slot, one ordinary queue slot and nobody reading: the first scan
     // waits for room, the second for a slot; the third Register is over the

@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 
 use tokio::sync::watch;
 
+use crate::connection::CloseReason;
 use crate::ids::ConnId;
 use crate::quota::HeldCharge;
 use crate::scan::{ScanEvent, ScanId, ScanJob, ScanKey, ScanMsg, ScanSpec};
@@ -96,6 +97,16 @@ impl Owner {
             region_id,
             scan,
         } = msg.key;
+        if let ScanEvent::SinkGone = msg.event {
+            // Whichever subscription the scan served, the connection's
+            // event stream is gone: nothing can reach the client any more,
+            // and a half-close waiting for this scan would wait forever.
+            if self.registry.conn(conn).is_some_and(|c| c.sink.is_closed()) {
+                self.outbox.discard(conn);
+                self.registry.remove_conn(conn, CloseReason::SendFailed);
+            }
+            return;
+        }
         let Some(sub) = self.registry.sub_mut(conn, request_id, region_id) else {
             return;
         };
@@ -129,6 +140,8 @@ impl Owner {
                         .extend(conn, entries_events(request_id, region_id, held));
                 }
             }
+            // Handled above, before the subscription is looked up.
+            ScanEvent::SinkGone => {}
             ScanEvent::Failed(refusal) => {
                 if matches!(refusal, Refusal::Congested(_)) {
                     self.registry.note_congested(1);

@@ -97,6 +97,11 @@ impl Sink {
         self.pending.get()
     }
 
+    /// Whether the connection's event stream is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Bytes charged to the connection (queued plus held back).
     pub(crate) fn charged(&self) -> u64 {
         self.pending.charged()
@@ -404,26 +409,27 @@ pub(crate) fn entries_events(
     region_id: RegionId,
     rows: Vec<Row>,
 ) -> Vec<Event> {
-    let mut out = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 0;
-    for row in rows {
+    // Sizes first, so each event's vector is allocated once at its final
+    // size: a catch-up batch is hundreds of rows per event.
+    let mut counts = Vec::new();
+    let (mut count, mut size) = (0, 0);
+    for row in &rows {
         let len = row.encoded_len();
-        if !current.is_empty() && size + len > EVENT_MAX_ROW_BYTES {
-            out.push(entries_event(
-                request_id,
-                region_id,
-                std::mem::take(&mut current),
-            ));
-            size = 0;
+        if count > 0 && size + len > EVENT_MAX_ROW_BYTES {
+            counts.push(count);
+            (count, size) = (0, 0);
         }
-        current.push(row);
+        count += 1;
         size += len;
     }
-    if !current.is_empty() {
-        out.push(entries_event(request_id, region_id, current));
+    if count > 0 {
+        counts.push(count);
     }
-    out
+    let mut rows = rows.into_iter();
+    counts
+        .into_iter()
+        .map(|n| entries_event(request_id, region_id, rows.by_ref().take(n).collect()))
+        .collect()
 }
 
 fn entries_event(request_id: RequestId, region_id: RegionId, entries: Vec<Row>) -> Event {

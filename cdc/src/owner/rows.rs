@@ -322,27 +322,34 @@ fn rollback_row(key: &[u8], start_ts: TimeStamp, txn_source: u64) -> DecodedRow 
     )
 }
 
-/// The COMMITTED row of a raw write (live or scanned).
-pub(crate) fn raw_row(change: &RawChange) -> DecodedRow {
-    let (op, value) = match &change.op {
-        RawOp::Put(v) => (OpType::Put, v.clone()),
-        RawOp::Delete => (OpType::Delete, Vec::new()),
-    };
-    let ts = change.ts.into_inner();
+/// The COMMITTED row of a live raw write, with its routing key.
+fn raw_row(change: &RawChange) -> DecodedRow {
     DecodedRow {
         kind: RowKind::Raw,
         routing_key: change.key.clone(),
-        row: Row {
-            start_ts: ts,
-            commit_ts: ts,
-            r#type: LogType::Committed as i32,
-            op_type: op as i32,
-            key: change.key.clone(),
-            value,
-            expire_ts_unix_secs: change.expire_ts.unwrap_or(0),
-            ..Row::default()
-        },
+        row: raw_committed_row(change.clone()),
         old_value_ts: None,
+    }
+}
+
+/// The COMMITTED row of a raw write (live or scanned). Takes the change by
+/// value: a scan builds one row per stored version and moves its key and
+/// value in.
+pub(crate) fn raw_committed_row(change: RawChange) -> Row {
+    let (op, value) = match change.op {
+        RawOp::Put(v) => (OpType::Put, v),
+        RawOp::Delete => (OpType::Delete, Vec::new()),
+    };
+    let ts = change.ts.into_inner();
+    Row {
+        start_ts: ts,
+        commit_ts: ts,
+        r#type: LogType::Committed as i32,
+        op_type: op as i32,
+        key: change.key,
+        value,
+        expire_ts_unix_secs: change.expire_ts.unwrap_or(0),
+        ..Row::default()
     }
 }
 

@@ -41,9 +41,20 @@
 //! [`SCAN_PENDING_BYTES`] — or half the connection's memory cap, if less —
 //! queued), woken whenever the client takes events.
 //! A scan therefore runs at its reader's pace and a range is never held in
-//! memory: per scan at most one batch being read, one in the hand-over
-//! channel, and what the connection's queue admits. The speed limit
-//! ([`limiter`]) applies on top, to bytes read from the store.
+//! memory: per scan at most one batch being read, one being handed over,
+//! and what the connection's queue admits. The next batch is read while
+//! the previous one is handed over, so the store is read without waiting
+//! for the owner's round trip; a batch is handed over only after the one
+//! before it is queued (its `flushed` acknowledgement), so the room a scan
+//! sees always counts its own earlier batches. The speed limit
+//! ([`limiter`]) applies on top, to bytes read from the store: a read
+//! starts only after the previous batch's bytes were paid for.
+//!
+//! A scan that finds its connection's event stream gone (the client or an
+//! embedder dropped it) tells the owner (`ScanEvent::SinkGone`), which
+//! ends the connection: the owner otherwise learns of a closed stream only
+//! when it sends, and a half-closed connection waiting for this scan would
+//! wait forever.
 //!
 //! A reader that takes nothing for [`SCAN_STALL_TIMEOUT`] while a scan
 //! waits for room fails that subscription with `congested`: otherwise a
@@ -122,6 +133,9 @@ pub(crate) enum ScanEvent {
     },
     /// Every row has been handed over.
     Done,
+    /// The connection's event stream is gone: the scan stopped, and the
+    /// connection can never be served again.
+    SinkGone,
     /// The scan cannot complete; the subscription ends with this error.
     Failed(Refusal),
 }
@@ -279,13 +293,23 @@ impl ScanPool {
         {
             return;
         }
+        // Each turn reads the next batch on a blocking thread while the
+        // previous one is handed over, so reading never waits for the
+        // owner and the connection's queue: at most one batch is being
+        // read and one handed over at a time.
+        let mut ready: Vec<ScanEvent> = Vec::new();
         loop {
-            let read = self
-                .blocking(&mut cancel, move || {
-                    let batch = scanner.next_batch();
-                    (scanner, batch)
-                })
+            let mut read_cancel = cancel.clone();
+            let read = self.blocking(&mut read_cancel, move || {
+                let batch = scanner.next_batch();
+                (scanner, batch)
+            });
+            let delivered = self
+                .deliver_while(&sink, &pending, &mut cancel, key, ready, read)
                 .await;
+            let Some(read) = delivered else {
+                return;
+            };
             let (back, batch) = match read {
                 Ok(read) => read,
                 Err(Interrupted::Cancelled) => return,
@@ -313,38 +337,96 @@ impl ScanPool {
                 () = cancelled(&mut cancel) => return,
             }
             let finished = batch.finished;
-            let mut events = Vec::with_capacity(2);
+            ready = Vec::with_capacity(2);
             if !batch.rows.is_empty() || !batch.locks.is_empty() {
-                events.push(ScanEvent::Batch {
+                ready.push(ScanEvent::Batch {
                     rows: batch.rows,
                     locks: batch.locks,
                 });
             }
             if finished {
                 // INITIALIZED and the held-back rows need room too.
-                events.push(ScanEvent::Done);
-            }
-            for event in events {
-                match self.pace(&sink, &pending, &mut cancel).await {
-                    Pace::Room => {}
-                    Pace::Gone => return,
-                    Pace::Stalled => {
-                        tracing::warn!("the subscriber took nothing while its scan waited");
-                        let failed = ScanEvent::Failed(Refusal::Congested(key.region_id));
-                        self.hand_over(&mut cancel, key, failed).await;
-                        return;
-                    }
+                ready.push(ScanEvent::Done);
+                if self.deliver(&sink, &pending, &mut cancel, key, ready).await {
+                    ticket.finish();
                 }
-                if !self.hand_over(&mut cancel, key, event).await {
-                    return;
-                }
-            }
-            if finished {
-                ticket.finish();
                 drop(slot);
                 return;
             }
         }
+    }
+
+    /// Hands `events` over (see [`ScanPool::deliver`]) while `read` makes
+    /// progress. Returns what `read` produced, or `None` if the scan must
+    /// stop (`read` is then dropped: work already on a blocking thread
+    /// finishes in the background).
+    async fn deliver_while<R: Future>(
+        &self,
+        sink: &WeakQueue,
+        pending: &PendingBytes,
+        cancel: &mut watch::Receiver<()>,
+        key: ScanKey,
+        events: Vec<ScanEvent>,
+        read: R,
+    ) -> Option<R::Output> {
+        let deliver = self.deliver(sink, pending, cancel, key, events);
+        tokio::pin!(deliver, read);
+        let mut read_out = None;
+        loop {
+            tokio::select! {
+                delivered = &mut deliver => {
+                    if !delivered {
+                        return None;
+                    }
+                    break;
+                }
+                out = &mut read, if read_out.is_none() => read_out = Some(out),
+            }
+        }
+        Some(match read_out {
+            Some(out) => out,
+            None => read.await,
+        })
+    }
+
+    /// Hands `events` over in order, each once the connection has room.
+    /// Returns false if the scan must stop (cancelled, the subscriber is
+    /// gone or stalled, the owner is gone); the owner has then been told
+    /// whatever it needs to end the subscription.
+    async fn deliver(
+        &self,
+        sink: &WeakQueue,
+        pending: &PendingBytes,
+        cancel: &mut watch::Receiver<()>,
+        key: ScanKey,
+        events: Vec<ScanEvent>,
+    ) -> bool {
+        for event in events {
+            match self.pace(sink, pending, cancel).await {
+                Pace::Room => {}
+                Pace::Cancelled => return false,
+                Pace::Gone => {
+                    // The subscriber dropped its event stream. Nothing
+                    // else would tell the owner (it learns of a closed
+                    // queue only when it sends), and a half-closed
+                    // connection waits for this scan: say so, so the
+                    // owner ends the connection.
+                    tracing::debug!("the subscriber's event stream is gone");
+                    self.hand_over(cancel, key, ScanEvent::SinkGone).await;
+                    return false;
+                }
+                Pace::Stalled => {
+                    tracing::warn!("the subscriber took nothing while its scan waited");
+                    let failed = ScanEvent::Failed(Refusal::Congested(key.region_id));
+                    self.hand_over(cancel, key, failed).await;
+                    return false;
+                }
+            }
+            if !self.hand_over(cancel, key, event).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Runs `work` on a blocking thread under a thread permit. When
@@ -396,7 +478,13 @@ impl ScanPool {
             tokio::pin!(drained);
             drained.as_mut().enable();
             let Some(free) = sink.free() else {
-                return Pace::Gone;
+                // The queue's sender goes only with the connection's
+                // registry entry, which cancels the scan first.
+                return if is_cancelled(cancel) {
+                    Pace::Cancelled
+                } else {
+                    Pace::Gone
+                };
             };
             let free = free.saturating_sub(RESERVED_SLOTS);
             // At most half the connection's byte cap queued, so a batch
@@ -410,7 +498,7 @@ impl ScanPool {
             tokio::select! {
                 () = &mut drained => {}
                 () = tokio::time::sleep(SCAN_STALL_TIMEOUT) => return Pace::Stalled,
-                () = cancelled(cancel) => return Pace::Gone,
+                () = cancelled(cancel) => return Pace::Cancelled,
             }
         }
     }
@@ -453,7 +541,9 @@ enum Interrupted {
 /// What waiting for room ended with.
 enum Pace {
     Room,
-    /// Cancelled, or the connection is gone.
+    /// The subscription is gone.
+    Cancelled,
+    /// The subscriber's event stream is gone (the subscription is not).
     Gone,
     /// The reader took nothing for [`SCAN_STALL_TIMEOUT`].
     Stalled,
