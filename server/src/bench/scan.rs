@@ -6,15 +6,31 @@
 //! runs from the first Register to the last INITIALIZED. Every row's key
 //! is mapped back to its index, so "each key exactly once" is checked
 //! exactly, not inferred from a count.
+//!
+//! The yardstick: afterwards the same keys and values are written, in this
+//! process, through kvfeed's raw store into a fresh fjall engine in a
+//! temporary directory (removed afterwards), and one forward scan of its
+//! raw family is timed (the engine alone, as `bench engine` measures it).
+//! The report gives the catch-up rate as a share of that rate. Both run on
+//! the same machine; the catch-up figure also pays for the bench's own
+//! decoding, on the same cores.
 
-use std::time::Instant;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use kvfeed_proto::cdcpb::event::LogType;
+use kvfeed_storage::engine::fjall::FjallEngine;
+use kvfeed_storage::engine::{Cf, Engine};
+use kvfeed_storage::raw::RawStore;
+use kvfeed_storage::store::{Durability, Store};
+use kvfeed_storage::tso::{Clock, SystemClock, Tso};
 use prost::Message;
 use serde_json::json;
 
-use super::load::{self, prefix_end, preload_index};
+use super::load::{self, prefix_end, preload_index, preload_key};
 use super::report::Report;
 use super::scrape::{SCANNED_BYTES, Sampler, scrape};
 use super::stats::{SeqSet, per_second};
@@ -45,7 +61,16 @@ pub struct ScanArgs {
     /// Longest the scan may take.
     #[arg(long, value_name = "D", default_value = "5m")]
     pub timeout: ReadableDuration,
+
+    /// Where to create the temporary database of the engine comparison
+    /// [default: the system's temporary directory]. Use the disk the
+    /// server's data lives on.
+    #[arg(long, value_name = "DIR")]
+    pub engine_dir: Option<PathBuf>,
 }
+
+/// Keys per write while filling the comparison engine.
+const ENGINE_FILL_BATCH: u64 = 1024;
 
 pub async fn run(args: &ScanArgs) -> Result<Report, BenchError> {
     check_range("--keys", args.keys, 1, 10_000_000)?;
@@ -95,6 +120,19 @@ pub async fn run(args: &ScanArgs) -> Result<Report, BenchError> {
     let samples = sampler.finish().await;
     let after = scrape(&server.status).await?;
     drop(stream);
+
+    progress(
+        NAME,
+        "scanning the same data with the engine alone, in process",
+    );
+    let engine = {
+        let dir = args.engine_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let prefix = prefix.clone();
+        let (keys, value_size) = (args.keys, args.value_size);
+        tokio::task::spawn_blocking(move || engine_scan(&dir, &prefix, keys, value_size))
+            .await
+            .map_err(|e| BenchError::Feed(format!("the engine comparison failed: {e}")))??
+    };
 
     let mut report = Report::new(NAME);
     report.json(
@@ -147,6 +185,35 @@ pub async fn run(args: &ScanArgs) -> Result<Report, BenchError> {
         _ => None,
     };
     report.bytes("server_scanned_bytes", "server bytes scanned", scanned);
+    report.section("The engine alone, same data (in process)");
+    let rows_per_sec = per_second(tally.rows as f64, secs(elapsed));
+    let engine_per_sec = per_second(engine.entries as f64, secs(engine.elapsed));
+    report.int("engine_entries", "entries", engine.entries);
+    report.float(
+        "engine_entries_per_sec",
+        "entries/s (fjall range scan)",
+        engine_per_sec,
+        0,
+        "",
+    );
+    report.float(
+        "engine_mb_per_sec",
+        "MiB/s (keys + values)",
+        per_second(engine.bytes as f64 / MIB, secs(engine.elapsed)),
+        1,
+        "",
+    );
+    report.float(
+        "scan_vs_engine_percent",
+        "catch-up rows/s ÷ engine entries/s",
+        if engine_per_sec > 0.0 {
+            100.0 * rows_per_sec / engine_per_sec
+        } else {
+            0.0
+        },
+        1,
+        "%",
+    );
     report.section("Server");
     report_server_use(&mut report, &before, &after, samples.peak_rss(), elapsed);
 
@@ -163,7 +230,77 @@ pub async fn run(args: &ScanArgs) -> Result<Report, BenchError> {
     if tally.foreign > 0 {
         report.fail(format!("{} rows were not preloaded keys", tally.foreign));
     }
+    if engine.entries != args.keys {
+        report.fail(format!(
+            "the engine comparison found {} entries, {} were written",
+            engine.entries, args.keys
+        ));
+    }
     Ok(report)
+}
+
+/// What the engine alone did with the same data.
+struct EngineScan {
+    entries: u64,
+    bytes: u64,
+    elapsed: Duration,
+}
+
+/// A directory removed on drop, whatever happened in between.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(parent: &Path) -> Result<TempDir, BenchError> {
+        let path = parent.join(format!("kvfeed-bench-scan-{:x}", load::unix_nanos()));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| BenchError::Usage(format!("cannot create {}: {e}", path.display())))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes the preloaded keys and values through a raw store into a fresh
+/// engine under `dir` (so they are stored exactly as the server stores
+/// them), then times one forward scan of the raw family.
+fn engine_scan(
+    dir: &Path,
+    prefix: &[u8],
+    keys: u64,
+    value_size: usize,
+) -> Result<EngineScan, BenchError> {
+    let tmp = TempDir::new(dir)?;
+    let engine: Arc<dyn Engine> = Arc::new(FjallEngine::open(&tmp.0)?);
+    let store = Arc::new(Store::open(engine, Durability::NoSync)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let tso = Arc::new(Tso::open(Arc::clone(&store), clock)?);
+    let raw = RawStore::new(Arc::clone(&store), tso);
+    let mut next = 0;
+    while next < keys {
+        let end = (next + ENGINE_FILL_BATCH).min(keys);
+        let pairs: Vec<_> = (next..end)
+            .map(|i| (preload_key(prefix, i), vec![b'v'; value_size]))
+            .collect();
+        raw.batch_put(&pairs, &[])?;
+        next = end;
+    }
+    let snapshot = store.snapshot();
+    let started = Instant::now();
+    let (mut entries, mut bytes) = (0u64, 0u64);
+    for pair in snapshot.iter(Cf::Raw, Bound::Unbounded, Bound::Unbounded, false) {
+        let (key, value) = pair?;
+        entries += 1;
+        bytes += (key.len() + value.len()) as u64;
+    }
+    Ok(EngineScan {
+        entries,
+        bytes,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// What the scan delivered.
