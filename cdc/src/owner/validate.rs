@@ -37,8 +37,6 @@
 //! event. Every outcome is a value; nothing here can panic on request
 //! contents.
 
-use std::collections::BTreeMap;
-
 use kvfeed_proto::cdcpb::{
     self, ChangeDataRequest, ClusterIdMismatch, Compatibility, Congested, DuplicateRequest,
     change_data_request::KvApi as WireKvApi,
@@ -50,8 +48,9 @@ use kvfeed_storage::TimeStamp;
 use kvfeed_storage::region::{Region, RegionMap, STORE_ID};
 
 use crate::ids::{KvApi, RegionId, RequestId};
+use crate::owner::registry::SubMap;
 use crate::protocol::ProtocolVersion;
-use crate::subscription::{Subscription, SubscriptionSpec};
+use crate::subscription::SubscriptionSpec;
 
 /// What validation needs beyond the request.
 pub(crate) struct Context<'a> {
@@ -183,7 +182,7 @@ impl Refusal {
 pub(crate) fn register(
     req: &ChangeDataRequest,
     ctx: &Context<'_>,
-    existing: &BTreeMap<(RequestId, RegionId), Subscription>,
+    existing: &SubMap,
 ) -> Result<SubscriptionSpec, Refusal> {
     let request_id = RequestId(req.request_id);
     let region_id = RegionId(req.region_id);
