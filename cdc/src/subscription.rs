@@ -469,7 +469,7 @@ mod tests {
             None,
         );
         let big = Row {
-            value: vec![0; 100],
+            value: vec![0; 100].into(),
             ..Row::default()
         };
         assert!(

@@ -60,7 +60,7 @@ async fn optimistic_two_phase_commit() {
     let (r1, r2) = (&prewrites[0].1, &prewrites[1].1);
     assert_eq!(kind(r1), (LogType::Prewrite, OpType::Put));
     assert_eq!(
-        (r1.key.as_slice(), r1.value.as_slice()),
+        (r1.key.as_ref(), r1.value.as_ref()),
         (&b"k1"[..], &b"v1"[..])
     );
     assert_eq!(kind(r2), (LogType::Prewrite, OpType::Delete));
@@ -75,7 +75,7 @@ async fn optimistic_two_phase_commit() {
     let commits = rows_now(&env, &mut events).await;
     let got: Vec<_> = commits
         .iter()
-        .map(|(_, r)| (kind(r), r.key.clone(), r.value.clone(), ts(r)))
+        .map(|(_, r)| (kind(r), r.key.to_vec(), r.value.to_vec(), ts(r)))
         .collect();
     assert_eq!(
         got,
@@ -157,7 +157,7 @@ async fn one_phase_commits_are_committed_rows() {
     let rows = rows_now(&env, &mut events).await;
     let got: Vec<_> = rows
         .iter()
-        .map(|(_, r)| (kind(r), r.value.clone(), ts(r)))
+        .map(|(_, r)| (kind(r), r.value.to_vec(), ts(r)))
         .collect();
     assert_eq!(
         got,
@@ -272,10 +272,7 @@ async fn raw_writes_go_to_raw_subscriptions_only() {
     let (p, d) = (&rows[0].1, &rows[1].1);
     assert_eq!(kind(p), (LogType::Committed, OpType::Put));
     assert_eq!(ts(p), (put_ts, put_ts));
-    assert_eq!(
-        (p.key.as_slice(), p.value.as_slice()),
-        (&b"rk"[..], &b"rv"[..])
-    );
+    assert_eq!((p.key.as_ref(), p.value.as_ref()), (&b"rk"[..], &b"rv"[..]));
     assert!(p.expire_ts_unix_secs > 0);
     assert_eq!(kind(d), (LogType::Committed, OpType::Delete));
     assert_eq!(ts(d), (del_ts, del_ts));
@@ -337,7 +334,7 @@ async fn overlapping_subscriptions_get_their_own_rows_and_ranges_are_honoured() 
     let rows = rows_now(&env, &mut events).await;
     let mut seen: Vec<(u64, Vec<u8>, LogType)> = rows
         .iter()
-        .map(|(request, r)| (*request, r.key.clone(), kind(r).0))
+        .map(|(request, r)| (*request, r.key.to_vec(), kind(r).0))
         .collect();
     seen.sort();
     let mut want = Vec::new();
@@ -424,7 +421,7 @@ async fn many_rows_are_batched_into_events_of_at_most_32_kib() {
         .collect();
     env.raw.batch_put(&pairs, &[]).expect("batch put");
     let rows = rows_now(&env, &mut events).await;
-    let keys: Vec<Vec<u8>> = rows.iter().map(|(_, r)| r.key.clone()).collect();
+    let keys: Vec<Vec<u8>> = rows.iter().map(|(_, r)| r.key.to_vec()).collect();
     let want: Vec<Vec<u8>> = pairs.iter().map(|(k, _)| k.clone()).collect();
     assert_eq!(keys, want, "every row, in order");
 

@@ -309,7 +309,7 @@ fn check(seed: u64, subs: &[Sub], seen: &[Seen], commits: &[Commit]) -> usize {
             if !commit {
                 continue;
             }
-            if !got.insert((row.key.clone(), row.commit_ts)) {
+            if !got.insert((row.key.to_vec(), row.commit_ts)) {
                 let init = mine.iter().position(|(_, i)| i.is_initialized());
                 let rows: Vec<_> = mine
                     .iter()
@@ -323,7 +323,7 @@ fn check(seed: u64, subs: &[Sub], seen: &[Seen], commits: &[Commit]) -> usize {
                     row.commit_ts
                 );
             }
-            if let Some(prev) = last_per_key.insert(row.key.clone(), row.commit_ts) {
+            if let Some(prev) = last_per_key.insert(row.key.to_vec(), row.commit_ts) {
                 assert!(
                     prev < row.commit_ts,
                     "seed {seed}: {:?} out of order",

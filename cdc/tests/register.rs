@@ -324,7 +324,7 @@ async fn deregister_by_region_and_by_request_id() {
     conn.handle(register(1, &a)).await.expect("handle");
     let scanned = events.expect().await;
     assert_eq!(
-        (scanned.ids(), scanned.row().key.as_slice()),
+        (scanned.ids(), &scanned.row().key[..]),
         ((1, a.id.0), &b"k"[..])
     );
     events.expect_initialized(1, a.id.0).await;

@@ -69,12 +69,12 @@ fn summary(rows: &[Row]) -> Vec<Summary> {
         .map(|r| {
             let (t, op) = kind(r);
             (
-                r.key.clone(),
+                r.key.to_vec(),
                 t,
                 op,
                 r.start_ts,
                 r.commit_ts,
-                r.value.clone(),
+                r.value.to_vec(),
             )
         })
         .collect()
@@ -128,7 +128,7 @@ async fn only_versions_after_the_checkpoint_in_commit_order_per_key() {
     let rows = scan(&env, register(2, &region)).await.rows;
     let a: Vec<u64> = rows
         .iter()
-        .filter(|r| r.key == b"a")
+        .filter(|r| r.key == b"a"[..])
         .map(|r| r.commit_ts)
         .collect();
     let want: Vec<u64> = [a1, a2, a3].iter().map(|t| t.1.into_inner()).collect();
@@ -377,7 +377,7 @@ async fn old_values_and_the_loop_filter_apply_to_scanned_rows() {
     let rows = scan(&env, req).await.rows;
     let got: Vec<(LogType, Vec<u8>, Vec<u8>)> = rows
         .iter()
-        .map(|r| (kind(r).0, r.value.clone(), r.old_value.clone()))
+        .map(|r| (kind(r).0, r.value.to_vec(), r.old_value.to_vec()))
         .collect();
     assert_eq!(
         got,

@@ -121,8 +121,8 @@ fn event_with_one_committed_row() -> Result<(), prost::DecodeError> {
         commit_ts: TS_COMMIT,
         r#type: cdcpb::event::LogType::Commit.into(),
         op_type: cdcpb::event::row::OpType::Put.into(),
-        key: b"k1".to_vec(),
-        value: b"v1".to_vec(),
+        key: prost::bytes::Bytes::from_static(b"k1"),
+        value: prost::bytes::Bytes::from_static(b"v1"),
         ..Default::default()
     };
     let event = cdcpb::Event {

@@ -153,8 +153,8 @@ fn seen(rows: &[Row]) -> Vec<Seen> {
             (
                 LogType::try_from(r.r#type).unwrap_or(LogType::Unknown),
                 OpType::try_from(r.op_type).unwrap_or(OpType::Unknown),
-                r.key.clone(),
-                r.value.clone(),
+                r.key.to_vec(),
+                r.value.to_vec(),
                 r.start_ts,
                 r.commit_ts,
             )
@@ -421,7 +421,7 @@ async fn raw_writes_reach_only_raw_subscriptions() {
         let rows = conn.rows(1, 2).await;
         let kinds: Vec<(i32, i32, &[u8], &[u8])> = rows
             .iter()
-            .map(|r| (r.r#type, r.op_type, r.key.as_slice(), r.value.as_slice()))
+            .map(|r| (r.r#type, r.op_type, r.key.as_ref(), r.value.as_ref()))
             .collect();
         let committed = LogType::Committed as i32;
         assert_eq!(
@@ -479,7 +479,7 @@ async fn overlapping_subscriptions_get_their_own_rows_until_deregistered() {
         let keys = |rows: Vec<Row>| -> Vec<Vec<u8>> {
             rows.into_iter()
                 .filter(|r| r.r#type == LogType::Commit as i32)
-                .map(|r| r.key)
+                .map(|r| r.key.to_vec())
                 .collect()
         };
         assert_eq!(
@@ -618,7 +618,7 @@ async fn notify_txn_status_is_unimplemented_and_the_server_keeps_serving() {
         env.cluster.txn_put(b"n/a", b"still").await.expect("put");
         let rows = healthy.rows(1, 2).await;
         assert_eq!(rows[1].r#type, LogType::Commit as i32);
-        assert_eq!(rows[1].value, b"still");
+        assert_eq!(rows[1].value, &b"still"[..]);
         assert!(
             env.metrics()
                 .contains("kvfeed_cdc_aborted_connections_total{reason=\"bad_request\"} 1"),
@@ -705,7 +705,7 @@ async fn bad_registers_are_answered_while_another_connection_keeps_working() {
 
         // The other connection was never disturbed.
         env.cluster.txn_put(b"b/1", b"v").await.expect("put");
-        assert_eq!(healthy.rows(1, 2).await[1].key, b"b/1");
+        assert_eq!(healthy.rows(1, 2).await[1].key, &b"b/1"[..]);
 
         // 10,000 registers on one connection: each answered exactly once,
         // by INITIALIZED or, past the catch-up scan queue limit, by
@@ -753,7 +753,7 @@ async fn bad_registers_are_answered_while_another_connection_keeps_working() {
         assert!(busy < MANY, "some registers must succeed");
         sending.await.expect("sender finished");
         env.cluster.txn_put(b"b/2", b"v").await.expect("put");
-        assert_eq!(healthy.rows(1, 2).await[1].key, b"b/2");
+        assert_eq!(healthy.rows(1, 2).await[1].key, &b"b/2"[..]);
     })
     .await;
 }

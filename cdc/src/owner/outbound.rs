@@ -479,13 +479,15 @@ fn congested_event(request_id: RequestId, region_id: RegionId) -> Event {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn row(value_len: usize) -> Row {
         Row {
             r#type: LogType::Committed as i32,
-            key: b"k".to_vec(),
-            value: vec![7; value_len],
+            key: Bytes::from_static(b"k"),
+            value: vec![7; value_len].into(),
             ..Row::default()
         }
     }

@@ -38,6 +38,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::Row;
 use kvfeed_storage::TimeStamp;
 use kvfeed_storage::mvcc::{Key, MvccReader};
@@ -156,11 +157,13 @@ pub(crate) fn route_batch(
     }
 }
 
-/// Old values read for one batch; see the module docs.
+/// Old values read for one batch; see the module docs. Keys and values are
+/// `Bytes`, so a hit (one per further subscriber of the same row) is two
+/// reference-count bumps rather than two copies.
 struct OldValues<'a> {
     store: &'a Store,
     snapshot: Option<Snapshot>,
-    cache: HashMap<(Vec<u8>, TimeStamp), Vec<u8>>,
+    cache: HashMap<(Bytes, TimeStamp), Bytes>,
 }
 
 impl<'a> OldValues<'a> {
@@ -172,19 +175,20 @@ impl<'a> OldValues<'a> {
         }
     }
 
-    fn get(&mut self, key: &[u8], ts: TimeStamp) -> Vec<u8> {
-        if let Some(v) = self.cache.get(&(key.to_vec(), ts)) {
+    fn get(&mut self, key: &Bytes, ts: TimeStamp) -> Bytes {
+        let cache_key = (key.clone(), ts);
+        if let Some(v) = self.cache.get(&cache_key) {
             return v.clone();
         }
         let snapshot = self.snapshot.get_or_insert_with(|| self.store.snapshot());
         let value = match MvccReader::new(&**snapshot).get(&Key::from_raw(key), ts) {
-            Ok(v) => v.unwrap_or_default(),
+            Ok(v) => Bytes::from(v.unwrap_or_default()),
             Err(e) => {
                 tracing::warn!(error = %e, "old value unreadable; sent empty");
-                Vec::new()
+                Bytes::new()
             }
         };
-        self.cache.insert((key.to_vec(), ts), value.clone());
+        self.cache.insert(cache_key, value.clone());
         value
     }
 }

@@ -57,6 +57,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::{LogType, Row, row::OpType};
 use kvfeed_storage::TimeStamp;
 use kvfeed_storage::engine::Cf;
@@ -173,12 +174,12 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                 let value = match op {
                     OpType::Put => {
                         match (&lock.short_value, values.get(&(&key[..], lock.start_ts))) {
-                            (Some(v), _) => v.clone(),
-                            (None, Some(v)) => v.to_vec(),
+                            (Some(v), _) => Bytes::copy_from_slice(v),
+                            (None, Some(v)) => Bytes::copy_from_slice(v),
                             (None, None) => continue,
                         }
                     }
-                    _ => Vec::new(),
+                    _ => Bytes::new(),
                 };
                 let read_ts = lock.start_ts.max(lock.for_update_ts).prev();
                 rows.push(txn_row(
@@ -187,7 +188,7 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                         start_ts: lock.start_ts.into_inner(),
                         r#type: LogType::Prewrite as i32,
                         op_type: op as i32,
-                        key: key.clone(),
+                        key: Bytes::copy_from_slice(key),
                         value,
                         txn_source: lock.txn_source,
                         ..Row::default()
@@ -236,13 +237,17 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                 });
                 let one_pc =
                     !lock_deleted.contains(&key[..]) || batch_value.is_some() || pessimistic_1pc;
-                let mut value = write.short_value.clone().unwrap_or_default();
+                let mut value = write
+                    .short_value
+                    .as_deref()
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_default();
                 if one_pc
                     && write.short_value.is_none()
                     && op == OpType::Put
                     && let Some(v) = batch_value
                 {
-                    value = v.to_vec();
+                    value = Bytes::copy_from_slice(v);
                 }
                 let (log_type, old_value_ts) = if one_pc {
                     (LogType::Committed, Some(commit_ts.prev()))
@@ -256,7 +261,7 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                         commit_ts: commit_ts.into_inner(),
                         r#type: log_type as i32,
                         op_type: op as i32,
-                        key: key.clone(),
+                        key: Bytes::copy_from_slice(key),
                         value,
                         txn_source: write.txn_source,
                         ..Row::default()
@@ -314,7 +319,7 @@ fn rollback_row(key: &[u8], start_ts: TimeStamp, txn_source: u64) -> DecodedRow 
             start_ts: start_ts.into_inner(),
             r#type: LogType::Rollback as i32,
             op_type: OpType::Unknown as i32,
-            key: key.to_vec(),
+            key: Bytes::copy_from_slice(key),
             txn_source,
             ..Row::default()
         },
@@ -334,7 +339,7 @@ fn raw_row(change: &RawChange) -> DecodedRow {
 
 /// The COMMITTED row of a raw write (live or scanned). Takes the change by
 /// value: a scan builds one row per stored version and moves its key and
-/// value in.
+/// value in (`Bytes::from` a `Vec` takes over its buffer without copying).
 pub(crate) fn raw_committed_row(change: RawChange) -> Row {
     let (op, value) = match change.op {
         RawOp::Put(v) => (OpType::Put, v),
@@ -346,8 +351,8 @@ pub(crate) fn raw_committed_row(change: RawChange) -> Row {
         commit_ts: ts,
         r#type: LogType::Committed as i32,
         op_type: op as i32,
-        key: change.key,
-        value,
+        key: Bytes::from(change.key),
+        value: Bytes::from(value),
         expire_ts_unix_secs: change.expire_ts.unwrap_or(0),
         ..Row::default()
     }

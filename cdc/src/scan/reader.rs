@@ -57,6 +57,7 @@
 
 use std::ops::Bound;
 
+use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::{LogType, Row, row::OpType};
 use kvfeed_storage::engine::{Cf, Cursor};
 use kvfeed_storage::mvcc::key::TS_SUFFIX_LEN;
@@ -136,11 +137,13 @@ impl ScanBatch {
             || (self.rows.len() < SCAN_BATCH_ROWS && self.row_bytes + len <= SCAN_BATCH_BYTES)
     }
 
-    /// Adds `row` if it fits; gives it back if not.
-    fn push(&mut self, row: Row) -> std::result::Result<(), Row> {
+    /// Adds `row` if it fits; gives it back if not (boxed: refusals are
+    /// at most one per batch, and a bare `Row` would make the `Result` as
+    /// large as the row on every push).
+    fn push(&mut self, row: Row) -> std::result::Result<(), Box<Row>> {
         let len = row.encoded_len();
         if !self.fits(len) {
-            return Err(row);
+            return Err(Box::new(row));
         }
         if self.rows.capacity() == 0 {
             // Most batches fill up: growing a vector of 1024 rows step by
@@ -193,10 +196,12 @@ impl KeyWork {
         }
     }
 
-    /// Gives back the key of a row that was not emitted.
+    /// Gives back the key of a row that was not emitted. The row was never
+    /// shared, so turning its `Bytes` key back into a `Vec` reclaims the
+    /// buffer without copying.
     fn restore_key(&mut self, row: Row, last: bool) {
         if last {
-            self.user_key = row.key;
+            self.user_key = Vec::from(row.key);
         }
     }
 }
@@ -469,7 +474,7 @@ fn emit_key(
         // The PREWRITE is the key's last row.
         let row = prewrite_row(snap, spec, work, &lock, batch)?;
         if let Err(row) = batch.push(row) {
-            work.restore_key(row, true);
+            work.restore_key(*row, true);
             work.lock = Some(lock);
             return Ok(false);
         }
@@ -510,7 +515,7 @@ fn offer_version(
         return Ok(Offered::Taken);
     };
     if let Err(row) = batch.push(row) {
-        work.restore_key(row, last);
+        work.restore_key(*row, last);
         return Ok(Offered::NoRoom);
     }
     work.emitted_through = ts;
@@ -628,9 +633,9 @@ fn txn_version_row(
         commit_ts: commit_ts.into_inner(),
         r#type: LogType::Committed as i32,
         op_type: op as i32,
-        key: work.row_key(last),
-        value,
-        old_value,
+        key: Bytes::from(work.row_key(last)),
+        value: Bytes::from(value),
+        old_value: Bytes::from(old_value),
         txn_source: write.txn_source,
         ..Row::default()
     }))
@@ -677,9 +682,9 @@ fn prewrite_row(
         start_ts: lock.start_ts.into_inner(),
         r#type: LogType::Prewrite as i32,
         op_type: op as i32,
-        key: work.row_key(true),
-        value,
-        old_value,
+        key: Bytes::from(work.row_key(true)),
+        value: Bytes::from(value),
+        old_value: Bytes::from(old_value),
         txn_source: lock.txn_source,
         ..Row::default()
     })

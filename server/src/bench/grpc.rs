@@ -81,8 +81,10 @@ pub fn message_of(size: usize) -> ChangeDataEvent {
             commit_ts: 2,
             r#type: LogType::Committed.into(),
             op_type: OpType::Put.into(),
-            key: format!("bench/{:010}", entries.entries.len()).into_bytes(),
-            value: vec![b'v'; value_len],
+            key: format!("bench/{:010}", entries.entries.len())
+                .into_bytes()
+                .into(),
+            value: vec![b'v'; value_len].into(),
             ..Row::default()
         });
         // The framing around the rows is a few bytes: build the message

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::{LogType, Row};
 use kvfeed_storage::TimeStamp;
 use tokio::sync::watch;
@@ -195,7 +196,7 @@ struct State {
     plan_subs: usize,
     initialized: usize,
     active: usize,
-    staged: HashMap<(Vec<u8>, u64), Vec<u8>>,
+    staged: HashMap<(Bytes, u64), Bytes>,
 }
 
 impl State {
@@ -221,7 +222,7 @@ impl State {
     }
 
     /// The value a row delivers, if it delivers one.
-    fn on_row(&mut self, row: Row) -> Option<Vec<u8>> {
+    fn on_row(&mut self, row: Row) -> Option<Bytes> {
         match LogType::try_from(row.r#type) {
             Ok(LogType::Initialized) => {
                 self.initialized += 1;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use kvfeed::client::RegionInfo;
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
 use kvfeed_proto::cdcpb::change_data_request::{self, KvApi};
@@ -60,7 +61,7 @@ pub struct Sub {
     pub resolved: u64,
     pub rows: Vec<Got>,
     pub per_key: HashMap<Vec<u8>, u64>,
-    pub staged: HashMap<(Vec<u8>, u64), Vec<u8>>,
+    pub staged: HashMap<(Bytes, u64), Bytes>,
 }
 
 /// Everything one consumer saw and what was wrong with it.
@@ -171,7 +172,7 @@ impl Seen {
                 row.commit_ts, sub.resolved
             ));
         }
-        if let Some(last) = sub.per_key.insert(row.key.clone(), row.commit_ts)
+        if let Some(last) = sub.per_key.insert(row.key.to_vec(), row.commit_ts)
             && last >= row.commit_ts
         {
             wrong.push(format!(
@@ -184,8 +185,8 @@ impl Seen {
                 .push(format!("{name} sub {index}: key {:?}: {w}", row.key));
         }
         sub.rows.push(Got {
-            key: row.key,
-            value: (!delete).then_some(value),
+            key: row.key.to_vec(),
+            value: (!delete).then(|| value.to_vec()),
             start_ts: row.start_ts,
             commit_ts: row.commit_ts,
         });

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use bytes::Bytes;
 use kvfeed_proto::cdcpb::change_data_request::{self, Register};
 use kvfeed_proto::cdcpb::event::row::OpType;
 use kvfeed_proto::cdcpb::event::{self, LogType, Row};
@@ -72,9 +73,9 @@ pub(super) struct State {
     subs: BTreeMap<u64, Sub>,
     pub(super) parked: Vec<Parked>,
     /// Prewritten values by (key, start_ts), until COMMIT or ROLLBACK.
-    staged: HashMap<(Vec<u8>, u64), Vec<u8>>,
+    staged: HashMap<(Bytes, u64), Bytes>,
     /// Printed (commit_ts, key) pairs above the floors.
-    printed: BTreeSet<(u64, Vec<u8>)>,
+    printed: BTreeSet<(u64, Bytes)>,
     announced: bool,
     last_progress: Option<tokio::time::Instant>,
     /// Counts the catch-up of `--from-ts` until every region is initialized.
@@ -248,7 +249,7 @@ impl State {
         }
     }
 
-    fn print(&mut self, row: &Row, value: Vec<u8>, lines: &mut Lines) {
+    fn print(&mut self, row: &Row, value: Bytes, lines: &mut Lines) {
         if !self.printed.insert((row.commit_ts, row.key.clone())) {
             return;
         }
@@ -540,8 +541,8 @@ mod tests {
         Row {
             r#type: kind as i32,
             op_type: op as i32,
-            key: key.to_vec(),
-            value: value.to_vec(),
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::copy_from_slice(value),
             start_ts: start,
             commit_ts: commit,
             ..Row::default()
