@@ -21,6 +21,13 @@
 //! before the run — 0 on a server without other feed clients. Anything
 //! else is a leak and fails the run.
 //!
+//! The same churn runs for `--warmup` first, unmeasured, and the gauges
+//! must settle after it too; the "before" figures are taken then. A fresh
+//! server's first connections grow its allocator's arenas and its tasks'
+//! pools once, so RSS growth measured from a cold start would mostly be
+//! that, not what churn leaves behind; after a warm-up, growth over the run
+//! is what a leak would show as. The cold figure is reported as well.
+//!
 //! On etcd (`--target etcd://...`) a connection is one `Watch` call with
 //! one watch of the preloaded range from the revision of its first key, so
 //! etcd replays them as kvfeed's catch-up scan does; the stages map onto
@@ -191,6 +198,11 @@ pub struct ChurnArgs {
     /// their values before it.
     #[arg(long, value_name = "D", default_value = "20s")]
     pub settle_timeout: ReadableDuration,
+
+    /// Unmeasured churn before the run, after which the "before" figures
+    /// (gauges, RSS) are taken; 0s to measure from a cold start.
+    #[arg(long, value_name = "D", default_value = "2s")]
+    pub warmup: ReadableDuration,
 }
 
 /// Where a connection ends.
@@ -304,33 +316,42 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     }
     let metrics = system.metrics_addr();
     let leaks = leaks(&system);
-    let before = scrape(metrics).await?;
+    let cold = scrape(metrics).await?;
+    let warmup = args.warmup.as_duration();
+    let before = if warmup.is_zero() {
+        cold.clone()
+    } else {
+        check_duration("--warmup", args.warmup)?;
+        progress(NAME, &format!("warming up for {}", args.warmup));
+        // Its own stream of stage choices, so the run's is the same with
+        // or without a warm-up.
+        let warm = churn_for(&channels, &calls, &stages, args.seed ^ WARMUP_SEED, warmup).await?;
+        if let Some(error) = warm.first_error {
+            return Err(BenchError::Feed(format!(
+                "{} connections failed during the warm-up, the first with: {error}",
+                warm.errors
+            )));
+        }
+        let (settled_scrape, settled) = poll_until(metrics, settle, POLL_EVERY, |s| {
+            leaks
+                .iter()
+                .all(|leak| leak.value_or_zero(s) == leak.value_or_zero(&cold))
+        })
+        .await?;
+        if !settled {
+            return Err(BenchError::Feed(format!(
+                "the server's gauges did not return to their values within {} of the warm-up",
+                args.settle_timeout
+            )));
+        }
+        settled_scrape
+    };
     progress(
         NAME,
         &format!("{} clients churning for {}", args.clients, args.duration),
     );
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + duration;
-    let mut clients = JoinSet::new();
-    for (i, channel) in channels.into_iter().enumerate() {
-        let (calls, stages) = (calls.clone(), Arc::clone(&stages));
-        // Each client its own stream of choices, all fixed by --seed.
-        let mut rng = SplitMix64::new(args.seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-        clients.spawn(async move { client(channel, &calls, &stages, deadline, &mut rng).await });
-    }
-    let mut tally = Tally::default();
-    while let Some(done) = clients.join_next().await {
-        let t = done.map_err(|e| BenchError::Feed(format!("a client task failed: {e}")))?;
-        for i in 0..Stage::ALL.len() {
-            tally.per_stage[i] += t.per_stage[i];
-            tally.stage_time[i] += t.stage_time[i];
-        }
-        tally.errors += t.errors;
-        tally.half_close_left_open += t.half_close_left_open;
-        if tally.first_error.is_none() {
-            tally.first_error = t.first_error;
-        }
-    }
+    let tally = churn_for(&channels, &calls, &stages, args.seed, duration).await?;
     let elapsed = started.elapsed();
     progress(NAME, "waiting for the server's gauges to settle");
     let settled_from = Instant::now();
@@ -349,7 +370,8 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
         json!({"target": system.name(), "clients": args.clients,
                "duration_s": secs(duration), "seed": args.seed,
                "stages": stages.iter().map(|s| s.name()).collect::<Vec<_>>(),
-               "preload": args.preload, "regions": calls.regions()}),
+               "preload": args.preload, "regions": calls.regions(),
+               "warmup_s": secs(warmup)}),
     );
     report.text("target", "target", system.name());
     report.section("Connections");
@@ -411,6 +433,13 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
             args.settle_timeout
         ));
     }
+    if !warmup.is_zero() {
+        report.bytes(
+            "server_rss_cold_bytes",
+            "server RSS before the warm-up",
+            cold.rss(),
+        );
+    }
     report.bytes("server_rss_before_bytes", "server RSS before", before.rss());
     report.bytes("server_rss_after_bytes", "server RSS after", after.rss());
     let growth = match (before.rss(), after.rss()) {
@@ -419,6 +448,42 @@ pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     };
     report.opt_float("server_rss_growth_pct", "server RSS growth", growth, 1, "%");
     Ok(report)
+}
+
+/// Salt for the warm-up's stage choices.
+const WARMUP_SEED: u64 = 0x5741_524D_5550;
+
+/// Runs one client loop per channel, each opening and ending calls until
+/// `duration` has passed, and adds up their tallies.
+async fn churn_for(
+    channels: &[Channel],
+    calls: &Calls,
+    stages: &Arc<[Stage]>,
+    seed: u64,
+    duration: Duration,
+) -> Result<Tally, BenchError> {
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut clients = JoinSet::new();
+    for (i, channel) in channels.iter().enumerate() {
+        let (channel, calls, stages) = (channel.clone(), calls.clone(), Arc::clone(stages));
+        // Each client its own stream of choices, all fixed by the seed.
+        let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+        clients.spawn(async move { client(channel, &calls, &stages, deadline, &mut rng).await });
+    }
+    let mut tally = Tally::default();
+    while let Some(done) = clients.join_next().await {
+        let t = done.map_err(|e| BenchError::Feed(format!("a client task failed: {e}")))?;
+        for i in 0..Stage::ALL.len() {
+            tally.per_stage[i] += t.per_stage[i];
+            tally.stage_time[i] += t.stage_time[i];
+        }
+        tally.errors += t.errors;
+        tally.half_close_left_open += t.half_close_left_open;
+        if tally.first_error.is_none() {
+            tally.first_error = t.first_error;
+        }
+    }
+    Ok(tally)
 }
 
 fn report_gauges(report: &mut Report, leaks: &[Leak], before: &Scrape, after: &Scrape) {
