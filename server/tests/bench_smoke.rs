@@ -11,41 +11,15 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{TestServer, kvfeed};
+use common::{Run, TestServer, run_to_end};
 use serde_json::Value;
 
 /// Longest a smoke run may take before it is killed (and the test fails).
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// How a bench process ended.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 impl Run {
-    /// The JSON object on the last line of stdout.
-    fn json(&self) -> Value {
-        let line = self
-            .stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or_else(|| panic!("no output; stderr:\n{}", self.stderr));
-        serde_json::from_str(line).unwrap_or_else(|e| {
-            panic!(
-                "the last line is not JSON ({e}): {line}\nstderr:\n{}",
-                self.stderr
-            )
-        })
-    }
-
     /// The JSON line of a run that must have succeeded.
     fn ok(&self, bench: &str) -> Value {
         assert_eq!(
@@ -55,7 +29,7 @@ impl Run {
             self.stdout,
             self.stderr
         );
-        let json = self.json();
+        let json = self.last_json();
         assert_eq!(json["bench"], bench, "{json}");
         assert_eq!(json["ok"], true, "{json}");
         assert_eq!(json["failures"], Value::Array(Vec::new()), "{json}");
@@ -65,39 +39,7 @@ impl Run {
 
 /// Runs `kvfeed <args>`, killing it after [`LIMIT`].
 fn run(args: &[String]) -> Run {
-    let mut child = kvfeed()
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kvfeed");
-    let read = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().expect("piped")));
-    let stderr = read(Box::new(child.stderr.take().expect("piped")));
-    let pid = child.id();
-    let (done, finished) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if finished.recv_timeout(LIMIT).is_err() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    let status = child.wait().expect("wait for kvfeed");
-    let _ = done.send(());
-    let _ = watchdog.join();
-    Run {
-        code: status.code(),
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
+    run_to_end(args, LIMIT)
 }
 
 /// `kvfeed bench <sub> --pd ... --status ... <extra>` against `server`.

@@ -8,11 +8,7 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::Stdio;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, WAIT};
@@ -52,42 +48,18 @@ impl Ran {
     }
 }
 
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
-    })
-}
-
 /// Runs `kvfeed <args>` to completion, killing it after [`WAIT`].
 fn run(args: &[&str]) -> Ran {
     let started = Instant::now();
-    let mut child = common::kvfeed()
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kvfeed");
-    let stdout = drain(child.stdout.take().expect("stdout is piped"));
-    let stderr = drain(child.stderr.take().expect("stderr is piped"));
-    let pid = child.id();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if done_rx.recv_timeout(WAIT).is_err() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    let status = child.wait().expect("wait for kvfeed");
-    let _ = done_tx.send(());
-    let _ = watchdog.join();
+    let common::Run {
+        code,
+        stdout,
+        stderr,
+    } = common::run_to_end(args, WAIT);
     Ran {
-        code: status.code(),
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        code,
+        stdout,
+        stderr,
         took: started.elapsed(),
     }
 }

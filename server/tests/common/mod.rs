@@ -84,6 +84,52 @@ pub fn run_to_exit(args: &[String]) -> Exited {
     }
 }
 
+/// How a `kvfeed` process that was run to its end ended.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The JSON object on the last non-empty line of stdout (where every
+    /// `kvfeed bench` subcommand puts its result).
+    pub fn last_json(&self) -> serde_json::Value {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| panic!("no output; stderr:\n{}", self.stderr));
+        serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "the last line is not JSON ({e}): {line}\nstderr:\n{}",
+                self.stderr
+            )
+        })
+    }
+}
+
+/// Runs `kvfeed <args>` to its end with no stdin, killing it if it takes
+/// longer than `limit`.
+pub fn run_to_end<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Run {
+    let mut child = kvfeed()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvfeed");
+    let stdout = drain(child.stdout.take().expect("stdout is piped"));
+    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+    let status = wait_within(&mut child, limit);
+    Run {
+        code: status.code(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
 /// Reads a pipe to its end on a thread, so the child never blocks on it.
 fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
     std::thread::spawn(move || {
@@ -104,12 +150,17 @@ fn send_signal(pid: u32, signal: &str) {
 
 /// Waits for the child to exit, killing it if it takes longer than [`WAIT`].
 fn wait_bounded(child: &mut Child) -> ExitStatus {
+    wait_within(child, WAIT)
+}
+
+/// Waits for the child to exit, killing it if it takes longer than `limit`.
+fn wait_within(child: &mut Child, limit: Duration) -> ExitStatus {
     let pid = child.id();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     // Watchdog: if the child has not exited in time, kill it so the wait
     // below returns and the test fails on the status instead of hanging.
     let watchdog = std::thread::spawn(move || {
-        if done_rx.recv_timeout(WAIT).is_err() {
+        if done_rx.recv_timeout(limit).is_err() {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
