@@ -38,6 +38,7 @@
 //! SIGTERM, both of which end the watch with status 0.
 
 mod progress;
+mod render;
 mod state;
 
 use std::io::{self, IsTerminal, Write};
@@ -57,7 +58,7 @@ use crate::client::retry::Backoff;
 use crate::client::{ClientError, Cluster, KeyMode};
 use state::{Lines, Parked, State};
 
-pub use state::wall_time;
+pub use render::wall_time;
 
 /// The client version announced: current enough for batched resolved ts
 /// and cluster-id checks.
