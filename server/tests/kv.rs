@@ -272,6 +272,40 @@ async fn raw_scans_cas_and_delete_range() {
 }
 
 #[tokio::test]
+async fn get_reports_the_commit_ts_only_when_asked() {
+    let server = TestServer::start();
+    let kv = Kv::connect(&server).await;
+    let first = kv.write(&[(b"nc", b"v1")]).await;
+    let second = kv.write(&[(b"nc", b"v2")]).await;
+    assert!(second > first);
+    let now = kv.ts();
+    let get = async |version: u64, need_commit_ts: bool| {
+        kv.c()
+            .kv_get(kvrpcpb::GetRequest {
+                context: kv.txn_ctx(b"nc"),
+                key: b("nc"),
+                version,
+                need_commit_ts,
+            })
+            .await
+            .expect("get")
+            .into_inner()
+    };
+
+    let latest = get(now, true).await;
+    assert_eq!((latest.value, latest.commit_ts), (b("v2"), second));
+    // Between the two commits the older version, with its own commit_ts.
+    let older = get(second - 1, true).await;
+    assert_eq!((older.value, older.commit_ts), (b("v1"), first));
+    // Not asked: 0, which kvrpcpb defines as unknown.
+    let unasked = get(now, false).await;
+    assert_eq!((unasked.value, unasked.commit_ts), (b("v2"), 0));
+    // Nothing there yet: not found, no commit_ts.
+    let before = get(first - 1, true).await;
+    assert!(before.not_found && before.commit_ts == 0, "{before:?}");
+}
+
+#[tokio::test]
 async fn prewrite_commit_round_trip_and_scans() {
     let server = TestServer::start();
     let kv = Kv::connect(&server).await;

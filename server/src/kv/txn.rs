@@ -20,8 +20,8 @@
 //! wake-up mode, `lock_only_if_exists`); features that only add checks the
 //! server does not make (assertions, `for_update_ts_constraints`,
 //! `skip_constraint_check`) are ignored, which can only make the server
-//! stricter. `need_commit_ts` is not supported: reads report `commit_ts` 0,
-//! which kvrpcpb defines as "unknown".
+//! stricter. KvGet with `need_commit_ts` reports the commit_ts of the version
+//! it read (0 when the key has no value at that version).
 
 use kvfeed_proto::kvrpcpb::{self, prewrite_request};
 use kvfeed_storage::TimeStamp;
@@ -85,9 +85,14 @@ pub fn get(
     let mut resp = kvrpcpb::GetResponse::default();
     match node
         .txn()
-        .get(&req.key, TimeStamp::new(req.version), &bypass)
+        .get_versioned(&req.key, TimeStamp::new(req.version), &bypass)
     {
-        Ok(Some(value)) => resp.value = value,
+        Ok(Some((commit_ts, value))) => {
+            resp.value = value;
+            if req.need_commit_ts {
+                resp.commit_ts = commit_ts.into_inner();
+            }
+        }
         Ok(None) => resp.not_found = true,
         Err(e) => resp.error = Some(key_error(e)?),
     }

@@ -91,6 +91,16 @@ impl TxnStore {
         ts: TimeStamp,
         bypass: &[TimeStamp],
     ) -> TxnResult<Option<Vec<u8>>> {
+        Ok(self.get_versioned(key, ts, bypass)?.map(|(_, value)| value))
+    }
+
+    /// As [`TxnStore::get`], with the commit_ts of the version read.
+    pub fn get_versioned(
+        &self,
+        key: &[u8],
+        ts: TimeStamp,
+        bypass: &[TimeStamp],
+    ) -> TxnResult<Option<(TimeStamp, Vec<u8>)>> {
         check_key(key)?;
         self.cm.update_max_ts(ts);
         self.cm.wait_for_keys(&[key], ts);
@@ -102,7 +112,7 @@ impl TxnStore {
         {
             return Err(TxnError::locked(info));
         }
-        Ok(reader.get(&k, ts)?)
+        Ok(reader.get_versioned(&k, ts)?)
     }
 
     /// Values of `keys` at `ts`: found keys in request order, locked keys as

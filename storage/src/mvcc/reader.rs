@@ -199,8 +199,16 @@ impl<'a> MvccReader<'a> {
 
     /// The value of `key` visible at `ts`, ignoring locks.
     pub fn get(&self, key: &Key, ts: TimeStamp) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_versioned(key, ts)?.map(|(_, value)| value))
+    }
+
+    /// The value of `key` visible at `ts` with the commit_ts that wrote it,
+    /// ignoring locks.
+    pub fn get_versioned(&self, key: &Key, ts: TimeStamp) -> Result<Option<(TimeStamp, Vec<u8>)>> {
         match self.get_write(key, ts)? {
-            Some((_, w)) if w.write_type == WriteType::Put => self.load_value(key, &w).map(Some),
+            Some((commit_ts, w)) if w.write_type == WriteType::Put => {
+                Ok(Some((commit_ts, self.load_value(key, &w)?)))
+            }
             _ => Ok(None),
         }
     }
