@@ -24,19 +24,10 @@ use serde_json::Value;
 const LIMIT: Duration = Duration::from_secs(120);
 
 impl Run {
-    /// The JSON line of a run that must have succeeded.
+    /// The JSON line of a run against etcd that must have succeeded.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     fn ok(&self, bench: &str) -> Value {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "bench {bench} failed\nstdout:\n{}\nstderr:\n{}",
-            self.stdout,
-            self.stderr
-        );
-        let json = self.last_json();
-        assert_eq!(json["bench"], bench, "{json}");
-        assert_eq!(json["ok"], true, "{json}");
+        let json = self.bench_ok(bench);
         assert_eq!(json["target"], "etcd", "{json}");
         json
     }
@@ -73,6 +64,7 @@ mod with_etcd {
 
     use serde_json::Value;
 
+    use super::common::{assert_churn_counts, assert_open_loop_200, json_int, json_number};
     use super::run;
 
     /// Upper bound for etcd to become ready.
@@ -188,18 +180,6 @@ mod with_etcd {
         }
     }
 
-    fn int(json: &Value, key: &str) -> u64 {
-        json[key]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{key} is not a count in {json}"))
-    }
-
-    fn number(json: &Value, key: &str) -> f64 {
-        json[key]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{key} is not a number in {json}"))
-    }
-
     #[test]
     fn feed_delivers_every_put_once_to_every_watcher() {
         let etcd = Etcd::start();
@@ -218,18 +198,22 @@ mod with_etcd {
                 ],
             )
             .ok("feed");
-        let puts = int(&json, "puts");
+        let puts = json_int(&json, "puts");
         assert!(puts > 0, "{json}");
-        assert_eq!(int(&json, "lost"), 0, "{json}");
-        assert_eq!(int(&json, "duplicated"), 0, "{json}");
-        assert_eq!(int(&json, "unexpected"), 0, "{json}");
-        assert_eq!(int(&json, "put_errors"), 0, "{json}");
-        assert_eq!(int(&json, "events"), 2 * puts, "each watcher sees each put");
+        assert_eq!(json_int(&json, "lost"), 0, "{json}");
+        assert_eq!(json_int(&json, "duplicated"), 0, "{json}");
+        assert_eq!(json_int(&json, "unexpected"), 0, "{json}");
+        assert_eq!(json_int(&json, "put_errors"), 0, "{json}");
+        assert_eq!(
+            json_int(&json, "events"),
+            2 * puts,
+            "each watcher sees each put"
+        );
         assert_eq!(json["params"]["mode"], "put");
         // etcd has no resolved ts: not measured, not zero.
         assert_eq!(json["resolved_lag_p99_ms"], Value::Null, "{json}");
         // Its memory and CPU come from its own /metrics.
-        assert!(number(&json, "server_rss_peak_bytes") > 0.0, "{json}");
+        assert!(json_number(&json, "server_rss_peak_bytes") > 0.0, "{json}");
         assert!(json["server_cpu_seconds"].is_number(), "{json}");
 
         // Open loop: 200 puts/s for 1 s schedules exactly 200 puts.
@@ -239,10 +223,7 @@ mod with_etcd {
                 &["--rate", "200", "--duration", "1s", "--watchers", "2"],
             )
             .ok("feed");
-        let scheduled = int(&open, "puts") + int(&open, "puts_skipped") + int(&open, "put_errors");
-        assert_eq!(scheduled, 200, "{open}");
-        assert_eq!(int(&open, "lost"), 0, "{open}");
-        assert_eq!(int(&open, "events"), 2 * int(&open, "puts"), "{open}");
+        assert_open_loop_200(&open, 2);
     }
 
     #[test]
@@ -263,28 +244,15 @@ mod with_etcd {
                 ],
             )
             .ok("churn");
-        let connections = int(&json, "connections");
-        assert!(connections > 0, "{json}");
-        let by_stage: u64 = [
-            "before_request",
-            "after_register",
-            "mid_stream",
-            "half_close",
-            "drop",
-        ]
-        .iter()
-        .map(|s| int(&json, &format!("stage_{s}")))
-        .sum();
-        assert_eq!(by_stage, connections, "{json}");
-        assert_eq!(int(&json, "errors"), 0, "{json}");
+        assert_churn_counts(&json);
         for g in [
             "etcd_watch_streams",
             "etcd_watchers",
             "etcd_watch_calls_open",
         ] {
             assert_eq!(
-                number(&json, g),
-                number(&json, &format!("{g}_before")),
+                json_number(&json, g),
+                json_number(&json, &format!("{g}_before")),
                 "{g}: {json}"
             );
         }
@@ -296,8 +264,8 @@ mod with_etcd {
         let json = etcd
             .bench("idle", &["--connections", "20", "--batch", "10"])
             .ok("idle");
-        assert_eq!(int(&json, "connections"), 20, "{json}");
-        assert_eq!(number(&json, "etcd_watch_streams"), 20.0, "{json}");
+        assert_eq!(json_int(&json, "connections"), 20, "{json}");
+        assert_eq!(json_number(&json, "etcd_watch_streams"), 20.0, "{json}");
         assert!(json["rss_per_connection_kib"].is_number(), "{json}");
     }
 

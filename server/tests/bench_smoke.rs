@@ -13,25 +13,18 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Run, TestServer, run_to_end};
+use common::{
+    Run, TestServer, assert_churn_counts, assert_open_loop_200, json_int, json_number, run_to_end,
+};
 use serde_json::Value;
 
 /// Longest a smoke run may take before it is killed (and the test fails).
 const LIMIT: Duration = Duration::from_secs(120);
 
 impl Run {
-    /// The JSON line of a run that must have succeeded.
+    /// The JSON line of a run that must have succeeded, with no failures.
     fn ok(&self, bench: &str) -> Value {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "bench {bench} failed\nstdout:\n{}\nstderr:\n{}",
-            self.stdout,
-            self.stderr
-        );
-        let json = self.last_json();
-        assert_eq!(json["bench"], bench, "{json}");
-        assert_eq!(json["ok"], true, "{json}");
+        let json = self.bench_ok(bench);
         assert_eq!(json["failures"], Value::Array(Vec::new()), "{json}");
         json
     }
@@ -56,18 +49,6 @@ fn bench(server: &TestServer, sub: &str, extra: &[&str]) -> Run {
     run(&args)
 }
 
-fn int(json: &Value, key: &str) -> u64 {
-    json[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} is not a count in {json}"))
-}
-
-fn gauge(json: &Value, key: &str) -> f64 {
-    json[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} is not a number in {json}"))
-}
-
 #[test]
 fn feed_delivers_every_raw_put_once_to_every_watcher() {
     let server = TestServer::start();
@@ -86,12 +67,16 @@ fn feed_delivers_every_raw_put_once_to_every_watcher() {
         ],
     )
     .ok("feed");
-    let puts = int(&json, "puts");
+    let puts = json_int(&json, "puts");
     assert!(puts > 0, "{json}");
-    assert_eq!(int(&json, "lost"), 0, "{json}");
-    assert_eq!(int(&json, "duplicated"), 0, "{json}");
-    assert_eq!(int(&json, "put_errors"), 0, "{json}");
-    assert_eq!(int(&json, "events"), 2 * puts, "each watcher sees each put");
+    assert_eq!(json_int(&json, "lost"), 0, "{json}");
+    assert_eq!(json_int(&json, "duplicated"), 0, "{json}");
+    assert_eq!(json_int(&json, "put_errors"), 0, "{json}");
+    assert_eq!(
+        json_int(&json, "events"),
+        2 * puts,
+        "each watcher sees each put"
+    );
     assert_eq!(json["params"]["mode"], "raw");
 }
 
@@ -112,11 +97,11 @@ fn feed_counts_transactions_and_open_loop_schedules() {
         ],
     )
     .ok("feed");
-    let puts = int(&txn, "puts");
+    let puts = json_int(&txn, "puts");
     assert!(puts > 0, "{txn}");
-    assert_eq!(int(&txn, "lost"), 0, "{txn}");
-    assert_eq!(int(&txn, "duplicated"), 0, "{txn}");
-    assert_eq!(int(&txn, "events"), puts, "{txn}");
+    assert_eq!(json_int(&txn, "lost"), 0, "{txn}");
+    assert_eq!(json_int(&txn, "duplicated"), 0, "{txn}");
+    assert_eq!(json_int(&txn, "events"), puts, "{txn}");
     assert_eq!(txn["params"]["mode"], "txn");
 
     // Open loop: 200 puts/s for 1 s schedules exactly 200 puts, each of
@@ -127,19 +112,16 @@ fn feed_counts_transactions_and_open_loop_schedules() {
         &["--rate", "200", "--duration", "1s", "--writers", "4"],
     )
     .ok("feed");
-    let scheduled = int(&open, "puts") + int(&open, "puts_skipped") + int(&open, "put_errors");
-    assert_eq!(scheduled, 200, "{open}");
-    assert_eq!(int(&open, "lost"), 0, "{open}");
-    assert_eq!(int(&open, "events"), int(&open, "puts"), "{open}");
+    assert_open_loop_200(&open, 1);
 }
 
 #[test]
 fn scan_delivers_exactly_the_preloaded_keys() {
     let server = TestServer::start();
     let json = bench(&server, "scan", &["--keys", "3000", "--value-size", "32"]).ok("scan");
-    assert_eq!(int(&json, "rows"), 3000, "{json}");
-    assert_eq!(int(&json, "duplicated"), 0, "{json}");
-    assert_eq!(int(&json, "unexpected"), 0, "{json}");
+    assert_eq!(json_int(&json, "rows"), 3000, "{json}");
+    assert_eq!(json_int(&json, "duplicated"), 0, "{json}");
+    assert_eq!(json_int(&json, "unexpected"), 0, "{json}");
 }
 
 #[test]
@@ -160,22 +142,9 @@ fn churn_leaves_no_connection_subscription_or_byte_behind() {
         ],
     )
     .ok("churn");
-    let connections = int(&json, "connections");
-    assert!(connections > 0, "{json}");
-    let by_stage: u64 = [
-        "before_request",
-        "after_register",
-        "mid_stream",
-        "half_close",
-        "drop",
-    ]
-    .iter()
-    .map(|s| int(&json, &format!("stage_{s}")))
-    .sum();
-    assert_eq!(by_stage, connections, "{json}");
-    assert_eq!(int(&json, "errors"), 0, "{json}");
+    assert_churn_counts(&json);
     for g in ["cdc_connections", "cdc_subscriptions", "cdc_pending_bytes"] {
-        assert_eq!(gauge(&json, g), 0.0, "{g}: {json}");
+        assert_eq!(json_number(&json, g), 0.0, "{g}: {json}");
     }
     // The bench's own view agrees with the server's.
     let metrics = server.metrics();
@@ -206,14 +175,14 @@ fn churn_of_register_then_drop_leaves_nothing_behind() {
         ],
     )
     .ok("churn");
-    assert!(int(&json, "connections") > 0, "{json}");
+    assert!(json_int(&json, "connections") > 0, "{json}");
     for g in [
         "cdc_connections",
         "cdc_subscriptions",
         "cdc_pending_bytes",
         "cdc_connection_tasks",
     ] {
-        assert_eq!(gauge(&json, g), 0.0, "{g}: {json}");
+        assert_eq!(json_number(&json, g), 0.0, "{g}: {json}");
     }
 }
 
@@ -221,8 +190,8 @@ fn churn_of_register_then_drop_leaves_nothing_behind() {
 fn idle_holds_then_releases_every_connection() {
     let server = TestServer::start();
     let json = bench(&server, "idle", &["--connections", "20", "--batch", "10"]).ok("idle");
-    assert_eq!(int(&json, "connections"), 20, "{json}");
-    assert_eq!(gauge(&json, "cdc_connections"), 20.0, "{json}");
+    assert_eq!(json_int(&json, "connections"), 20, "{json}");
+    assert_eq!(json_number(&json, "cdc_connections"), 20.0, "{json}");
     assert!(json["rss_per_connection_kib"].is_number(), "{json}");
 }
 
@@ -230,15 +199,15 @@ fn idle_holds_then_releases_every_connection() {
 fn slow_consumer_costs_the_fast_one_nothing() {
     let server = TestServer::start();
     let json = bench(&server, "slow", &["--duration", "1s", "--writers", "2"]).ok("slow");
-    let puts = int(&json, "puts");
+    let puts = json_int(&json, "puts");
     assert!(puts > 0, "{json}");
-    assert_eq!(int(&json, "fast_lost"), 0, "{json}");
-    assert_eq!(int(&json, "fast_duplicated"), 0, "{json}");
-    assert_eq!(int(&json, "fast_rows"), puts, "{json}");
+    assert_eq!(json_int(&json, "fast_lost"), 0, "{json}");
+    assert_eq!(json_int(&json, "fast_duplicated"), 0, "{json}");
+    assert_eq!(json_int(&json, "fast_rows"), puts, "{json}");
     // Either the server gave up on the slow consumer and said so, or it
     // kept up and the slow consumer got everything.
     let congested = json["congested"].as_bool().expect("congested is a flag");
-    assert!(congested || int(&json, "slow_missed") == 0, "{json}");
+    assert!(congested || json_int(&json, "slow_missed") == 0, "{json}");
 }
 
 #[test]
@@ -258,8 +227,8 @@ fn engine_scans_what_it_wrote_and_streams_over_loopback() {
         "4096".into(),
     ])
     .ok("engine");
-    assert_eq!(int(&json, "scan_entries"), 2000, "{json}");
-    assert!(int(&json, "grpc_messages") > 0, "{json}");
+    assert_eq!(json_int(&json, "scan_entries"), 2000, "{json}");
+    assert!(json_int(&json, "grpc_messages") > 0, "{json}");
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .expect("read the directory")
         .collect();

@@ -110,6 +110,72 @@ impl Run {
     }
 }
 
+impl Run {
+    /// The JSON line of a `kvfeed bench <bench>` run that must have
+    /// succeeded: exit status 0, the right subcommand, `ok` true.
+    pub fn bench_ok(&self, bench: &str) -> serde_json::Value {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "bench {bench} failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        let json = self.last_json();
+        assert_eq!(json["bench"], bench, "{json}");
+        assert_eq!(json["ok"], true, "{json}");
+        json
+    }
+}
+
+/// A count in a bench's JSON line.
+pub fn json_int(json: &serde_json::Value, key: &str) -> u64 {
+    json[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not a count in {json}"))
+}
+
+/// A number in a bench's JSON line.
+pub fn json_number(json: &serde_json::Value, key: &str) -> f64 {
+    json[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {json}"))
+}
+
+/// Checks a `bench churn` line's connections: some were made, every one
+/// ended at a known stage, none failed.
+pub fn assert_churn_counts(json: &serde_json::Value) {
+    let connections = json_int(json, "connections");
+    assert!(connections > 0, "{json}");
+    let by_stage: u64 = [
+        "before_request",
+        "after_register",
+        "mid_stream",
+        "half_close",
+        "drop",
+    ]
+    .iter()
+    .map(|s| json_int(json, &format!("stage_{s}")))
+    .sum();
+    assert_eq!(by_stage, connections, "{json}");
+    assert_eq!(json_int(json, "errors"), 0, "{json}");
+}
+
+/// Checks an open-loop `bench feed --rate 200 --duration 1s` line: exactly
+/// 200 puts scheduled (each acknowledged, failed or skipped), nothing lost,
+/// every acknowledged put seen by each of `watchers`.
+pub fn assert_open_loop_200(open: &serde_json::Value, watchers: u64) {
+    let scheduled =
+        json_int(open, "puts") + json_int(open, "puts_skipped") + json_int(open, "put_errors");
+    assert_eq!(scheduled, 200, "{open}");
+    assert_eq!(json_int(open, "lost"), 0, "{open}");
+    assert_eq!(
+        json_int(open, "events"),
+        watchers * json_int(open, "puts"),
+        "{open}"
+    );
+}
+
 /// Runs `kvfeed <args>` to its end with no stdin, killing it if it takes
 /// longer than `limit`.
 pub fn run_to_end<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Run {
