@@ -41,33 +41,7 @@ fn lines_of(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 impl Watcher {
     /// Starts `kvfeed watch --pd <server> <args>` and waits for `watching`.
     fn start(server: &TestServer, args: &[&str]) -> Watcher {
-        let mut child = kvfeed()
-            .arg("watch")
-            .args(["--pd", &server.pd_endpoint()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kvfeed watch");
-        let stdout = lines_of(child.stdout.take().expect("piped"));
-        let stderr = lines_of(child.stderr.take().expect("piped"));
-        let mut watcher = Watcher {
-            child,
-            stdout,
-            stderr,
-        };
-        let mut seen = Vec::new();
-        loop {
-            match watcher.stderr.recv_timeout(WAIT) {
-                Ok(line) if line.starts_with("watching ") => return watcher,
-                Ok(line) => seen.push(line),
-                Err(_) => {
-                    let _ = watcher.child.kill();
-                    panic!("no `watching` line for {args:?}; stderr: {seen:?}");
-                }
-            }
-        }
+        Self::start_with_notices(server, args).0
     }
 
     /// Like [`Watcher::start`], also returning the stderr lines before
