@@ -76,7 +76,9 @@ use consumer::{Got, Seen, consumer, ranges, tick};
 use kvfeed::client::Cluster;
 use kvfeed_proto::cdcpb::change_data_request::KvApi;
 use kvfeed_storage::mvcc::encode_bytes;
-use tikv_client::{CheckLevel, RawClient, TimestampExt, TransactionClient, TransactionOptions};
+use tikv_client::{
+    CheckLevel, RawClient, TimestampExt, Transaction, TransactionClient, TransactionOptions,
+};
 use tokio::sync::{oneshot, watch};
 
 const WRITERS: usize = 6;
@@ -257,13 +259,7 @@ impl Writer {
                 writes.push((key, Some(value)));
             }
         }
-        let outcome = match txn.commit().await {
-            Ok(Some(ts)) => Outcome::Committed(ts.version()),
-            Ok(None) | Err(_) => {
-                let _ = txn.rollback().await;
-                Outcome::Unknown
-            }
-        };
+        let outcome = commit_or_roll_back(&mut txn).await;
         self.record(start_ts, Txn { writes, outcome });
     }
 
@@ -289,13 +285,7 @@ impl Writer {
             let _ = txn.rollback().await;
             Outcome::Unknown
         } else {
-            match txn.commit().await {
-                Ok(Some(ts)) => Outcome::Committed(ts.version()),
-                Ok(None) | Err(_) => {
-                    let _ = txn.rollback().await;
-                    Outcome::Unknown
-                }
-            }
+            commit_or_roll_back(&mut txn).await
         };
         self.record(start_ts, Txn { writes, outcome });
     }
@@ -645,5 +635,18 @@ fn ranges_hold_the_keys_they_are_for() {
     for (i, (start, end)) in ranges(KvApi::RawKv).iter().enumerate() {
         let key = raw_key(3, i);
         assert!(*start <= key && key < *end, "raw key {i} in range {i}");
+    }
+}
+
+/// Commits `txn`; if that fails or commits nothing, rolls it back. A failed
+/// commit may still have committed (the primary may have landed), so the
+/// outcome is then unknown rather than rolled back.
+async fn commit_or_roll_back(txn: &mut Transaction) -> Outcome {
+    match txn.commit().await {
+        Ok(Some(ts)) => Outcome::Committed(ts.version()),
+        Ok(None) | Err(_) => {
+            let _ = txn.rollback().await;
+            Outcome::Unknown
+        }
     }
 }
