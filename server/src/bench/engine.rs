@@ -64,17 +64,22 @@ pub struct EngineArgs {
 }
 
 /// A directory removed on drop, whatever happened in between.
-struct TempDir(PathBuf);
+pub(super) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(parent: &Path) -> Result<TempDir, BenchError> {
+    /// A fresh `kvfeed-bench-<bench>-<unix nanos>` directory under `parent`.
+    pub(super) fn new(parent: &Path, bench: &str) -> Result<TempDir, BenchError> {
         let path = parent.join(format!(
-            "kvfeed-bench-engine-{:x}",
+            "kvfeed-bench-{bench}-{:x}",
             super::load::unix_nanos()
         ));
         std::fs::create_dir_all(&path)
             .map_err(|e| BenchError::Usage(format!("cannot create {}: {e}", path.display())))?;
         Ok(TempDir(path))
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -148,7 +153,7 @@ pub fn run(args: &EngineArgs) -> Result<Report, BenchError> {
     )?;
     let grpc_duration = check_duration("--grpc-duration", args.grpc_duration)?;
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let tmp = TempDir::new(&parent)?;
+    let tmp = TempDir::new(&parent, "engine")?;
 
     let mut report = Report::new(NAME);
     report.json(
@@ -188,7 +193,7 @@ pub fn run(args: &EngineArgs) -> Result<Report, BenchError> {
         ),
     ] {
         progress(NAME, &format!("writing {} keys: {label}", args.keys));
-        let (engine, took) = write_test(&tmp.0.join(dir), args.keys, args.value_size, how)?;
+        let (engine, took) = write_test(&tmp.path().join(dir), args.keys, args.value_size, how)?;
         report.float(
             key,
             label,

@@ -30,6 +30,7 @@ use kvfeed_storage::tso::{Clock, SystemClock, Tso};
 use prost::Message;
 use serde_json::json;
 
+use super::engine::TempDir;
 use super::load::{self, prefix_end, preload_index, preload_key};
 use super::report::Report;
 use super::scrape::{SCANNED_BYTES, Sampler, scrape};
@@ -246,24 +247,6 @@ struct EngineScan {
     elapsed: Duration,
 }
 
-/// A directory removed on drop, whatever happened in between.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(parent: &Path) -> Result<TempDir, BenchError> {
-        let path = parent.join(format!("kvfeed-bench-scan-{:x}", load::unix_nanos()));
-        std::fs::create_dir_all(&path)
-            .map_err(|e| BenchError::Usage(format!("cannot create {}: {e}", path.display())))?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Writes the preloaded keys and values through a raw store into a fresh
 /// engine under `dir` (so they are stored exactly as the server stores
 /// them), then times one forward scan of the raw family.
@@ -273,8 +256,8 @@ fn engine_scan(
     keys: u64,
     value_size: usize,
 ) -> Result<EngineScan, BenchError> {
-    let tmp = TempDir::new(dir)?;
-    let engine: Arc<dyn Engine> = Arc::new(FjallEngine::open(&tmp.0)?);
+    let tmp = TempDir::new(dir, "scan")?;
+    let engine: Arc<dyn Engine> = Arc::new(FjallEngine::open(tmp.path())?);
     let store = Arc::new(Store::open(engine, Durability::NoSync)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let tso = Arc::new(Tso::open(Arc::clone(&store), clock)?);
