@@ -51,6 +51,7 @@ use kvfeed_storage::TimeStamp;
 use kvfeed_storage::store::SeqNo;
 
 use crate::ids::{KvApi, RegionId, RequestId};
+use crate::owner::is_loop;
 use crate::quota::HeldCharge;
 use crate::resolve::{LockChange, LockSet};
 use crate::scan::ScanId;
@@ -220,7 +221,7 @@ impl Subscription {
     /// rows, raw key for raw rows) is for this subscription: kind, range
     /// and loop filter. State and seq are [`Subscription::accepts`]'s job.
     pub(crate) fn wants(&self, kind: RowKind, routing_key: &[u8], row: &Row) -> bool {
-        if self.spec.filter_loop && row.txn_source & 0xFF != 0 {
+        if self.spec.filter_loop && is_loop(row.txn_source) {
             return false;
         }
         self.covers(kind, routing_key)

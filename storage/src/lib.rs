@@ -12,17 +12,23 @@
 //!   families) and the transaction rules on top of it.
 //! - [`raw`]: raw key-value operations, each write stamped with a timestamp
 //!   so the change feed can capture raw writes too.
+//! - [`delta`]: delta scans, what a key range holds newer than a
+//!   timestamp (the change feed's catch-up); [`versioned`]: how a version
+//!   is written into an engine key.
 //! - [`region`]: the fixed region layout clients see.
 //! - [`tso`]: the timestamp oracle (`physical_ms << 18 | logical`).
 
+pub mod delta;
 pub mod engine;
 pub mod error;
+pub mod latch;
 pub mod mvcc;
 pub mod raw;
 pub mod region;
 pub mod safepoint;
 pub mod store;
 pub mod tso;
+pub mod versioned;
 
 pub mod timestamp;
 

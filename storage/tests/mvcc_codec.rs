@@ -99,7 +99,7 @@ proptest! {
         let vb = Key::from_raw(&b).append_ts(TimeStamp::new(tb));
         let expected = a.cmp(&b).then(tb.cmp(&ta));
         prop_assert_eq!(va.cmp(&vb), expected);
-        let (k, ts) = split_versioned(&va, "write").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let (k, ts) = split_versioned(&va, kvfeed_storage::engine::Cf::Write).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(k, Key::from_raw(&a));
         prop_assert_eq!(ts, TimeStamp::new(ta));
     }

@@ -596,7 +596,7 @@ fn dump(txn: &TxnStore) -> String {
                     s
                 }
                 Cf::Write => {
-                    let (key, ts) = split_versioned(&k, "write").expect("write key");
+                    let (key, ts) = split_versioned(&k, Cf::Write).expect("write key");
                     let w = Write::from_bytes(&v).expect("write record");
                     let mut s = format!(
                         "write {}@{ts}: {:?} start_ts={}",
@@ -613,7 +613,7 @@ fn dump(txn: &TxnStore) -> String {
                     s
                 }
                 _ => {
-                    let (key, ts) = split_versioned(&k, "default").expect("default key");
+                    let (key, ts) = split_versioned(&k, Cf::Default).expect("default key");
                     format!(
                         "default {}@{ts}: {}",
                         show(&key.to_raw().expect("raw")),

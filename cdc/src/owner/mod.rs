@@ -79,7 +79,7 @@ use crate::resolve::MinTs;
 use crate::scan::{ScanMsg, ScanPool};
 
 pub(crate) use outbound::RESERVED_SLOTS;
-pub(crate) use rows::raw_committed_row;
+pub(crate) use rows::{is_loop, prewrite_old_value_ts, prewrite_row, raw_committed_row};
 pub(crate) use validate::Refusal;
 
 use outbound::Outbox;

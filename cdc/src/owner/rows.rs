@@ -61,7 +61,7 @@ use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::{LogType, Row, row::OpType};
 use kvfeed_storage::TimeStamp;
 use kvfeed_storage::engine::Cf;
-use kvfeed_storage::mvcc::{self, LockType, MvccChange, WriteType, encode_bytes};
+use kvfeed_storage::mvcc::{self, Lock, LockType, MvccChange, WriteType, encode_bytes};
 use kvfeed_storage::raw::{self, RawChange, RawOp};
 use kvfeed_storage::store::ChangeBatch;
 
@@ -161,18 +161,13 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                         txn_source: lock.txn_source,
                     },
                 );
-                let op = match lock.lock_type {
-                    LockType::Put => OpType::Put,
-                    LockType::Delete => OpType::Delete,
-                    LockType::Lock | LockType::Pessimistic => continue,
-                };
                 if seen
                     .is_some_and(|t| (t.start_ts, t.lock_type) == (lock.start_ts, lock.lock_type))
                 {
                     continue;
                 }
-                let value = match op {
-                    OpType::Put => {
+                let value = match lock.lock_type {
+                    LockType::Put => {
                         match (&lock.short_value, values.get(&(&key[..], lock.start_ts))) {
                             (Some(v), _) => Bytes::copy_from_slice(v),
                             (None, Some(v)) => Bytes::copy_from_slice(v),
@@ -181,20 +176,9 @@ pub(crate) fn decode_batch(batch: &ChangeBatch, locks: &mut LockTracker) -> Deco
                     }
                     _ => Bytes::new(),
                 };
-                let read_ts = lock.start_ts.max(lock.for_update_ts).prev();
-                rows.push(txn_row(
-                    key,
-                    Row {
-                        start_ts: lock.start_ts.into_inner(),
-                        r#type: LogType::Prewrite as i32,
-                        op_type: op as i32,
-                        key: Bytes::copy_from_slice(key),
-                        value,
-                        txn_source: lock.txn_source,
-                        ..Row::default()
-                    },
-                    Some(read_ts),
-                ));
+                if let Some(row) = prewrite_row(Bytes::copy_from_slice(key), lock, value) {
+                    rows.push(txn_row(key, row, Some(prewrite_old_value_ts(lock))));
+                }
             }
             Change::Txn(MvccChange::LockDeleted { key }) => {
                 locks.locks.remove(key);
@@ -325,6 +309,38 @@ fn rollback_row(key: &[u8], start_ts: TimeStamp, txn_source: u64) -> DecodedRow 
         },
         None,
     )
+}
+
+/// The PREWRITE row of `lock` on user key `key`, carrying `value` (a
+/// Delete lock's row carries none); `None` for Lock and Pessimistic locks,
+/// which change no value. Live rows and catch-up scans build it here alike.
+pub(crate) fn prewrite_row(key: Bytes, lock: &Lock, value: Bytes) -> Option<Row> {
+    let (op, value) = match lock.lock_type {
+        LockType::Put => (OpType::Put, value),
+        LockType::Delete => (OpType::Delete, Bytes::new()),
+        LockType::Lock | LockType::Pessimistic => return None,
+    };
+    Some(Row {
+        start_ts: lock.start_ts.into_inner(),
+        r#type: LogType::Prewrite as i32,
+        op_type: op as i32,
+        key,
+        value,
+        txn_source: lock.txn_source,
+        ..Row::default()
+    })
+}
+
+/// Where a PREWRITE's old value is read: just below the transaction's
+/// snapshot (its `for_update_ts` for a pessimistic transaction).
+pub(crate) fn prewrite_old_value_ts(lock: &Lock) -> TimeStamp {
+    lock.start_ts.max(lock.for_update_ts).prev()
+}
+
+/// Whether a row was written by a change feed (the low 8 bits of its
+/// `txn_source` carry the loop mark), for the `filter_loop` option.
+pub(crate) fn is_loop(txn_source: u64) -> bool {
+    txn_source & 0xFF != 0
 }
 
 /// The COMMITTED row of a live raw write, with its routing key.

@@ -1,6 +1,7 @@
 //! Reading one catch-up snapshot in bounded batches.
 //!
-//! A [`Scanner`] owns a store snapshot and walks its subscription's range
+//! A [`Scanner`] runs storage's delta scan over a store snapshot of its
+//! subscription's range and turns it into rows,
 //! one user key at a time. For each key it reports, in this order:
 //!
 //! 1. a COMMITTED row for every Put/Delete version with `commit_ts >`
@@ -25,52 +26,44 @@
 //!   [`SCAN_BATCH_KEYS`] keys or [`SCAN_READ_BYTES`] read, so a
 //!   cancellation is noticed within one such batch.
 //! - Memory does not depend on the size of the range or on a key's
-//!   history. One forward walk discovers the keys and reads their
-//!   versions (newest first); the versions newer than the checkpoint are
-//!   kept from it, to be emitted oldest first without reading the key
-//!   again, as long as they fit [`KEPT_VERSIONS`] and [`KEPT_BYTES`]. A
-//!   longer history is dropped from memory and read again oldest first
-//!   with a reverse iterator bounded by the checkpoint, one version at a
-//!   time.
+//!   history: storage's delta scan (`kvfeed_storage::delta`) hands over a
+//!   key's versions newer than the checkpoint only while they fit
+//!   [`KEPT`]; a longer history is read again oldest first, one version at
+//!   a time.
 //!
 //! # Cost
 //!
-//! The forward walk is the whole read in the common case: every version
-//! is read once, and nothing is searched per key. (Opening an iterator per
-//! key, as a reverse read needs, costs a seek in every memtable and table
-//! of the LSM tree, and stepping a memtable backwards repeats a search per
-//! step: several times the cost of the forward step.) A stored value moves
-//! into its row; the user key is decoded once per key.
+//! The delta scan's forward walk is the whole read in the common case:
+//! every version is read once, nothing is searched per key, and the lock
+//! family's deletion markers are stepped over once for the whole scan, not
+//! once per batch (see the delta module's docs for why that matters). A
+//! stored value moves into its row; the user key is decoded once per key.
 //!
 //! # Resuming
 //!
-//! Between batches the scanner keeps positions (engine keys and the last
-//! version emitted) and the kept versions of the key it stopped in, not
-//! iterators, so nothing borrows the snapshot while the scan waits and
-//! each batch may run on any blocking thread. A batch that stops inside a
-//! key resumes after the last version it emitted; a row that did not fit
-//! is simply read again from the snapshot.
+//! Between batches the delta scanner keeps positions, not iterators, so
+//! nothing borrows the snapshot while the scan waits and each batch may
+//! run on any blocking thread. This module keeps the key it stopped in
+//! (its kept versions and the last version emitted): a batch that stops
+//! inside a key resumes after that version, and a row that did not fit is
+//! simply read again from the snapshot.
 //!
 //! Storage failures (an engine error, an undecodable record, a large value
 //! missing from the default family) end the scan with the error: the
 //! owner fails the subscription rather than deliver a partial history.
 
-use std::ops::Bound;
-
 use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::{LogType, Row, row::OpType};
-use kvfeed_storage::engine::{Cf, Cursor};
-use kvfeed_storage::mvcc::key::TS_SUFFIX_LEN;
-use kvfeed_storage::mvcc::{
-    Key, Lock, LockType, MvccReader, Write, WriteType, decode_bytes, encode_bytes,
-};
+use kvfeed_storage::delta::{self, DeltaScanner, DeltaSpec, KeepLimits, KeyDelta, KeySpace};
+use kvfeed_storage::engine::Cf;
+use kvfeed_storage::mvcc::{Key, Lock, LockType, MvccReader, Write, WriteType};
 use kvfeed_storage::raw;
 use kvfeed_storage::store::{SeqNo, Snapshot};
 use kvfeed_storage::{Error, Result, TimeStamp};
 use prost::Message;
 
 use crate::ids::KvApi;
-use crate::owner::raw_committed_row;
+use crate::owner::{is_loop, prewrite_old_value_ts, prewrite_row, raw_committed_row};
 use crate::subscription::SubscriptionSpec;
 
 use crate::{SCAN_BATCH_MAX_BYTES as SCAN_BATCH_BYTES, SCAN_BATCH_MAX_ROWS as SCAN_BATCH_ROWS};
@@ -78,10 +71,12 @@ use crate::{SCAN_BATCH_MAX_BYTES as SCAN_BATCH_BYTES, SCAN_BATCH_MAX_ROWS as SCA
 const SCAN_BATCH_KEYS: usize = 1024;
 /// Most bytes one batch reads from the store before it stops.
 const SCAN_READ_BYTES: usize = 4 << 20;
-/// Most versions of one key kept from the forward walk.
-const KEPT_VERSIONS: usize = SCAN_BATCH_ROWS;
-/// Most bytes of stored values of one key kept from the forward walk.
-const KEPT_BYTES: usize = SCAN_BATCH_BYTES;
+/// Most versions and bytes of stored values of one key kept from the
+/// forward walk.
+const KEPT: KeepLimits = KeepLimits {
+    versions: SCAN_BATCH_ROWS,
+    bytes: SCAN_BATCH_BYTES,
+};
 
 /// What a scan reads: the subscription's range and options.
 #[derive(Clone, Debug)]
@@ -104,6 +99,18 @@ impl ScanSpec {
             checkpoint: TimeStamp::new(spec.checkpoint_ts),
             old_value: spec.old_value,
             filter_loop: spec.filter_loop,
+        }
+    }
+
+    /// The storage delta scan this reads.
+    fn delta(&self) -> DeltaSpec {
+        match self.kv_api {
+            KvApi::TiDb => DeltaSpec::txn(
+                self.start_key.clone(),
+                self.end_key.clone(),
+                self.checkpoint,
+            ),
+            KvApi::RawKv => DeltaSpec::raw(&self.start_key, &self.end_key, self.checkpoint),
         }
     }
 }
@@ -160,9 +167,7 @@ impl ScanBatch {
     }
 }
 
-/// A version kept from the forward walk: its timestamp (a commit_ts, or a
-/// raw write's ts) and its stored value (a write record or a raw record).
-type Version = (TimeStamp, Vec<u8>);
+use kvfeed_storage::delta::Version;
 
 /// A key whose rows are not all emitted yet.
 #[derive(Debug)]
@@ -208,45 +213,36 @@ impl KeyWork {
 
 /// A catch-up scan over one snapshot; see the module docs.
 pub(crate) struct Scanner {
-    snapshot: Snapshot,
+    delta: DeltaScanner,
     spec: ScanSpec,
-    /// The last key discovered; discovery resumes after it.
-    after: Option<Vec<u8>>,
     current: Option<KeyWork>,
     /// The versions of `current` kept from the forward walk, newest first
     /// (the next to emit is last); meaningful while `current.kept`.
     kept: Vec<Version>,
-    finished: bool,
 }
 
 impl Scanner {
     pub(crate) fn new(snapshot: Snapshot, spec: ScanSpec) -> Scanner {
         Scanner {
-            snapshot,
+            delta: DeltaScanner::new(snapshot, spec.delta()),
             spec,
-            after: None,
             current: None,
             kept: Vec::new(),
-            finished: false,
         }
     }
 
     /// The apply sequence the snapshot reflects.
     pub(crate) fn seq(&self) -> SeqNo {
-        self.snapshot.seq()
+        self.delta.seq()
     }
 
     /// Reads the next batch. After a batch with `finished`, every later
     /// batch is empty and finished too.
     pub(crate) fn next_batch(&mut self) -> Result<ScanBatch> {
         let mut batch = ScanBatch::default();
-        if self.finished {
-            batch.finished = true;
-            return Ok(batch);
-        }
         if let Some(mut work) = self.current.take()
             && !emit_key(
-                &self.snapshot,
+                self.delta.snapshot(),
                 &self.spec,
                 &mut work,
                 &mut self.kept,
@@ -256,145 +252,26 @@ impl Scanner {
             self.current = Some(work);
             return Ok(batch);
         }
-        match self.spec.kv_api {
-            KvApi::TiDb => self.discover_txn(&mut batch)?,
-            KvApi::RawKv => self.discover_raw(&mut batch)?,
+        if !self.delta.is_finished() {
+            self.discover(&mut batch)?;
         }
-        batch.finished = self.finished;
+        batch.finished = self.delta.is_finished();
         Ok(batch)
     }
 
-    /// Walks keys after `after`, emitting each, until the batch is full or
-    /// the range ends.
-    fn discover_txn(&mut self, batch: &mut ScanBatch) -> Result<()> {
-        let snap = &self.snapshot;
+    /// Walks the keys not yet reported, emitting each, until the batch is
+    /// full or the range ends.
+    fn discover(&mut self, batch: &mut ScanBatch) -> Result<()> {
         let spec = &self.spec;
-        let start = spec.start_key.as_slice();
-        let end = spec.end_key.as_slice();
-        let write_after = self.after.as_deref().map(after_all_versions);
-        let lock_lower = match &self.after {
-            Some(k) => Bound::Excluded(k.as_slice()),
-            None => Bound::Included(start),
-        };
-        let write_lower = match &write_after {
-            Some(k) => Bound::Excluded(k.as_slice()),
-            None => Bound::Included(start),
-        };
-        let lock_upper = if end.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(end)
-        };
-        let mut locks = Cursor::new(snap.iter(Cf::Lock, lock_lower, lock_upper, false))?;
-        // The versions of a key below `end` can sort above `end` when the
-        // key is a prefix of it, so the write family is bounded by its user
-        // keys in the loop rather than by the iterator.
-        let mut writes = Cursor::new(snap.iter(Cf::Write, write_lower, Bound::Unbounded, false))?;
+        let mut walk = self.delta.walk()?;
+        let snap = walk.snapshot();
         while !batch.full() {
-            let lock_key = locks.head_key();
-            let write_key = writes
-                .head_key_prefix(TS_SUFFIX_LEN, Cf::Write)?
-                .filter(|k| end.is_empty() || *k < end);
-            let next = match (lock_key, write_key) {
-                (None, None) => {
-                    self.finished = true;
-                    break;
-                }
-                (Some(l), None) => l.to_vec(),
-                (None, Some(w)) => w.to_vec(),
-                (Some(l), Some(w)) => l.min(w).to_vec(),
-            };
-            let mut lock = None;
-            if locks.head_key() == Some(next.as_slice())
-                && let Some((k, v)) = locks.take()?
-            {
-                batch.read(&k, &v);
-                lock = Some(Lock::from_bytes(&v)?);
-            }
-            let kept = keep_versions(
-                &mut writes,
-                Cf::Write,
-                &next,
-                spec.checkpoint,
-                None,
-                &mut self.kept,
-                batch,
-            )?;
-            remember(&mut self.after, &next);
-            if next.as_slice() < start {
-                // Only a key that is a proper prefix of `start` gets here.
-                continue;
-            }
-            batch.keys += 1;
-            let lock = lock.filter(|l| matches!(l.lock_type, LockType::Put | LockType::Delete));
-            if let Some(l) = &lock {
-                batch.locks.push((next.clone(), l.start_ts));
-            }
-            let user_key = user_key_of(&next, Cf::Write)?;
-            let mut work = KeyWork {
-                encoded: next,
-                user_key,
-                emitted_through: spec.checkpoint,
-                kept,
-                versions_done: false,
-                lock,
-            };
-            if !emit_key(snap, spec, &mut work, &mut self.kept, batch)? {
-                self.current = Some(work);
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn discover_raw(&mut self, batch: &mut ScanBatch) -> Result<()> {
-        let snap = &self.snapshot;
-        let spec = &self.spec;
-        let encoded_start = (!spec.start_key.is_empty()).then(|| encode_bytes(&spec.start_key));
-        let encoded_end = (!spec.end_key.is_empty()).then(|| encode_bytes(&spec.end_key));
-        let after = self.after.as_deref().map(after_all_versions);
-        let lower = match (&after, &encoded_start) {
-            (Some(k), _) => Bound::Excluded(k.as_slice()),
-            (None, Some(s)) => Bound::Included(s.as_slice()),
-            (None, None) => Bound::Unbounded,
-        };
-        // Raw keys are encoded, and no encoding is a prefix of another, so
-        // every version of a key below `end` sorts below `encode(end)`.
-        let upper = match &encoded_end {
-            Some(e) => Bound::Excluded(e.as_slice()),
-            None => Bound::Unbounded,
-        };
-        let mut versions = Cursor::new(snap.iter(Cf::Raw, lower, upper, false))?;
-        while !batch.full() {
-            let Some((mut next, value)) = versions.take()? else {
-                self.finished = true;
+            let Some(found) = walk.next_key(&mut self.kept, KEPT)? else {
                 break;
             };
-            batch.read(&next, &value);
-            let ts = version_ts(&next, Cf::Raw)?;
-            // The newest version's engine key, less its timestamp, is the
-            // encoded user key: no copy needed.
-            next.truncate(next.len() - TS_SUFFIX_LEN);
-            let kept = keep_versions(
-                &mut versions,
-                Cf::Raw,
-                &next,
-                spec.checkpoint,
-                Some((ts, value)),
-                &mut self.kept,
-                batch,
-            )?;
-            remember(&mut self.after, &next);
+            batch.read_bytes += found.read_bytes;
             batch.keys += 1;
-            let user_key = user_key_of(&next, Cf::Raw)?;
-            let mut work = KeyWork {
-                encoded: next,
-                user_key,
-                emitted_through: spec.checkpoint,
-                kept,
-                versions_done: false,
-                lock: None,
-            };
+            let mut work = key_work(spec, found, batch)?;
             if !emit_key(snap, spec, &mut work, &mut self.kept, batch)? {
                 self.current = Some(work);
                 break;
@@ -404,47 +281,24 @@ impl Scanner {
     }
 }
 
-/// Consumes every version of `encoded` at the cursor (newest first; the
-/// newest may already have been taken, as `first`) into `kept`, keeping
-/// those newer than `after` while they fit [`KEPT_VERSIONS`] and
-/// [`KEPT_BYTES`]. Returns whether they all did; if not, `kept` is left
-/// empty and they are read again from the snapshot.
-fn keep_versions(
-    cursor: &mut Cursor<'_>,
-    cf: Cf,
-    encoded: &[u8],
-    after: TimeStamp,
-    first: Option<Version>,
-    kept: &mut Vec<Version>,
-    batch: &mut ScanBatch,
-) -> Result<bool> {
-    kept.clear();
-    let mut all = true;
-    let mut bytes = 0;
-    let mut keep = |ts: TimeStamp, value: Vec<u8>| {
-        // Older versions (at or below `after`) are read past, not kept.
-        if ts <= after || !all {
-            return;
-        }
-        bytes += value.len();
-        if kept.len() >= KEPT_VERSIONS || bytes > KEPT_BYTES {
-            kept.clear();
-            all = false;
-        } else {
-            kept.push((ts, value));
-        }
-    };
-    if let Some((ts, value)) = first {
-        keep(ts, value);
+/// The work of a key the walk found; a Put/Delete lock is reported to the
+/// owner (loop filter or not: resolved ts must wait for it either way).
+fn key_work(spec: &ScanSpec, found: KeyDelta, batch: &mut ScanBatch) -> Result<KeyWork> {
+    let user_key = found.user_key()?;
+    let lock = found
+        .lock
+        .filter(|l| matches!(l.lock_type, LockType::Put | LockType::Delete));
+    if let Some(l) = &lock {
+        batch.locks.push((found.encoded.clone(), l.start_ts));
     }
-    while cursor.head_key().is_some_and(|k| version_of(k, encoded)) {
-        let Some((k, v)) = cursor.take()? else {
-            break;
-        };
-        batch.read(&k, &v);
-        keep(version_ts(&k, cf)?, v);
-    }
-    Ok(all)
+    Ok(KeyWork {
+        encoded: found.encoded,
+        user_key,
+        emitted_through: spec.checkpoint,
+        kept: found.complete,
+        versions_done: false,
+        lock,
+    })
 }
 
 /// Emits what is left of `work`. Returns false when the batch filled up
@@ -472,7 +326,9 @@ fn emit_key(
             return Ok(true);
         }
         // The PREWRITE is the key's last row.
-        let row = prewrite_row(snap, spec, work, &lock, batch)?;
+        let Some(row) = scanned_prewrite_row(snap, spec, work, &lock, batch)? else {
+            return Ok(true);
+        };
         if let Err(row) = batch.push(row) {
             work.restore_key(*row, true);
             work.lock = Some(lock);
@@ -559,36 +415,21 @@ fn emit_from_snapshot(
     work: &mut KeyWork,
     batch: &mut ScanBatch,
 ) -> Result<bool> {
-    let cf = match spec.kv_api {
-        KvApi::TiDb => Cf::Write,
-        KvApi::RawKv => Cf::Raw,
+    let space = match spec.kv_api {
+        KvApi::TiDb => KeySpace::Txn,
+        KvApi::RawKv => KeySpace::Raw,
     };
-    let (lower, upper) = newer_than(&work.encoded, work.emitted_through);
-    // Reverse: oldest first.
-    for item in snap.iter(cf, Bound::Included(&lower), Bound::Excluded(&upper), true) {
-        let (k, v) = item?;
-        batch.read(&k, &v);
-        let ts = version_ts(&k, cf)?;
+    let versions = delta::versions_oldest_first(snap, space, &work.encoded, work.emitted_through);
+    for version in versions {
+        let (ts, value) = version?;
+        batch.read(&work.encoded, &value);
         // Whether another version follows is not known here.
-        match offer_version(snap, spec, work, (ts, v), false, batch)? {
+        match offer_version(snap, spec, work, (ts, value), false, batch)? {
             Offered::Taken => {}
             Offered::Full | Offered::NoRoom => return Ok(false),
         }
     }
     Ok(true)
-}
-
-/// The engine key range holding versions of `encoded` newer than `ts`:
-/// versions are suffixed with the inverted timestamp, so newer sorts first
-/// and the range is `[suffix(MAX), suffix(ts))`.
-fn newer_than(encoded: &[u8], ts: TimeStamp) -> (Vec<u8>, Vec<u8>) {
-    let with = |t: TimeStamp| {
-        let mut k = Vec::with_capacity(encoded.len() + TS_SUFFIX_LEN);
-        k.extend_from_slice(encoded);
-        k.extend_from_slice(&(!t.into_inner()).to_be_bytes());
-        k
-    };
-    (with(TimeStamp::MAX), with(ts))
 }
 
 /// The COMMITTED row of the write record `record` committed at
@@ -641,22 +482,19 @@ fn txn_version_row(
     }))
 }
 
-fn prewrite_row(
+/// The PREWRITE row of the lock found on `work`'s key, with its value
+/// (inline, or from the default family) and, when asked, its old value.
+fn scanned_prewrite_row(
     snap: &Snapshot,
     spec: &ScanSpec,
     work: &mut KeyWork,
     lock: &Lock,
     batch: &mut ScanBatch,
-) -> Result<Row> {
+) -> Result<Option<Row>> {
     let key = work.key()?;
-    let op = if lock.lock_type == LockType::Delete {
-        OpType::Delete
-    } else {
-        OpType::Put
-    };
-    let value = match (op, &lock.short_value) {
-        (OpType::Put, Some(v)) => v.clone(),
-        (OpType::Put, None) => {
+    let value = match (lock.lock_type, &lock.short_value) {
+        (LockType::Put, Some(v)) => v.clone(),
+        (LockType::Put, None) => {
             let value = snap
                 .get(Cf::Default, &key.append_ts(lock.start_ts))?
                 .ok_or_else(|| {
@@ -671,75 +509,15 @@ fn prewrite_row(
         _ => Vec::new(),
     };
     let old_value = if spec.old_value {
-        let read_ts = lock.start_ts.max(lock.for_update_ts).prev();
         MvccReader::new(&**snap)
-            .get(&key, read_ts)?
+            .get(&key, prewrite_old_value_ts(lock))?
             .unwrap_or_default()
     } else {
         Vec::new()
     };
-    Ok(Row {
-        start_ts: lock.start_ts.into_inner(),
-        r#type: LogType::Prewrite as i32,
-        op_type: op as i32,
-        key: Bytes::from(work.row_key(true)),
-        value: Bytes::from(value),
+    let row = prewrite_row(Bytes::from(work.row_key(true)), lock, Bytes::from(value));
+    Ok(row.map(|row| Row {
         old_value: Bytes::from(old_value),
-        txn_source: lock.txn_source,
-        ..Row::default()
-    })
-}
-
-/// Whether a row was written by a change feed (its loop mark is set).
-fn is_loop(txn_source: u64) -> bool {
-    txn_source & 0xFF != 0
-}
-
-/// The user key of `encoded`, which must be exactly one encoding.
-fn user_key_of(encoded: &[u8], cf: Cf) -> Result<Vec<u8>> {
-    let (user_key, used) = decode_bytes(encoded).map_err(|e| Error::corrupt(cf.name(), e))?;
-    if used != encoded.len() {
-        return Err(Error::corrupt(
-            cf.name(),
-            "trailing bytes after an encoded key",
-        ));
-    }
-    Ok(user_key)
-}
-
-/// Sets `after` to `key`, reusing its allocation.
-fn remember(after: &mut Option<Vec<u8>>, key: &[u8]) {
-    match after {
-        Some(after) => {
-            after.clear();
-            after.extend_from_slice(key);
-        }
-        None => *after = Some(key.to_vec()),
-    }
-}
-
-/// The engine key just above every version of `encoded` (inverted
-/// timestamps never exceed all-ones).
-fn after_all_versions(encoded: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(encoded.len() + TS_SUFFIX_LEN);
-    k.extend_from_slice(encoded);
-    k.extend_from_slice(&[0xFF; TS_SUFFIX_LEN]);
-    k
-}
-
-/// Whether engine key `versioned` is a version of `encoded`.
-fn version_of(versioned: &[u8], encoded: &[u8]) -> bool {
-    versioned.len() == encoded.len() + TS_SUFFIX_LEN && versioned.starts_with(encoded)
-}
-
-/// The timestamp of a versioned engine key (write or raw family: both end
-/// in the inverted timestamp).
-fn version_ts(versioned: &[u8], cf: Cf) -> Result<TimeStamp> {
-    let suffix = versioned
-        .len()
-        .checked_sub(TS_SUFFIX_LEN)
-        .and_then(|at| versioned.get(at..))
-        .and_then(|s| <[u8; TS_SUFFIX_LEN]>::try_from(s).ok())
-        .ok_or_else(|| Error::corrupt(cf.name(), "versioned key shorter than its timestamp"))?;
-    Ok(TimeStamp::new(!u64::from_be_bytes(suffix)))
+        ..row
+    }))
 }

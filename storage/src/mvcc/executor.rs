@@ -28,11 +28,11 @@ use super::concurrency::ConcurrencyManager;
 use super::error::{TxnError, TxnResult};
 use super::gc::{GC_BATCH_KEYS, GcStats, gc_keys};
 use super::key::{Key, check_key};
-use super::latch::Latches;
 use super::lock::LockInfo;
 use super::reader::{MvccReader, ScanItem, ScanOptions, blocking_lock};
 use crate::TimeStamp;
 use crate::engine::WriteBatch;
+use crate::latch::Latches;
 use crate::store::{BatchSource, Store};
 
 /// Transactional access to a [`Store`].

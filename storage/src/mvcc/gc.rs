@@ -83,7 +83,7 @@ fn gc_key(
         false,
     ) {
         let (k, v) = item?;
-        let (_, commit_ts) = split_versioned(&k, "write")?;
+        let (_, commit_ts) = split_versioned(&k, Cf::Write)?;
         let write = Write::from_bytes(&v)?;
         let drop = if remove_older {
             true

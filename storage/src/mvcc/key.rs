@@ -24,6 +24,7 @@
 
 use std::fmt;
 
+use crate::engine::Cf;
 use crate::{Error, Result, TimeStamp};
 
 /// Largest user key accepted by transactional and raw writes: 8 KiB. TiKV's
@@ -177,16 +178,13 @@ impl Key {
 
     /// The key of version `ts` in the write or default family.
     pub fn append_ts(&self, ts: TimeStamp) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.0.len() + TS_SUFFIX_LEN);
-        out.extend_from_slice(&self.0);
-        out.extend_from_slice(&(!ts.into_inner()).to_be_bytes());
-        out
+        crate::versioned::with_version(&self.0, ts)
     }
 
     /// Whether `versioned` (a write/default family key) is a version of this
     /// key.
     pub fn is_prefix_of(&self, versioned: &[u8]) -> bool {
-        versioned.len() == self.0.len() + TS_SUFFIX_LEN && versioned.starts_with(&self.0)
+        crate::versioned::is_version_of(versioned, &self.0)
     }
 }
 
@@ -201,19 +199,11 @@ impl fmt::Debug for Key {
 
 /// Splits a write/default family key into its encoded user key and version.
 /// The caller states which family the key came from for error reporting.
-pub fn split_versioned(versioned: &[u8], cf: &'static str) -> Result<(Key, TimeStamp)> {
-    let Some(split) = versioned.len().checked_sub(TS_SUFFIX_LEN) else {
-        return Err(Error::corrupt(
-            cf,
-            "versioned key shorter than its timestamp",
-        ));
-    };
-    let (encoded, suffix) = versioned.split_at(split);
-    let mut ts = [0u8; TS_SUFFIX_LEN];
-    ts.copy_from_slice(suffix);
+pub fn split_versioned(versioned: &[u8], cf: Cf) -> Result<(Key, TimeStamp)> {
+    let (encoded, ts) = crate::versioned::split(versioned, cf)?;
     let key = Key::from_encoded(encoded.to_vec())
-        .map_err(|e| Error::corrupt(cf, format!("versioned key: {e}")))?;
-    Ok((key, TimeStamp::new(!u64::from_be_bytes(ts))))
+        .map_err(|e| Error::corrupt(cf.name(), format!("versioned key: {e}")))?;
+    Ok((key, ts))
 }
 
 /// Printable form of a byte string for logs and errors.
@@ -270,13 +260,13 @@ mod tests {
     fn versioned_keys_sort_newest_first() {
         let k = Key::from_raw(b"k");
         assert!(k.append_ts(TimeStamp::new(20)) < k.append_ts(TimeStamp::new(10)));
-        let (back, ts) = split_versioned(&k.append_ts(TimeStamp::new(7)), "write")
+        let (back, ts) = split_versioned(&k.append_ts(TimeStamp::new(7)), Cf::Write)
             .ok()
             .unzip();
         assert_eq!(back, Some(k.clone()));
         assert_eq!(ts, Some(TimeStamp::new(7)));
         assert!(k.is_prefix_of(&k.append_ts(TimeStamp::MAX)));
-        assert!(split_versioned(b"short", "write").is_err());
+        assert!(split_versioned(b"short", Cf::Write).is_err());
     }
 
     #[test]

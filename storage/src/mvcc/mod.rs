@@ -28,7 +28,6 @@ pub mod error;
 pub mod executor;
 pub mod gc;
 pub mod key;
-pub mod latch;
 pub mod lock;
 pub mod reader;
 pub mod txn;
@@ -120,7 +119,7 @@ pub fn decode_change(m: &Mutation) -> Result<Option<MvccChange>> {
             }
         }
         Cf::Write => {
-            let (k, commit_ts) = key::split_versioned(&m.key, "write")?;
+            let (k, commit_ts) = key::split_versioned(&m.key, Cf::Write)?;
             let key = k.to_raw()?;
             match &m.op {
                 Op::Put(v) => MvccChange::WritePut {
@@ -132,7 +131,7 @@ pub fn decode_change(m: &Mutation) -> Result<Option<MvccChange>> {
             }
         }
         Cf::Default => {
-            let (k, start_ts) = key::split_versioned(&m.key, "default")?;
+            let (k, start_ts) = key::split_versioned(&m.key, Cf::Default)?;
             let key = k.to_raw()?;
             match &m.op {
                 Op::Put(v) => MvccChange::DefaultPut {

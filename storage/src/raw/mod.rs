@@ -21,7 +21,7 @@
 //!   shadows (they go in the same or an earlier batch), so a crash midway can
 //!   not resurrect a deleted value.
 
-mod latch;
+mod in_flight;
 mod record;
 
 use std::ops::Bound;
@@ -35,9 +35,11 @@ use crate::store::{BatchSource, Store};
 use crate::tso::{Clock, Tso};
 use crate::{Error, Result, TimeStamp};
 
-use latch::{InFlight, Latches};
+use in_flight::InFlight;
+
+use crate::latch::Latches;
 pub use record::{RawChange, RawOp, decode_change, decode_version};
-use record::{Record, TS_LEN, decode_user_key, encode_key, split_key};
+use record::{Record, decode_user_key, encode_key, split_key};
 
 /// Tombstones written by one [`RawStore::delete_range`] batch, so a huge range
 /// does not become one unbounded engine write.
@@ -78,7 +80,7 @@ impl RawStore {
             store,
             tso,
             clock,
-            latches: Latches::new(),
+            latches: Latches::default(),
             range_lock: RwLock::new(()),
             in_flight: InFlight::default(),
         }
@@ -133,7 +135,7 @@ impl RawStore {
         check_value(value)?;
         let expire_ts = expiry(self.now_secs(), ttl.unwrap_or(0));
         let _range = self.range_lock.read();
-        let _latch = self.latches.lock([key]);
+        let _latch = self.latches.acquire([key]);
         self.commit_latched(|ts| {
             let mut batch = WriteBatch::new();
             batch.put(
@@ -171,7 +173,9 @@ impl RawStore {
             per_pair => per_pair.get(i).copied().unwrap_or(0),
         };
         let _range = self.range_lock.read();
-        let _latch = self.latches.lock(pairs.iter().map(|(k, _)| k.as_slice()));
+        let _latch = self
+            .latches
+            .acquire(pairs.iter().map(|(k, _)| k.as_slice()));
         self.commit_latched(|ts| {
             let mut batch = WriteBatch::new();
             for (i, (key, value)) in pairs.iter().enumerate() {
@@ -191,7 +195,7 @@ impl RawStore {
     pub fn delete(&self, key: &[u8]) -> Result<TimeStamp> {
         check_key(key)?;
         let _range = self.range_lock.read();
-        let _latch = self.latches.lock([key]);
+        let _latch = self.latches.acquire([key]);
         self.commit_latched(|ts| tombstones([key], ts))
     }
 
@@ -203,7 +207,7 @@ impl RawStore {
             return Ok(None);
         }
         let _range = self.range_lock.read();
-        let _latch = self.latches.lock(keys.iter().map(Vec::as_slice));
+        let _latch = self.latches.acquire(keys.iter().map(Vec::as_slice));
         self.commit_latched(|ts| tombstones(keys.iter().map(Vec::as_slice), ts))
             .map(Some)
     }
@@ -313,7 +317,7 @@ impl RawStore {
         check_key(key)?;
         check_value(&new)?;
         let _range = self.range_lock.read();
-        let _latch = self.latches.lock([key]);
+        let _latch = self.latches.acquire([key]);
         // Taken under the latch: every earlier write to `key` has returned
         // from apply, so the snapshot holds the latest version.
         let snap = self.store.snapshot();
@@ -484,8 +488,7 @@ fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
 /// The record bytes of the newest version of `key`.
 fn latest_version(snap: &dyn EngineSnapshot, key: &[u8]) -> Result<Option<Vec<u8>>> {
     let lower = encode_bytes(key);
-    let mut upper = lower.clone();
-    upper.extend_from_slice(&[0xFF; TS_LEN]);
+    let upper = crate::versioned::after_versions(&lower);
     let iter = snap.iter(
         Cf::Raw,
         Bound::Included(&lower),

@@ -19,11 +19,8 @@
 //! every mutation the feed sees, so it must never panic.
 
 use crate::engine::{Cf, Mutation, Op};
-use crate::mvcc::{decode_bytes, encode_bytes};
-use crate::{Error, Result, TimeStamp};
-
-/// Bytes of the version suffix of an engine key.
-pub(crate) const TS_LEN: usize = 8;
+use crate::mvcc::encode_bytes;
+use crate::{Error, Result, TimeStamp, versioned};
 
 const FORMAT_V1: u8 = 1;
 const KIND_PUT: u8 = 1;
@@ -38,36 +35,19 @@ fn corrupt(reason: impl std::fmt::Display) -> Error {
 /// The engine key of `user_key` at version `ts`.
 pub(crate) fn encode_key(user_key: &[u8], ts: TimeStamp) -> Vec<u8> {
     let mut key = encode_bytes(user_key);
-    key.extend_from_slice(&(!ts.into_inner()).to_be_bytes());
+    versioned::push_version(&mut key, ts);
     key
 }
 
 /// Splits an engine key into its encoded user key and its version.
 pub(crate) fn split_key(engine_key: &[u8]) -> Result<(&[u8], TimeStamp)> {
-    let Some(split) = engine_key.len().checked_sub(TS_LEN) else {
-        return Err(corrupt(format!(
-            "raw key of {} bytes is shorter than its version suffix",
-            engine_key.len()
-        )));
-    };
-    let (encoded, suffix) = engine_key.split_at(split);
-    let mut ts = [0u8; TS_LEN];
-    ts.copy_from_slice(suffix);
-    Ok((encoded, TimeStamp::new(!u64::from_be_bytes(ts))))
+    versioned::split(engine_key, Cf::Raw)
 }
 
 /// Decodes the encoded user key part of an engine key, which must be exactly
 /// one complete encoding.
 pub(crate) fn decode_user_key(encoded: &[u8]) -> Result<Vec<u8>> {
-    let (key, used) =
-        decode_bytes(encoded).map_err(|e| corrupt(format!("raw key encoding: {e}")))?;
-    if used != encoded.len() {
-        return Err(corrupt(format!(
-            "raw key has {} trailing bytes after its encoding",
-            encoded.len().saturating_sub(used)
-        )));
-    }
-    Ok(key)
+    versioned::user_key(encoded, Cf::Raw)
 }
 
 /// Whether a record is a value or a tombstone.

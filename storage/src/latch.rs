@@ -1,8 +1,12 @@
 //! Per-key latches: serialize commands that touch the same keys.
 //!
-//! An action reads a snapshot and produces a batch; two conflicting commands
-//! must not both read the state before either applies. Each command latches
-//! its keys for the whole read–decide–apply sequence. Keys hash onto a fixed
+//! Both key spaces need them. A transactional action reads a snapshot and
+//! produces a batch; two conflicting commands must not both read the state
+//! before either applies, so each command latches its keys for the whole
+//! read–decide–apply sequence. A raw write latches its keys while it takes
+//! its timestamp and applies, so one key's versions are applied in
+//! timestamp order (otherwise a reader, and the change feed, could see an
+//! older version land after a newer one). Keys hash onto a fixed
 //! array of mutexes; a command takes its slots in ascending index order
 //! (deduplicated), which rules out deadlock between commands whatever keys
 //! they name. Hash collisions only cost unnecessary waiting, never
@@ -67,6 +71,15 @@ impl Default for Latches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latching_the_same_key_twice_in_one_batch_does_not_deadlock() {
+        let latches = Latches::default();
+        let keys: [&[u8]; 3] = [b"a", b"a", b"b"];
+        let guard = latches.acquire(keys);
+        drop(guard);
+        let _again = latches.acquire([b"a".as_slice()]);
+    }
 
     #[test]
     fn overlapping_sets_exclude_each_other() {
