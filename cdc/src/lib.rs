@@ -148,6 +148,7 @@ pub mod debug;
 pub mod error;
 pub mod feed;
 pub mod ids;
+pub mod meta;
 pub mod metrics;
 mod owner;
 pub mod protocol;

@@ -9,8 +9,8 @@
 //! the server relies on: nothing downstream re-checks these bounds.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+use kvfeed_cdc::{FeedConfig, MIN_TS_INTERVAL_FLOOR};
 use kvfeed_storage::region::RegionMap;
 use serde::{Deserialize, Serialize};
 
@@ -138,21 +138,19 @@ pub struct CdcConfig {
 }
 
 impl Default for CdcConfig {
+    /// The feed's own defaults: they are defined once, in `FeedConfig`.
     fn default() -> Self {
+        let feed = FeedConfig::default();
         CdcConfig {
-            min_ts_interval: ReadableDuration::secs(1),
-            incremental_scan_threads: 4,
-            incremental_scan_concurrency: 6,
-            incremental_scan_concurrency_limit: 10_000,
-            incremental_scan_speed_limit: ReadableSize::bytes(0),
-            sink_memory_quota: ReadableSize::mib(512),
+            min_ts_interval: ReadableDuration(feed.min_ts_interval),
+            incremental_scan_threads: feed.incremental_scan_threads,
+            incremental_scan_concurrency: feed.incremental_scan_concurrency,
+            incremental_scan_concurrency_limit: feed.incremental_scan_concurrency_limit,
+            incremental_scan_speed_limit: ReadableSize::bytes(feed.incremental_scan_speed_limit),
+            sink_memory_quota: ReadableSize::bytes(feed.sink_memory_quota),
         }
     }
 }
-
-/// The smallest accepted `cdc.min-ts-interval`: below it the resolved-ts
-/// loop would spend its time waking up rather than resolving.
-pub const MIN_TS_INTERVAL_FLOOR: Duration = Duration::from_millis(10);
 
 impl Config {
     /// Reads `path`, or returns the defaults when there is no file. Does not
@@ -312,6 +310,7 @@ fn parse_hex(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kvfeed_cdc::meta::{leader_peer, region_meta};
 use kvfeed_proto::metapb;
 use kvfeed_proto::pdpb::pd_server::{Pd, PdServer};
 use kvfeed_proto::pdpb::{
@@ -42,7 +43,7 @@ use kvfeed_proto::pdpb::{
     UpdateGcSafePointResponse, UpdateServiceGcSafePointRequest, UpdateServiceGcSafePointResponse,
 };
 use kvfeed_storage::TimeStamp;
-use kvfeed_storage::region::{Region, RegionId, STORE_ID};
+use kvfeed_storage::region::{RegionId, STORE_ID};
 use kvfeed_storage::safepoint::{SafePointError, SafePoints, ServiceId};
 use kvfeed_storage::tso::Tso;
 use tokio::sync::mpsc;
@@ -218,32 +219,6 @@ fn status_address(advertise_addr: &str, status_addr: SocketAddr) -> String {
     }
 }
 
-/// The region's only peer, on [`STORE_ID`].
-pub(crate) fn peer(region: &Region) -> metapb::Peer {
-    metapb::Peer {
-        id: region.peer_id,
-        store_id: STORE_ID,
-        role: metapb::PeerRole::Voter as i32,
-        is_witness: false,
-    }
-}
-
-/// The metadata form of a region, as PD hands it out (and as region errors
-/// carry it in `current_regions`).
-pub(crate) fn region_meta(region: &Region) -> metapb::Region {
-    metapb::Region {
-        id: region.id.0,
-        start_key: region.start_key.clone(),
-        end_key: region.end_key.clone(),
-        region_epoch: Some(metapb::RegionEpoch {
-            conf_ver: region.epoch.conf_ver,
-            version: region.epoch.version,
-        }),
-        peers: vec![peer(region)],
-        ..metapb::Region::default()
-    }
-}
-
 fn timestamp(ts: TimeStamp) -> pdpb::Timestamp {
     // Both parts fit: physical has 46 bits, logical 18.
     pdpb::Timestamp {
@@ -376,7 +351,7 @@ impl Pd for PdService {
         Ok(Response::new(GetRegionResponse {
             header: self.header(),
             region: Some(region_meta(region)),
-            leader: Some(peer(region)),
+            leader: Some(leader_peer(region)),
             ..GetRegionResponse::default()
         }))
     }
@@ -403,7 +378,7 @@ impl Pd for PdService {
         Ok(Response::new(GetRegionResponse {
             header: self.header(),
             region: region.map(region_meta),
-            leader: region.map(peer),
+            leader: region.map(leader_peer),
             ..GetRegionResponse::default()
         }))
     }
@@ -429,12 +404,12 @@ impl Pd for PdService {
         Ok(Response::new(ScanRegionsResponse {
             header: self.header(),
             region_metas: regions.iter().map(|r| region_meta(r)).collect(),
-            leaders: regions.iter().map(|r| peer(r)).collect(),
+            leaders: regions.iter().map(|r| leader_peer(r)).collect(),
             regions: regions
                 .iter()
                 .map(|r| pdpb::Region {
                     region: Some(region_meta(r)),
-                    leader: Some(peer(r)),
+                    leader: Some(leader_peer(r)),
                     ..pdpb::Region::default()
                 })
                 .collect(),

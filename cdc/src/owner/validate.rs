@@ -43,11 +43,11 @@ use kvfeed_proto::cdcpb::{
 };
 use kvfeed_proto::errorpb::{EpochNotMatch, RegionNotFound, ServerIsBusy};
 use kvfeed_proto::kvrpcpb::ExtraOp;
-use kvfeed_proto::metapb;
 use kvfeed_storage::TimeStamp;
-use kvfeed_storage::region::{Region, RegionMap, STORE_ID};
+use kvfeed_storage::region::RegionMap;
 
 use crate::ids::{KvApi, RegionId, RequestId};
+use crate::meta::region_meta;
 use crate::owner::registry::SubMap;
 use crate::protocol::ProtocolVersion;
 use crate::subscription::SubscriptionSpec;
@@ -125,7 +125,7 @@ impl Refusal {
             }
             Refusal::EpochNotMatch(id) if regions.get(*id).is_some() => {
                 error.epoch_not_match = Some(EpochNotMatch {
-                    current_regions: regions.get(*id).map(wire_region).into_iter().collect(),
+                    current_regions: regions.get(*id).map(region_meta).into_iter().collect(),
                 });
             }
             // The layout is fixed, so a region found during validation is
@@ -234,25 +234,6 @@ pub(crate) fn register(
         filter_loop: req.filter_loop,
         checkpoint_ts: req.checkpoint_ts,
     })
-}
-
-/// The region as PD would describe it, with its one peer.
-pub(crate) fn wire_region(region: &Region) -> metapb::Region {
-    metapb::Region {
-        id: region.id.0,
-        start_key: region.start_key.clone(),
-        end_key: region.end_key.clone(),
-        region_epoch: Some(metapb::RegionEpoch {
-            conf_ver: region.epoch.conf_ver,
-            version: region.epoch.version,
-        }),
-        peers: vec![metapb::Peer {
-            id: region.peer_id,
-            store_id: STORE_ID,
-            ..metapb::Peer::default()
-        }],
-        ..metapb::Region::default()
-    }
 }
 
 #[cfg(test)]

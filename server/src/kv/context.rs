@@ -29,7 +29,7 @@ use kvfeed_storage::mvcc::{decode_bytes, encode_bytes};
 use kvfeed_storage::region::{Region, RegionEpoch, RegionError, RegionId, RegionMap, STORE_ID};
 
 use super::errors::{KvError, hex};
-use crate::pd::region_meta;
+use kvfeed_cdc::meta::region_meta;
 
 /// Requests that carry a `Context`.
 pub trait HasContext: Send + 'static {
