@@ -119,11 +119,11 @@ impl Observer for FeedObserver {
 
 impl Feed {
     /// Starts the owner task and registers the store observer. Must be
-    /// called inside a Tokio runtime.
-    pub fn start(deps: FeedDeps) -> Feed {
-        // The names and help texts are constants, checked by a unit test;
-        // a failure here is a programming error, not an input error.
-        let metrics = FeedMetrics::new().expect("the feed's metric definitions are valid");
+    /// called inside a Tokio runtime. Fails only if the feed's metrics
+    /// cannot be defined (their names and help texts are constants, checked
+    /// by a unit test), before anything is started.
+    pub fn start(deps: FeedDeps) -> Result<Feed, FeedError> {
+        let metrics = FeedMetrics::new()?;
         let (commands_tx, commands_rx) = mpsc::channel(deps.config.command_queue.max(1));
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = watch::channel(());
@@ -171,7 +171,7 @@ impl Feed {
                 .run(commands_rx, control_rx, scan_rx, done)
                 .instrument(tracing::info_span!("cdc_owner")),
         );
-        Feed {
+        Ok(Feed {
             inner: Arc::new(Inner {
                 commands: commands_tx,
                 control: control_tx,
@@ -183,7 +183,7 @@ impl Feed {
                 done: done_rx,
                 scans,
             }),
-        }
+        })
     }
 
     /// Registers a connection. Returns its request side and its event

@@ -8,6 +8,8 @@
 //! request, a vanished client, half close, feed shutdown, task abort, and a
 //! panic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use std::sync::Arc;

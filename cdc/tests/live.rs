@@ -2,6 +2,8 @@
 //! transactional write, raw writes, filters, ranges, old values, batching,
 //! and batches that must produce nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use common::{Env, Events, delete, env, put, register, register_raw};

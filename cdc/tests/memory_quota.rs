@@ -4,6 +4,8 @@
 //! of the same region keeps receiving every row; and the charge returns to
 //! 0 when everyone is gone.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use common::{Env, Events, env_with, register_raw};

@@ -346,7 +346,8 @@ impl Node {
             tso: Arc::clone(&self.tso),
             txn: Arc::clone(&self.txn),
             raw: Arc::clone(&self.raw),
-        });
+        })
+        .map_err(NodeError::Feed)?;
         // On failure the feed handle is dropped here, which stops it.
         feed.metrics()
             .register(self.metrics.registry())

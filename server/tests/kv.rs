@@ -9,6 +9,8 @@
 //! split keys serves); timestamps from a local counter, which is enough
 //! because the MVCC rules only compare them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 #[path = "kv/support.rs"]
 mod support;

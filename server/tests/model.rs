@@ -59,6 +59,8 @@
 //!
 //! The seed is printed; `KVFEED_MODEL_SEED` replays a run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 #[path = "tikv_client/by_hand.rs"]
 #[allow(dead_code)] // only the prewrite and the oracle are used here
 mod by_hand;

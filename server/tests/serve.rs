@@ -2,6 +2,8 @@
 //! port 0 for both listeners and the bound ports read from the startup line
 //! (see `common` for the harness).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use std::net::TcpStream;

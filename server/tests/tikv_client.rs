@@ -11,6 +11,8 @@
 //! Every test starts its own server and is bounded by a timeout, so a hang
 //! fails it instead of stalling the suite.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 #[path = "tikv_client/by_hand.rs"]
 mod by_hand;
 mod common;

@@ -7,6 +7,8 @@
 //! `watching` on stderr once it is subscribed, and the tests write only
 //! after that, so nothing depends on timing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read};

@@ -10,6 +10,8 @@
 //! database is covered too. The child is this test binary re-executed with
 //! [`CHILD_DIR_VAR`] set, running only [`crash_child`].
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::ops::Bound;

@@ -2,6 +2,8 @@
 //! function, run against each engine by the `conformance!` macro below, so
 //! the in-memory engine the other tests rely on behaves like the durable one.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;

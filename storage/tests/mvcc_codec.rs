@@ -1,6 +1,8 @@
 //! Property tests of the MVCC codecs: the memcomparable key encoding and the
 //! lock / write record formats.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use kvfeed_storage::engine::{Cf, Mutation, Op};
 use kvfeed_storage::mvcc::{
     Key, Lock, LockType, MvccChange, Write, WriteType, decode_bytes, decode_change, encode_bytes,

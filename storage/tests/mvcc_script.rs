@@ -20,6 +20,8 @@
 //!
 //! Command syntax is documented in `tests/testdata/mvcc/README`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::ops::Bound;

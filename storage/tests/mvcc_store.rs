@@ -2,6 +2,8 @@
 //! span several batches, batch sources seen by observers, and the change
 //! decoding the feed relies on.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};

@@ -88,7 +88,8 @@ pub fn env_before_feed(config: FeedConfig, before_feed: impl FnOnce(&Arc<Store>)
         tso: Arc::clone(&tso),
         txn: Arc::clone(&txn),
         raw: Arc::clone(&raw),
-    });
+    })
+    .expect("feed");
     Env {
         store,
         clock,
