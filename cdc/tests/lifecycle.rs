@@ -72,7 +72,7 @@ async fn a_stream_error_in_the_loop_ends_the_connection() {
         .expect("queue");
     let outcome = conn.serve(&mut rx).await;
     assert!(
-        matches!(&outcome, Err(FeedError::RequestStream(e)) if e.contains("reset")),
+        matches!(&outcome, Err(FeedError::RequestStream(e)) if e.to_string().contains("reset")),
         "{outcome:?}"
     );
     // The register was handled before the error; its answer may or may not

@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use prometheus::core::Collector;
-use prometheus::{Encoder, Gauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Gauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// A metrics failure: a duplicate or malformed registration, or an encoding
 /// error while rendering.
@@ -19,7 +19,7 @@ pub enum MetricsError {
     #[error("metric registration: {0}")]
     Register(#[source] prometheus::Error),
     #[error("metric encoding: {0}")]
-    Encode(String),
+    Encode(#[source] prometheus::Error),
 }
 
 /// Content type of [`Metrics::render`]'s output.
@@ -83,11 +83,9 @@ impl Metrics {
     pub fn render(&self) -> Result<String, MetricsError> {
         self.uptime.set(self.started.elapsed().as_secs_f64());
         let families = self.registry.gather();
-        let mut out = Vec::new();
         TextEncoder::new()
-            .encode(&families, &mut out)
-            .map_err(|e| MetricsError::Encode(e.to_string()))?;
-        String::from_utf8(out).map_err(|e| MetricsError::Encode(e.to_string()))
+            .encode_to_string(&families)
+            .map_err(MetricsError::Encode)
     }
 }
 

@@ -282,7 +282,7 @@ fn failed_sync_poisons_the_store() {
     let err = store
         .apply(put("b"), BatchSource::Client)
         .expect_err("sync failure hidden");
-    assert!(matches!(err, Error::Engine(_)), "{err}");
+    assert!(matches!(err, Error::Engine { .. }), "{err}");
     assert!(store.is_poisoned());
     assert_eq!(store.last_seq(), SeqNo(1));
     assert_eq!(seen.seqs(), vec![1]);
@@ -291,7 +291,7 @@ fn failed_sync_poisons_the_store() {
         let err = store
             .apply(batch, BatchSource::Client)
             .expect_err("poisoned store wrote");
-        assert!(matches!(err, Error::Poisoned(_)), "{err}");
+        assert!(matches!(err, Error::Poisoned { .. }), "{err}");
     }
     assert_eq!(seen.seqs(), vec![1]);
     assert_eq!(store.snapshot().seq(), SeqNo(1));
@@ -305,13 +305,45 @@ fn failed_write_poisons_the_store() {
     engine.fail_next_write();
     assert!(matches!(
         store.apply(put("a"), BatchSource::Client),
-        Err(Error::Engine(_))
+        Err(Error::Engine { .. })
     ));
     assert!(matches!(
         store.apply(put("a"), BatchSource::Client),
-        Err(Error::Poisoned(_))
+        Err(Error::Poisoned { .. })
     ));
     assert_eq!(store.snapshot().get(Cf::Raw, b"a").expect("get"), None);
+}
+
+#[test]
+fn a_full_disk_stays_recognisable_after_poisoning() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Store::open(
+        Arc::clone(&engine) as Arc<dyn Engine>,
+        Durability::SyncOnCommit,
+    )
+    .expect("open");
+    engine.fail_next_sync_with(std::io::ErrorKind::StorageFull);
+    let failed = store
+        .apply(put("a"), BatchSource::Client)
+        .expect_err("sync failure hidden");
+    assert!(matches!(failed, Error::Engine { .. }), "{failed}");
+    assert!(failed.is_storage_full(), "{failed:?}");
+    let refused = store
+        .apply(put("b"), BatchSource::Client)
+        .expect_err("poisoned store wrote");
+    assert!(matches!(refused, Error::Poisoned { .. }), "{refused}");
+    assert!(refused.is_storage_full(), "{refused:?}");
+
+    // Any other failure is not mistaken for a full disk.
+    let engine = Arc::new(MemoryEngine::new());
+    let store =
+        Store::open(Arc::clone(&engine) as Arc<dyn Engine>, Durability::NoSync).expect("open");
+    engine.fail_next_write();
+    let failed = store
+        .apply(put("a"), BatchSource::Client)
+        .expect_err("write failure hidden");
+    assert_eq!(failed.io_kind(), Some(std::io::ErrorKind::Other));
+    assert!(!failed.is_storage_full());
 }
 
 #[test]
@@ -345,7 +377,7 @@ fn a_failed_group_fails_every_writer_in_it() {
             .join()
             .expect("join")
             .expect_err("failed group acknowledged");
-        assert!(matches!(err, Error::Engine(_)), "{err}");
+        assert!(matches!(err, Error::Engine { .. }), "{err}");
     }
     assert_eq!(seen.seqs(), vec![1]);
     assert!(store.is_poisoned());
