@@ -9,7 +9,6 @@
 //!   Prometheus registry, [`shutdown`] the signal tasks stop on.
 //! - [`feed`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
 //! - [`logging`]: the tracing subscriber.
-//! - [`process`]: the server's memory and CPU gauges, read at scrape time.
 //! - [`mod@bench`]: `kvfeed bench`, measurements of a running server's feed.
 
 pub mod bench;
@@ -25,7 +24,6 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod pd;
-pub mod process;
 pub mod serve;
 pub mod shutdown;
 pub mod status;
