@@ -15,6 +15,8 @@ use kvfeed_storage::store::{
     APPLIED_SEQ_KEY, BatchSource, ChangeBatch, Durability, Observer, SeqNo, Store,
 };
 use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, RngExt, SeedableRng};
 
 fn put(key: &str) -> WriteBatch {
     let mut b = WriteBatch::new();
@@ -22,32 +24,16 @@ fn put(key: &str) -> WriteBatch {
     b
 }
 
-/// splitmix64: a tiny seeded generator, so failures replay exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn random_batch(rng: &mut Rng) -> WriteBatch {
+/// A random batch from a seeded generator, so failures replay exactly.
+fn random_batch(rng: &mut StdRng) -> WriteBatch {
     let mut batch = WriteBatch::new();
-    for _ in 0..=rng.below(5) {
-        let cf = Cf::ALL[rng.below(Cf::ALL.len() as u64) as usize];
-        let key = format!("k{}", rng.below(40)).into_bytes();
-        if rng.below(4) == 0 {
+    for _ in 0..=rng.random_range(0..5) {
+        let cf = Cf::ALL[rng.random_range(0..Cf::ALL.len())];
+        let key = format!("k{}", rng.random_range(0..40)).into_bytes();
+        if rng.random_range(0..4) == 0 {
             batch.delete(cf, key);
         } else {
-            batch.put(cf, key, rng.next().to_be_bytes().to_vec());
+            batch.put(cf, key, rng.next_u64().to_be_bytes().to_vec());
         }
     }
     batch
@@ -184,7 +170,7 @@ fn observers_see_every_batch_once_in_order() {
         .map(|w| {
             let store = Arc::clone(&store);
             thread::spawn(move || {
-                let mut rng = Rng(w);
+                let mut rng = StdRng::seed_from_u64(w);
                 let mut applied = Vec::new();
                 for i in 0..50 {
                     let batch = random_batch(&mut rng);
@@ -505,10 +491,10 @@ fn seam(engine: Arc<dyn Engine>, durability: Durability, seed: u64) {
             let store = Arc::clone(&store);
             let progress = progress_tx.clone();
             thread::spawn(move || {
-                let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(w));
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(w));
                 let mut seqs = Vec::with_capacity(PER_WRITER);
                 for i in 0..PER_WRITER {
-                    let source = if rng.below(5) == 0 {
+                    let source = if rng.random_range(0..5) == 0 {
                         BatchSource::Gc
                     } else {
                         BatchSource::Client
