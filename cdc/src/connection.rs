@@ -156,8 +156,9 @@ pub enum ServeEnd {
 
 /// A stream of client requests, as the transport delivers them.
 pub trait RequestSource: Send {
-    /// The transport's error.
-    type Error: fmt::Display + Send;
+    /// The transport's error, kept as the source of
+    /// [`FeedError::RequestStream`].
+    type Error: fmt::Display + Send + Into<Box<dyn std::error::Error + Send + Sync>>;
 
     /// The next request; `None` when the client half-closed.
     fn next_request(
@@ -165,7 +166,10 @@ pub trait RequestSource: Send {
     ) -> impl Future<Output = Option<Result<ChangeDataRequest, Self::Error>>> + Send;
 }
 
-impl<E: fmt::Display + Send> RequestSource for mpsc::Receiver<Result<ChangeDataRequest, E>> {
+impl<E> RequestSource for mpsc::Receiver<Result<ChangeDataRequest, E>>
+where
+    E: fmt::Display + Send + Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Error = E;
 
     fn next_request(
@@ -323,7 +327,7 @@ impl Connection {
                 Some(Err(e)) => {
                     self.set_reason(CloseReason::StreamError);
                     tracing::info!(parent: &self.span, error = %e, "request stream failed");
-                    return Err(FeedError::RequestStream(e.to_string()));
+                    return Err(FeedError::RequestStream(e.into()));
                 }
                 Some(Ok(req)) => match self.handle(req).await {
                     Ok(()) => {}

@@ -30,7 +30,7 @@ pub enum FeedError {
     ConnectionEnded(ConnId),
     /// The client's request stream failed (as reported by the transport).
     #[error("request stream failed: {0}")]
-    RequestStream(String),
+    RequestStream(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Registering the feed's metrics failed (e.g. a duplicate name).
     #[error("metric registration: {0}")]
     Metrics(#[source] prometheus::Error),

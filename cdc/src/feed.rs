@@ -8,7 +8,7 @@
 //! and once the owner is gone their operations return
 //! [`FeedError::ShuttingDown`].
 //!
-//! Besides the owner, the feed runs a resolved-ts task (module `resolve`)
+//! Besides the owner, the feed runs a resolved-ts task (module `ts_sampler`)
 //! and one task per catch-up scan (module `scan`).
 //!
 //! Shutdown order: the owner flushes what it produced, ends every
@@ -49,8 +49,8 @@ use crate::metrics::{FeedMetrics, PendingBytes, TaskGuard};
 use crate::owner::{Command, Control, NewConnection, Observed, Owner, OwnerDeps, RESERVED_SLOTS};
 use crate::queue;
 use crate::quota::MemoryQuota;
-use crate::resolve::{self, MinTsSource};
 use crate::scan::ScanPool;
+use crate::ts_sampler::{self, MinTsSource};
 
 /// What the feed is built on.
 pub struct FeedDeps {
@@ -153,7 +153,7 @@ impl Feed {
             scans: Arc::new(pool),
         });
         tokio::spawn(
-            resolve::run(
+            ts_sampler::run(
                 MinTsSource {
                     tso: deps.tso,
                     txn: deps.txn,

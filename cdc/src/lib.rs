@@ -31,8 +31,8 @@
 //! - [`subscription`] holds the per-subscription state machine
 //!   (Initializing → Normal → Stopped).
 //! - Module `scan` runs catch-up scans on blocking threads and hands their
-//!   batches to the owner; module `resolve` samples the inputs of resolved
-//!   timestamps.
+//!   batches to the owner; module `ts_sampler` samples the inputs of
+//!   resolved timestamps.
 //! - [`protocol`] parses the client's version and feature list.
 //! - [`metrics`] and [`debug`] make the registry observable.
 //!
@@ -154,9 +154,9 @@ mod owner;
 pub mod protocol;
 mod queue;
 mod quota;
-mod resolve;
 mod scan;
 pub mod subscription;
+mod ts_sampler;
 
 pub use config::{FeedConfig, MIN_TS_INTERVAL_FLOOR};
 pub use connection::{

@@ -53,8 +53,8 @@ use kvfeed_storage::store::SeqNo;
 use crate::ids::{KvApi, RegionId, RequestId};
 use crate::owner::is_loop;
 use crate::quota::HeldCharge;
-use crate::resolve::{LockChange, LockSet};
 use crate::scan::ScanId;
+use crate::ts_sampler::{LockChange, LockSet};
 
 /// Where a subscription is in its life; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]

@@ -22,14 +22,14 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use common::{
-    Env, Events, Item, Resolved, SplitMix, delete, env_with, put, register, register_raw,
-};
+use common::{Env, Events, Item, Resolved, delete, env_with, put, register, register_raw};
 use kvfeed_cdc::{Connection, Features, FeedConfig};
 use kvfeed_proto::cdcpb::event::LogType;
 use kvfeed_proto::cdcpb::{ChangeDataRequest, Header};
 use kvfeed_storage::TimeStamp;
 use kvfeed_storage::mvcc::encode_bytes;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
 const WRITERS: u64 = 2;
 const OPS_PER_WRITER: u64 = 500;
@@ -76,7 +76,7 @@ fn write(
     commits: &Mutex<Vec<Commit>>,
     progress: &mpsc::UnboundedSender<()>,
 ) {
-    let mut rng = SplitMix(seed ^ (writer + 1).wrapping_mul(0x9E37_79B9));
+    let mut rng = StdRng::seed_from_u64(seed ^ (writer + 1).wrapping_mul(0x9E37_79B9));
     // Locks left open, committed a few operations later.
     let mut open: Vec<(Vec<u8>, TimeStamp, u64)> = Vec::new();
     let record = |raw: bool, key: &[u8], ts: TimeStamp| {
@@ -94,17 +94,17 @@ fn write(
             let commit = env.commit(&[&k], start);
             record(false, &k, commit);
         }
-        let n = rng.below(KEYS_PER_WRITER);
+        let n = rng.random_range(0..KEYS_PER_WRITER);
         let k = key(writer, false, n);
         if open.iter().any(|(o, _, _)| *o == k) {
             continue;
         }
-        let value = if rng.below(8) == 0 {
+        let value = if rng.random_range(0..8) == 0 {
             vec![b'L'; 300]
         } else {
             format!("{writer}-{op}").into_bytes()
         };
-        match rng.below(8) {
+        match rng.random_range(0..8) {
             0 | 1 => {
                 let (_, commit) = env.put(&k, &value);
                 record(false, &k, commit);
@@ -125,7 +125,7 @@ fn write(
             }
             5 => {
                 let start = env.prewrite(vec![put(&k, &value)]);
-                open.push((k, start, op + 1 + rng.below(20)));
+                open.push((k, start, op + 1 + rng.random_range(0..20)));
             }
             6 => {
                 let rk = key(writer, true, n);
@@ -145,9 +145,15 @@ fn write(
 }
 
 /// A random range: raw-key bounds inside the writers' key space.
-fn range(rng: &mut SplitMix, raw: bool) -> (Vec<u8>, Vec<u8>) {
-    let bound = |rng: &mut SplitMix| key(rng.below(WRITERS), raw, rng.below(KEYS_PER_WRITER));
-    match rng.below(3) {
+fn range(rng: &mut StdRng, raw: bool) -> (Vec<u8>, Vec<u8>) {
+    let bound = |rng: &mut StdRng| {
+        key(
+            rng.random_range(0..WRITERS),
+            raw,
+            rng.random_range(0..KEYS_PER_WRITER),
+        )
+    };
+    match rng.random_range(0..3) {
         0 => (Vec::new(), Vec::new()),
         1 => (bound(rng), Vec::new()),
         _ => {
@@ -178,7 +184,7 @@ async fn read_all(mut events: Events) -> Seen {
 async fn run(seed: u64, config: FeedConfig) -> (Vec<Sub>, Vec<Seen>, Vec<Commit>) {
     let env = Arc::new(env_with(config));
     let region = env.region_a();
-    let mut rng = SplitMix(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
     let commits = Arc::new(Mutex::new(Vec::new()));
     let (progress_tx, mut progress) = mpsc::unbounded_channel();
     let writers: Vec<_> = (0..WRITERS)
@@ -220,17 +226,17 @@ async fn run(seed: u64, config: FeedConfig) -> (Vec<Sub>, Vec<Seen>, Vec<Commit>
         if ops % every != 0 {
             continue;
         }
-        let raw = rng.below(4) == 0;
+        let raw = rng.random_range(0..4) == 0;
         let (lo, hi) = range(&mut rng, raw);
         let known: Vec<u64> = commits
             .lock()
             .map(|c| c.iter().map(|c| c.commit_ts).collect())
             .unwrap_or_default();
-        let checkpoint = match rng.below(4) {
+        let checkpoint = match rng.random_range(0..4) {
             0 => 0,
             1 => env.ts().into_inner(),
             _ if known.is_empty() => 0,
-            _ => known[rng.below(known.len() as u64) as usize],
+            _ => known[rng.random_range(0..known.len() as u64) as usize],
         };
         let conn = subs.len() % forms.len();
         let request_id = subs.len() as u64 + 1;

@@ -65,7 +65,7 @@ pub enum GcError {
         source: kvfeed_storage::Error,
     },
     #[error("GC task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// What one pass did.
@@ -246,7 +246,7 @@ impl GcWorker {
                 outcome
             })
             .await
-            .unwrap_or_else(|err| Err(GcError::Task(err.to_string())));
+            .unwrap_or_else(|err| Err(GcError::Task(err)));
             match pass {
                 Ok(Some(pass)) => tracing::info!(
                     safe_point = %pass.safe_point,

@@ -39,7 +39,7 @@ pub fn grpc_router(node: &Arc<Node>) -> Router {
     let mut routes = Routes::builder();
     routes.add_service(crate::kv::service(node));
     routes.add_service(crate::pd::service(node));
-    routes.add_service(crate::feed::service(node));
+    routes.add_service(crate::changedata::service(node));
     Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

@@ -7,17 +7,22 @@
 //! - [`serve`]: start-up and shutdown of `kvfeed serve`; [`grpc`] attaches
 //!   the gRPC services, [`status`] is the HTTP status server, [`metrics`] the
 //!   Prometheus registry, [`shutdown`] the signal tasks stop on.
-//! - [`feed`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
+//! - [`changedata`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
 //! - [`logging`]: the tracing subscriber.
-//! - [`process`]: the server's memory and CPU gauges, read at scrape time.
 //! - [`mod@bench`]: `kvfeed bench`, measurements of a running server's feed.
 
 pub mod bench;
+pub mod changedata;
 pub mod cli;
 pub mod client;
 pub mod cmd;
 pub mod config;
-pub mod feed;
+/// The old path of [`changedata::MAX_EVENT_SIZE`], through which `kvfeed
+/// watch` and the benchmarks still size their decoders.
+#[doc(hidden)]
+pub mod feed {
+    pub use crate::changedata::MAX_EVENT_SIZE;
+}
 pub mod gc;
 pub mod grpc;
 pub mod kv;
@@ -25,7 +30,6 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod pd;
-pub mod process;
 pub mod serve;
 pub mod shutdown;
 pub mod status;

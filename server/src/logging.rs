@@ -20,7 +20,7 @@ pub enum LogError {
         reason: String,
     },
     #[error("cannot install the log subscriber: {0}")]
-    Install(String),
+    Install(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The filter to use: `RUST_LOG` if set and non-empty, else `level`.
@@ -60,7 +60,7 @@ pub fn init(level: &str) -> Result<(), LogError> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init()
-        .map_err(|e| LogError::Install(e.to_string()))
+        .map_err(LogError::Install)
 }
 
 #[cfg(test)]

@@ -3,14 +3,15 @@
 //! A registry owned by the node (rather than prometheus' process-wide default
 //! registry) keeps two nodes in one test process from mixing their numbers.
 //! Components register their own collectors with [`Metrics::register`]; every
-//! name must start with `kvfeed_` so an operator can find them all.
+//! name must start with `kvfeed_` so an operator can find them all, except
+//! the standard `process_*` metrics, whose names dashboards already know.
 //! Values that are cheap to compute but change continuously (uptime) are
 //! refreshed at scrape time instead of by a background task.
 
 use std::time::Instant;
 
 use prometheus::core::Collector;
-use prometheus::{Encoder, Gauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Gauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// A metrics failure: a duplicate or malformed registration, or an encoding
 /// error while rendering.
@@ -19,7 +20,7 @@ pub enum MetricsError {
     #[error("metric registration: {0}")]
     Register(#[source] prometheus::Error),
     #[error("metric encoding: {0}")]
-    Encode(String),
+    Encode(#[source] prometheus::Error),
 }
 
 /// Content type of [`Metrics::render`]'s output.
@@ -34,7 +35,9 @@ pub struct Metrics {
 
 impl Metrics {
     /// A registry holding `kvfeed_build_info{version}` (always 1),
-    /// `kvfeed_uptime_seconds` and the `kvfeed_process_*` gauges.
+    /// `kvfeed_uptime_seconds` and, on Linux, prometheus' process collector
+    /// (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+    /// `process_open_fds`, ...), read from `/proc` at scrape time.
     pub fn new() -> Result<Metrics, MetricsError> {
         let registry = Registry::new();
         let build_info = IntGaugeVec::new(
@@ -60,8 +63,10 @@ impl Metrics {
         };
         metrics.register(Box::new(build_info))?;
         metrics.register(Box::new(metrics.uptime.clone()))?;
-        let process = crate::process::ProcessCollector::new().map_err(MetricsError::Register)?;
-        metrics.register(Box::new(process))?;
+        #[cfg(target_os = "linux")]
+        metrics.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(metrics)
     }
 
@@ -83,11 +88,9 @@ impl Metrics {
     pub fn render(&self) -> Result<String, MetricsError> {
         self.uptime.set(self.started.elapsed().as_secs_f64());
         let families = self.registry.gather();
-        let mut out = Vec::new();
         TextEncoder::new()
-            .encode(&families, &mut out)
-            .map_err(|e| MetricsError::Encode(e.to_string()))?;
-        String::from_utf8(out).map_err(|e| MetricsError::Encode(e.to_string()))
+            .encode_to_string(&families)
+            .map_err(MetricsError::Encode)
     }
 }
 
@@ -109,6 +112,14 @@ mod tests {
             text.contains("# TYPE kvfeed_uptime_seconds gauge"),
             "{text}"
         );
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(&format!("\n{name} ")), "no {name} in\n{text}");
+        }
     }
 
     #[test]

@@ -57,8 +57,14 @@ pub enum ServeError {
     },
     #[error("gRPC server failed: {0}")]
     Grpc(#[source] tonic::transport::Error),
-    #[error("background task failed: {0}")]
-    Task(String),
+    #[error("{what} task failed: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("the {0} stopped unexpectedly")]
+    Stopped(&'static str),
 }
 
 /// Runs the server until a shutdown signal; `Ok` means a clean shutdown.
@@ -103,15 +109,18 @@ async fn serve(config: Config) -> (Option<Arc<Node>>, Result<(), ServeError>) {
         ended = &mut grpc_task => {
             grpc_ended = true;
             result = Err(grpc_outcome(ended).err().unwrap_or_else(|| {
-                ServeError::Task("the gRPC server stopped unexpectedly".to_owned())
+                ServeError::Stopped("gRPC server")
             }));
         }
         ended = &mut status_task => {
             status_ended = true;
-            result = Err(ServeError::Task(match ended {
-                Ok(()) => "the status server stopped unexpectedly".to_owned(),
-                Err(err) => format!("status server: {err}"),
-            }));
+            result = Err(match ended {
+                Ok(()) => ServeError::Stopped("status server"),
+                Err(source) => ServeError::Task {
+                    what: "status server",
+                    source,
+                },
+            });
         }
     }
     if let Err(err) = &result {
@@ -295,7 +304,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ServeError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|err| ServeError::Task(err.to_string()))
+        .map_err(|source| ServeError::Task {
+            what: "start-up",
+            source,
+        })
 }
 
 fn grpc_outcome(
@@ -304,7 +316,10 @@ fn grpc_outcome(
     match ended {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(ServeError::Grpc(err)),
-        Err(err) => Err(ServeError::Task(format!("gRPC server: {err}"))),
+        Err(source) => Err(ServeError::Task {
+            what: "gRPC server",
+            source,
+        }),
     }
 }
 

@@ -286,9 +286,9 @@ fn the_server_reports_its_own_memory_and_cpu() {
     let server = TestServer::start();
     let metrics = server.metrics();
     for name in [
-        "kvfeed_process_resident_memory_bytes",
-        "kvfeed_process_cpu_seconds_total",
-        "kvfeed_process_open_fds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
     ] {
         let value = metrics
             .lines()
@@ -299,7 +299,7 @@ fn the_server_reports_its_own_memory_and_cpu() {
     }
     let rss = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("kvfeed_process_resident_memory_bytes "))
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
         .and_then(|v| v.parse::<f64>().ok())
         .expect("rss");
     assert!(

@@ -78,6 +78,8 @@ use consumer::{Got, Seen, consumer, ranges, tick};
 use kvfeed::client::Cluster;
 use kvfeed_proto::cdcpb::change_data_request::KvApi;
 use kvfeed_storage::mvcc::encode_bytes;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use tikv_client::{
     CheckLevel, RawClient, TimestampExt, Transaction, TransactionClient, TransactionOptions,
 };
@@ -95,23 +97,6 @@ const ORPHAN_TTL_MS: u64 = 100;
 const TEST_LIMIT: Duration = Duration::from_secs(90);
 /// Bound on one wait for the feed.
 const FEED_WAIT: Duration = Duration::from_secs(30);
-
-/// SplitMix64: small, seeded, good enough to pick operations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 fn seed() -> u64 {
     match std::env::var("KVFEED_MODEL_SEED") {
@@ -183,7 +168,7 @@ fn pessimistic() -> TransactionOptions {
 
 struct Writer {
     id: usize,
-    rng: Rng,
+    rng: StdRng,
     txn: TransactionClient,
     raw: RawClient,
     by_hand: ByHand,
@@ -202,15 +187,17 @@ impl Writer {
     }
 
     fn pick_keys(&mut self, max: usize) -> Vec<usize> {
-        let n = 1 + self.rng.below(max);
-        let mut keys: Vec<usize> = (0..n).map(|_| self.rng.below(2 * TXN_KEYS)).collect();
+        let n = 1 + self.rng.random_range(0..max);
+        let mut keys: Vec<usize> = (0..n)
+            .map(|_| self.rng.random_range(0..2 * TXN_KEYS))
+            .collect();
         keys.sort_unstable();
         keys.dedup();
         keys
     }
 
     async fn step(&mut self, seq: usize) {
-        let roll = self.rng.below(100);
+        let roll = self.rng.random_range(0..100);
         if self.id == 0 && (seq == 5 || seq == OPS_PER_WRITER / 2) {
             return self.orphan(seq).await;
         }
@@ -250,7 +237,7 @@ impl Writer {
         let mut writes = Vec::new();
         for k in keys {
             let key = txn_key(k);
-            if self.rng.below(100) < 15 {
+            if self.rng.random_range(0..100) < 15 {
                 txn.delete(key.clone()).await.expect("buffered delete");
                 writes.push((key, None));
             } else {
@@ -293,7 +280,7 @@ impl Writer {
     }
 
     async fn rollback(&mut self, seq: usize) {
-        let k = self.rng.below(2 * TXN_KEYS);
+        let k = self.rng.random_range(0..2 * TXN_KEYS);
         let mut txn = self
             .txn
             .begin_with_options(pessimistic())
@@ -325,7 +312,7 @@ impl Writer {
     }
 
     async fn raw_put(&mut self, seq: usize) {
-        let i = self.rng.below(2 * RAW_KEYS);
+        let i = self.rng.random_range(0..2 * RAW_KEYS);
         let (key, value) = (raw_key(self.id, i), self.value(seq, 100 + i));
         let begun = tick();
         self.model
@@ -487,7 +474,7 @@ async fn run(server: &TestServer, seed: u64) {
     for id in 0..WRITERS {
         let mut writer = Writer {
             id,
-            rng: Rng(seed ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D)),
+            rng: StdRng::seed_from_u64(seed ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D)),
             txn: TransactionClient::new(vec![server.pd_endpoint()])
                 .await
                 .expect("tikv-client connects"),

@@ -69,6 +69,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Condvar, Mutex};
 
 use crate::engine::{Cf, Engine, EngineSnapshot, Mutation, WriteBatch};
+use crate::error::EngineSource;
 use crate::{Error, Result};
 
 /// The [`Cf::Meta`] key holding the last applied [`SeqNo`] (8 bytes, big
@@ -163,7 +164,24 @@ struct Queue {
 }
 
 struct Publish {
-    poisoned: Option<String>,
+    poisoned: Option<Poison>,
+}
+
+/// Why the store refuses writes; cloned into every refusal so that a full
+/// disk stays recognisable in each ([`Error::io_kind`]).
+#[derive(Clone)]
+struct Poison {
+    reason: String,
+    source: Option<EngineSource>,
+}
+
+impl Poison {
+    fn error(&self) -> Error {
+        Error::Poisoned {
+            reason: self.reason.clone(),
+            source: self.source.clone(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -230,8 +248,8 @@ impl Store {
         crate::engine::memory::check_batch(&batch)?;
         if batch.is_empty() {
             let publish = self.publish.lock();
-            if let Some(reason) = &publish.poisoned {
-                return Err(Error::Poisoned(reason.clone()));
+            if let Some(poison) = &publish.poisoned {
+                return Err(poison.error());
             }
             return Ok(self.last_seq());
         }
@@ -272,9 +290,9 @@ impl Store {
             return;
         }
         let mut publish = self.publish.lock();
-        if let Some(reason) = &publish.poisoned {
+        if let Some(poison) = &publish.poisoned {
             for req in &group {
-                *req.slot.lock() = Some(Err(Error::Poisoned(reason.clone())));
+                *req.slot.lock() = Some(Err(poison.error()));
             }
             return;
         }
@@ -299,10 +317,25 @@ impl Store {
         if let Err(err) = written {
             let reason = format!("committing seq {first}..={last}: {err}");
             tracing::error!(%reason, "store poisoned");
+            // Each writer gets the engine's own error, so that a full disk
+            // can be told from a broken one.
+            let (context, source): (String, EngineSource) = match err {
+                Error::Engine { context, source } => (
+                    format!("committing seq {first}..={last}: {context}"),
+                    source,
+                ),
+                other => (format!("committing seq {first}..={last}"), Arc::new(other)),
+            };
             for (_, _, slot) in &parts {
-                *slot.lock() = Some(Err(Error::Engine(reason.clone())));
+                *slot.lock() = Some(Err(Error::Engine {
+                    context: context.clone(),
+                    source: Arc::clone(&source),
+                }));
             }
-            publish.poisoned = Some(reason);
+            publish.poisoned = Some(Poison {
+                reason,
+                source: Some(source),
+            });
             return;
         }
 
@@ -403,12 +436,15 @@ struct LeaderGuard<'a> {
 impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let reason = "a commit was interrupted by a panic".to_string();
-            self.store.publish.lock().poisoned = Some(reason.clone());
+            let poison = Poison {
+                reason: "a commit was interrupted by a panic".to_string(),
+                source: None,
+            };
+            self.store.publish.lock().poisoned = Some(poison.clone());
             for slot in &self.slots {
                 let mut slot = slot.lock();
                 if slot.is_none() {
-                    *slot = Some(Err(Error::Poisoned(reason.clone())));
+                    *slot = Some(Err(poison.error()));
                 }
             }
         }

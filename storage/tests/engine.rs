@@ -355,7 +355,7 @@ fn fjall_refuses_a_second_open() {
     let first = FjallEngine::open(dir.path()).expect("open");
     let second = FjallEngine::open(dir.path());
     assert!(
-        matches!(second, Err(Error::Engine(_))),
+        matches!(second, Err(Error::Engine { .. })),
         "second open succeeded"
     );
     drop(first);
@@ -368,10 +368,10 @@ fn memory_failure_hooks_fire_once() {
     engine.fail_next_write();
     let mut batch = WriteBatch::new();
     batch.put(Cf::Raw, b"k".to_vec(), b"v".to_vec());
-    assert!(matches!(engine.write(&batch), Err(Error::Engine(_))));
+    assert!(matches!(engine.write(&batch), Err(Error::Engine { .. })));
     assert_eq!(get(&*engine.snapshot(), Cf::Raw, b"k"), None);
     engine.write(&batch).expect("second write");
     engine.fail_next_sync();
-    assert!(matches!(engine.sync(), Err(Error::Engine(_))));
+    assert!(matches!(engine.sync(), Err(Error::Engine { .. })));
     engine.sync().expect("second sync");
 }

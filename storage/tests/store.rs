@@ -17,6 +17,8 @@ use kvfeed_storage::store::{
     APPLIED_SEQ_KEY, BatchSource, ChangeBatch, Durability, Observer, SeqNo, Store,
 };
 use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, RngExt, SeedableRng};
 
 fn put(key: &str) -> WriteBatch {
     let mut b = WriteBatch::new();
@@ -24,32 +26,16 @@ fn put(key: &str) -> WriteBatch {
     b
 }
 
-/// splitmix64: a tiny seeded generator, so failures replay exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn random_batch(rng: &mut Rng) -> WriteBatch {
+/// A random batch from a seeded generator, so failures replay exactly.
+fn random_batch(rng: &mut StdRng) -> WriteBatch {
     let mut batch = WriteBatch::new();
-    for _ in 0..=rng.below(5) {
-        let cf = Cf::ALL[rng.below(Cf::ALL.len() as u64) as usize];
-        let key = format!("k{}", rng.below(40)).into_bytes();
-        if rng.below(4) == 0 {
+    for _ in 0..=rng.random_range(0..5) {
+        let cf = Cf::ALL[rng.random_range(0..Cf::ALL.len())];
+        let key = format!("k{}", rng.random_range(0..40)).into_bytes();
+        if rng.random_range(0..4) == 0 {
             batch.delete(cf, key);
         } else {
-            batch.put(cf, key, rng.next().to_be_bytes().to_vec());
+            batch.put(cf, key, rng.next_u64().to_be_bytes().to_vec());
         }
     }
     batch
@@ -186,7 +172,7 @@ fn observers_see_every_batch_once_in_order() {
         .map(|w| {
             let store = Arc::clone(&store);
             thread::spawn(move || {
-                let mut rng = Rng(w);
+                let mut rng = StdRng::seed_from_u64(w);
                 let mut applied = Vec::new();
                 for i in 0..50 {
                     let batch = random_batch(&mut rng);
@@ -284,7 +270,7 @@ fn failed_sync_poisons_the_store() {
     let err = store
         .apply(put("b"), BatchSource::Client)
         .expect_err("sync failure hidden");
-    assert!(matches!(err, Error::Engine(_)), "{err}");
+    assert!(matches!(err, Error::Engine { .. }), "{err}");
     assert!(store.is_poisoned());
     assert_eq!(store.last_seq(), SeqNo(1));
     assert_eq!(seen.seqs(), vec![1]);
@@ -293,7 +279,7 @@ fn failed_sync_poisons_the_store() {
         let err = store
             .apply(batch, BatchSource::Client)
             .expect_err("poisoned store wrote");
-        assert!(matches!(err, Error::Poisoned(_)), "{err}");
+        assert!(matches!(err, Error::Poisoned { .. }), "{err}");
     }
     assert_eq!(seen.seqs(), vec![1]);
     assert_eq!(store.snapshot().seq(), SeqNo(1));
@@ -307,13 +293,45 @@ fn failed_write_poisons_the_store() {
     engine.fail_next_write();
     assert!(matches!(
         store.apply(put("a"), BatchSource::Client),
-        Err(Error::Engine(_))
+        Err(Error::Engine { .. })
     ));
     assert!(matches!(
         store.apply(put("a"), BatchSource::Client),
-        Err(Error::Poisoned(_))
+        Err(Error::Poisoned { .. })
     ));
     assert_eq!(store.snapshot().get(Cf::Raw, b"a").expect("get"), None);
+}
+
+#[test]
+fn a_full_disk_stays_recognisable_after_poisoning() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Store::open(
+        Arc::clone(&engine) as Arc<dyn Engine>,
+        Durability::SyncOnCommit,
+    )
+    .expect("open");
+    engine.fail_next_sync_with(std::io::ErrorKind::StorageFull);
+    let failed = store
+        .apply(put("a"), BatchSource::Client)
+        .expect_err("sync failure hidden");
+    assert!(matches!(failed, Error::Engine { .. }), "{failed}");
+    assert!(failed.is_storage_full(), "{failed:?}");
+    let refused = store
+        .apply(put("b"), BatchSource::Client)
+        .expect_err("poisoned store wrote");
+    assert!(matches!(refused, Error::Poisoned { .. }), "{refused}");
+    assert!(refused.is_storage_full(), "{refused:?}");
+
+    // Any other failure is not mistaken for a full disk.
+    let engine = Arc::new(MemoryEngine::new());
+    let store =
+        Store::open(Arc::clone(&engine) as Arc<dyn Engine>, Durability::NoSync).expect("open");
+    engine.fail_next_write();
+    let failed = store
+        .apply(put("a"), BatchSource::Client)
+        .expect_err("write failure hidden");
+    assert_eq!(failed.io_kind(), Some(std::io::ErrorKind::Other));
+    assert!(!failed.is_storage_full());
 }
 
 #[test]
@@ -347,7 +365,7 @@ fn a_failed_group_fails_every_writer_in_it() {
             .join()
             .expect("join")
             .expect_err("failed group acknowledged");
-        assert!(matches!(err, Error::Engine(_)), "{err}");
+        assert!(matches!(err, Error::Engine { .. }), "{err}");
     }
     assert_eq!(seen.seqs(), vec![1]);
     assert!(store.is_poisoned());
@@ -475,10 +493,10 @@ fn seam(engine: Arc<dyn Engine>, durability: Durability, seed: u64) {
             let store = Arc::clone(&store);
             let progress = progress_tx.clone();
             thread::spawn(move || {
-                let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(w));
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(w));
                 let mut seqs = Vec::with_capacity(PER_WRITER);
                 for i in 0..PER_WRITER {
-                    let source = if rng.below(5) == 0 {
+                    let source = if rng.random_range(0..5) == 0 {
                         BatchSource::Gc
                     } else {
                         BatchSource::Client

@@ -8,7 +8,7 @@
 //! (whether a Register may become a subscription), [`init`] (catch-up
 //! scans: starting them and turning their messages into rows and
 //! INITIALIZED), [`rows`] (what an applied batch means as feed rows),
-//! [`router`] (which subscriptions get which rows), [`resolved`] (resolved
+//! [`router`] (which subscriptions get which rows), [`resolved_ts`] (resolved
 //! timestamps) and [`outbound`] (sizing, queueing, congestion).
 //!
 //! # Steps
@@ -53,7 +53,7 @@
 mod init;
 mod outbound;
 mod registry;
-mod resolved;
+mod resolved_ts;
 mod router;
 mod rows;
 mod validate;
@@ -75,8 +75,8 @@ use crate::ids::{ConnId, RegionId, RequestId};
 use crate::metrics::{FeedMetrics, PendingBytes};
 use crate::protocol::{Features, ProtocolVersion};
 use crate::queue::QueueTx;
-use crate::resolve::MinTs;
 use crate::scan::{ScanMsg, ScanPool};
+use crate::ts_sampler::MinTs;
 
 pub(crate) use outbound::RESERVED_SLOTS;
 pub(crate) use rows::{is_loop, prewrite_old_value_ts, prewrite_row, raw_committed_row};
@@ -129,7 +129,7 @@ pub(crate) enum Control {
         reason: CloseReason,
     },
     Batch(Observed),
-    /// A resolved-ts sample (see `resolve`).
+    /// A resolved-ts sample (see `ts_sampler`).
     MinTs(MinTs),
     Shutdown,
 }
@@ -364,7 +364,7 @@ impl Owner {
                 &observed.batch,
                 self.config.scan_buffer_bytes,
             ),
-            Control::MinTs(sample) => resolved::on_min_ts(
+            Control::MinTs(sample) => resolved_ts::on_min_ts(
                 &mut self.registry,
                 &mut self.resolved_pending,
                 &self.metrics,
@@ -478,7 +478,7 @@ impl Owner {
     fn flush(&mut self) {
         self.outbox.flush(&mut self.registry);
         self.scans_flushed.clear();
-        resolved::flush(&mut self.registry, &mut self.resolved_pending);
+        resolved_ts::flush(&mut self.registry, &mut self.resolved_pending);
         self.finish_closes();
     }
 

@@ -46,8 +46,8 @@ use kvfeed_storage::region::RegionMap;
 use kvfeed_storage::store::{ChangeBatch, Snapshot, Store};
 
 use crate::ids::{ConnId, RegionId, RequestId};
-use crate::resolve::LockChange;
 use crate::subscription::{RowKind, SubscriptionState};
+use crate::ts_sampler::LockChange;
 
 use super::outbound::{Outbox, entries_events};
 use super::registry::Registry;

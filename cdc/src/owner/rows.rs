@@ -65,8 +65,8 @@ use kvfeed_storage::mvcc::{self, Lock, LockType, MvccChange, WriteType, encode_b
 use kvfeed_storage::raw::{self, RawChange, RawOp};
 use kvfeed_storage::store::ChangeBatch;
 
-use crate::resolve::LockChange;
 use crate::subscription::RowKind;
+use crate::ts_sampler::LockChange;
 
 /// One row and how to route it.
 #[derive(Clone, Debug, PartialEq, Eq)]

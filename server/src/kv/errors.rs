@@ -34,7 +34,7 @@ pub enum KvError {
     #[error("{0}")]
     Input(String),
     /// The store failed underneath the command.
-    #[error("{0}")]
+    #[error(transparent)]
     Storage(kvfeed_storage::Error),
 }
 
@@ -53,7 +53,7 @@ impl KvError {
         match self {
             KvError::MissingContext => Status::invalid_argument(format!("{method}: {self}")),
             KvError::Storage(
-                kvfeed_storage::Error::Engine(_) | kvfeed_storage::Error::Poisoned(_),
+                kvfeed_storage::Error::Engine { .. } | kvfeed_storage::Error::Poisoned { .. },
             ) => Status::unavailable(format!("{method}: {self}")),
             _ => Status::internal(format!("{method}: {self}")),
         }
@@ -401,7 +401,7 @@ mod tests {
         let e = key_error(TxnError::Storage(bad)).map(|k| k.abort);
         assert_eq!(e.ok().as_deref(), Some("key is empty"));
 
-        let engine = kvfeed_storage::Error::Engine("disk on fire".into());
+        let engine = kvfeed_storage::Error::engine("writing", "disk on fire");
         match key_error(TxnError::Storage(engine)) {
             Err(err) => {
                 let status = err.to_status("KvGet");

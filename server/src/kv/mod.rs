@@ -5,7 +5,7 @@
 //! This module only dispatches. Every call goes through
 //! [`KvService::handle`], which fixes the order all commands share:
 //! 1. the region context is checked ([`context`]): region id, epoch, store;
-//! 2. the handler ([`raw`], [`txn`], [`resolve`]) checks the input
+//! 2. the handler ([`raw`], [`txn`], [`lock_resolution`]) checks the input
 //!    ([`limits`]), then that its keys lie in the region, then runs the
 //!    command;
 //! 3. failures are placed where clients look for them ([`errors`]).
@@ -22,8 +22,8 @@
 pub mod context;
 pub mod errors;
 pub mod limits;
+pub mod lock_resolution;
 pub mod raw;
-pub mod resolve;
 pub mod txn;
 
 use std::sync::Arc;
@@ -153,7 +153,7 @@ impl Tikv for KvService {
         &self,
         r: Request<kvrpcpb::TxnHeartBeatRequest>,
     ) -> Reply<kvrpcpb::TxnHeartBeatResponse> {
-        self.handle("KvTxnHeartBeat", r, resolve::txn_heart_beat)
+        self.handle("KvTxnHeartBeat", r, lock_resolution::txn_heart_beat)
             .await
     }
 
@@ -161,7 +161,7 @@ impl Tikv for KvService {
         &self,
         r: Request<kvrpcpb::CheckTxnStatusRequest>,
     ) -> Reply<kvrpcpb::CheckTxnStatusResponse> {
-        self.handle("KvCheckTxnStatus", r, resolve::check_txn_status)
+        self.handle("KvCheckTxnStatus", r, lock_resolution::check_txn_status)
             .await
     }
 
@@ -169,8 +169,12 @@ impl Tikv for KvService {
         &self,
         r: Request<kvrpcpb::CheckSecondaryLocksRequest>,
     ) -> Reply<kvrpcpb::CheckSecondaryLocksResponse> {
-        self.handle("KvCheckSecondaryLocks", r, resolve::check_secondary_locks)
-            .await
+        self.handle(
+            "KvCheckSecondaryLocks",
+            r,
+            lock_resolution::check_secondary_locks,
+        )
+        .await
     }
 
     async fn kv_commit(
@@ -184,7 +188,7 @@ impl Tikv for KvService {
         &self,
         r: Request<kvrpcpb::CleanupRequest>,
     ) -> Reply<kvrpcpb::CleanupResponse> {
-        self.handle("KvCleanup", r, resolve::cleanup).await
+        self.handle("KvCleanup", r, lock_resolution::cleanup).await
     }
 
     async fn kv_batch_get(
@@ -205,25 +209,28 @@ impl Tikv for KvService {
         &self,
         r: Request<kvrpcpb::ScanLockRequest>,
     ) -> Reply<kvrpcpb::ScanLockResponse> {
-        self.handle("KvScanLock", r, resolve::scan_lock).await
+        self.handle("KvScanLock", r, lock_resolution::scan_lock)
+            .await
     }
 
     async fn kv_resolve_lock(
         &self,
         r: Request<kvrpcpb::ResolveLockRequest>,
     ) -> Reply<kvrpcpb::ResolveLockResponse> {
-        self.handle("KvResolveLock", r, resolve::resolve_lock).await
+        self.handle("KvResolveLock", r, lock_resolution::resolve_lock)
+            .await
     }
 
     async fn kv_gc(&self, r: Request<kvrpcpb::GcRequest>) -> Reply<kvrpcpb::GcResponse> {
-        self.handle("KvGC", r, resolve::gc).await
+        self.handle("KvGC", r, lock_resolution::gc).await
     }
 
     async fn kv_delete_range(
         &self,
         r: Request<kvrpcpb::DeleteRangeRequest>,
     ) -> Reply<kvrpcpb::DeleteRangeResponse> {
-        self.handle("KvDeleteRange", r, resolve::delete_range).await
+        self.handle("KvDeleteRange", r, lock_resolution::delete_range)
+            .await
     }
 
     async fn raw_get(&self, r: Request<kvrpcpb::RawGetRequest>) -> Reply<kvrpcpb::RawGetResponse> {

@@ -59,7 +59,7 @@ pub struct FjallEngine {
 }
 
 fn engine_err(context: impl std::fmt::Display, err: fjall::Error) -> Error {
-    Error::Engine(format!("{context}: {err}"))
+    Error::engine(context, err)
 }
 
 impl FjallEngine {

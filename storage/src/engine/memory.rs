@@ -8,12 +8,14 @@
 //!
 //! Nothing here is durable: `sync` does nothing unless a failure was injected
 //! with [`MemoryEngine::fail_next_write`] or [`MemoryEngine::fail_next_sync`],
-//! which exist so that tests can drive the store into its poisoned state.
+//! which exist so that tests can drive the store into its poisoned state, or
+//! with their `_with` variants, which say what the operating system reported
+//! (a full disk, say).
 
 use std::collections::BTreeMap;
+use std::io;
 use std::ops::Bound;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
@@ -41,8 +43,10 @@ pub(super) fn index(cf: Cf) -> usize {
 #[derive(Default)]
 pub struct MemoryEngine {
     families: Mutex<Families>,
-    fail_write: AtomicBool,
-    fail_sync: AtomicBool,
+    /// The failure the next write reports, if one was injected.
+    fail_write: Mutex<Option<io::ErrorKind>>,
+    /// The failure the next sync reports, if one was injected.
+    fail_sync: Mutex<Option<io::ErrorKind>>,
 }
 
 impl MemoryEngine {
@@ -53,13 +57,23 @@ impl MemoryEngine {
 
     /// Makes the next [`Engine::write`] fail without applying anything.
     pub fn fail_next_write(&self) {
-        self.fail_write.store(true, Ordering::SeqCst);
+        self.fail_next_write_with(io::ErrorKind::Other);
+    }
+
+    /// Makes the next [`Engine::write`] fail with an I/O error of `kind`.
+    pub fn fail_next_write_with(&self, kind: io::ErrorKind) {
+        *self.fail_write.lock() = Some(kind);
     }
 
     /// Makes the next [`Engine::sync`] fail. The writes before it stay
     /// visible, as they would in a real engine whose fsync failed.
     pub fn fail_next_sync(&self) {
-        self.fail_sync.store(true, Ordering::SeqCst);
+        self.fail_next_sync_with(io::ErrorKind::Other);
+    }
+
+    /// Makes the next [`Engine::sync`] fail with an I/O error of `kind`.
+    pub fn fail_next_sync_with(&self, kind: io::ErrorKind) {
+        *self.fail_sync.lock() = Some(kind);
     }
 }
 
@@ -102,8 +116,11 @@ pub(crate) fn check_batch(batch: &WriteBatch) -> Result<()> {
 impl Engine for MemoryEngine {
     fn write(&self, batch: &WriteBatch) -> Result<()> {
         check_batch(batch)?;
-        if self.fail_write.swap(false, Ordering::SeqCst) {
-            return Err(Error::Engine("injected write failure".into()));
+        if let Some(kind) = self.fail_write.lock().take() {
+            return Err(Error::engine(
+                format_args!("writing a batch of {}", batch.len()),
+                io::Error::new(kind, "injected write failure"),
+            ));
         }
         // Holding the lock for the whole batch makes it atomic with respect to
         // snapshots, which take the same lock.
@@ -123,8 +140,11 @@ impl Engine for MemoryEngine {
     }
 
     fn sync(&self) -> Result<()> {
-        if self.fail_sync.swap(false, Ordering::SeqCst) {
-            return Err(Error::Engine("injected sync failure".into()));
+        if let Some(kind) = self.fail_sync.lock().take() {
+            return Err(Error::engine(
+                "syncing the journal",
+                io::Error::new(kind, "injected sync failure"),
+            ));
         }
         Ok(())
     }

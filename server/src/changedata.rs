@@ -230,8 +230,8 @@ async fn run_connection(
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
     /// tonic reported an error on the request stream.
-    #[error("{code:?}: {message}")]
-    Transport { code: tonic::Code, message: String },
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Transport(#[source] Status),
     /// The response stream was dropped: the client is gone.
     #[error("the response stream was dropped")]
     ResponseDropped,
@@ -266,12 +266,8 @@ impl RequestSource for Requests {
                 Ok(Some(request)) => Some(Ok(request)),
                 Ok(None) => None,
                 Err(status) => {
-                    let error = RequestError::Transport {
-                        code: status.code(),
-                        message: status.message().to_owned(),
-                    };
-                    self.failure = Some(status);
-                    Some(Err(error))
+                    self.failure = Some(status.clone());
+                    Some(Err(RequestError::Transport(status)))
                 }
             },
         }

@@ -37,8 +37,8 @@ use kvfeed_storage::TimeStamp;
 use crate::connection::CloseReason;
 use crate::ids::{ConnId, KvApi, RegionId, RequestId};
 use crate::metrics::FeedMetrics;
-use crate::resolve::MinTs;
 use crate::subscription::{Subscription, SubscriptionState};
+use crate::ts_sampler::MinTs;
 
 use super::outbound::Offer;
 use super::registry::{ConnState, Registry};
