@@ -50,8 +50,8 @@ use super::stats::{SplitMix64, per_second};
 use super::subscribe::{FeedStream, Item, Plan, connect, describe, for_each_item};
 use super::target::System;
 use super::{BenchError, TargetArgs, check_duration, check_range, progress, run_prefix, secs};
-use crate::client::KeyMode;
 use crate::units::ReadableDuration;
+use kvfeed_client::KeyMode;
 
 const NAME: &str = "churn";
 /// Bound on one connection's life, whatever its stage.

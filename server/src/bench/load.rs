@@ -35,8 +35,8 @@ use tokio::task::JoinSet;
 
 use super::stats::{Histogram, SeqSet};
 use super::{BenchError, Server};
-use crate::client::error::check_region;
-use crate::client::{ClientError, Cluster, KeyMode, RegionInfo};
+use kvfeed_client::error::check_region;
+use kvfeed_client::{ClientError, Cluster, KeyMode, RegionInfo};
 
 /// Bytes of the stamp at the start of every value.
 pub const STAMP_LEN: usize = 20;

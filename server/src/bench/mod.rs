@@ -51,9 +51,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::client::{ClientError, Cluster, StoreConn};
 use crate::cmd::DEFAULT_PD;
 use crate::units::ReadableDuration;
+use kvfeed_client::{ClientError, Cluster, StoreConn};
 use report::Report;
 use target::TargetKind;
 

@@ -26,9 +26,9 @@ use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{BenchError, Server};
-use crate::client::region::clip;
-use crate::client::{KeyMode, RegionInfo};
 use crate::cmd::watch::TICDC_VERSION;
+use kvfeed_client::region::clip;
+use kvfeed_client::{KeyMode, RegionInfo};
 
 /// Bound on connecting one stream's TCP connection and opening the call.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -54,8 +54,8 @@ use tracing::Instrument;
 
 use super::format::{Style, prefix_successor};
 use super::{ClientArgs, CmdError};
-use crate::client::retry::Backoff;
-use crate::client::{ClientError, Cluster, KeyMode};
+use kvfeed_client::retry::Backoff;
+use kvfeed_client::{ClientError, Cluster, KeyMode};
 use state::{Lines, Parked, State};
 
 pub use render::wall_time;

@@ -26,8 +26,8 @@ use super::render::{Change, describe, wall_time};
 use super::{
     MAX_REMEMBERED, PROGRESS_INTERVAL, REGION_ATTEMPTS, TICDC_VERSION, WatchError, WatchSpec,
 };
-use crate::client::region::clip;
-use crate::client::{KeyMode, RegionInfo};
+use kvfeed_client::region::clip;
+use kvfeed_client::{KeyMode, RegionInfo};
 
 /// Lines produced by one event.
 #[derive(Debug, Default)]

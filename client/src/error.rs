@@ -12,10 +12,10 @@
 use std::time::Duration;
 
 use kvfeed_proto::{errorpb, kvrpcpb};
-use kvfeed_storage::TimeStamp;
-use kvfeed_storage::region::RegionId;
+use kvfeed_types::RegionId;
+use kvfeed_types::TimeStamp;
 
-use crate::cmd::format::escape;
+use crate::text::escape;
 
 /// A client-side failure.
 #[derive(Debug, thiserror::Error)]
@@ -234,10 +234,7 @@ impl RegionError {
 }
 
 /// Turns a response's optional region error into a `Result`.
-pub(crate) fn check_region(
-    region: RegionId,
-    err: Option<&errorpb::Error>,
-) -> Result<(), ClientError> {
+pub fn check_region(region: RegionId, err: Option<&errorpb::Error>) -> Result<(), ClientError> {
     match err {
         Some(e) => Err(RegionError::from_proto(region, e).into()),
         None => Ok(()),

@@ -13,11 +13,11 @@
 //! "repaired": guessing would send a request to the wrong range.
 
 use kvfeed_proto::{kvrpcpb, metapb};
-use kvfeed_storage::mvcc::{decode_bytes, encode_bytes};
-use kvfeed_storage::region::RegionId;
+use kvfeed_types::RegionId;
+use kvfeed_types::{decode_bytes, encode_bytes};
 
 use super::error::ClientError;
-use crate::cmd::format::hex;
+use crate::text::hex;
 
 /// Which API a key belongs to, and so how it meets region boundaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
