@@ -24,10 +24,11 @@
 //!
 //! Modules: [`error`] (typed errors), [`region`] (regions and the raw vs
 //! transactional key spaces), [`retry`] (backoff), [`raw`] and [`txn`] (the
-//! two APIs), [`scan`] (range scans across regions), [`text`] (byte
+//! two APIs), [`feed`] (the change-feed consumer), [`scan`] (range scans across regions), [`text`] (byte
 //! strings in messages).
 
 pub mod error;
+pub mod feed;
 pub mod raw;
 pub mod region;
 pub mod retry;

@@ -37,6 +37,16 @@ impl KeyMode {
         }
     }
 
+    /// The user-key range `[start, end)` (empty `end` = unbounded) in PD's
+    /// key space; an empty bound stays empty in both modes.
+    pub fn region_range(self, start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let bound = |key: &[u8]| match (key.is_empty(), self) {
+            (true, _) | (false, KeyMode::Raw) => key.to_vec(),
+            (false, KeyMode::Txn) => encode_bytes(key),
+        };
+        (bound(start), bound(end))
+    }
+
     /// A region boundary as a user key; empty (unbounded) stays empty.
     pub fn user_bound(self, bound: &[u8]) -> Result<Vec<u8>, ClientError> {
         if bound.is_empty() || self == KeyMode::Raw {
