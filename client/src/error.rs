@@ -284,6 +284,23 @@ pub(crate) fn key_error(method: &'static str, err: &kvrpcpb::KeyError) -> Client
     ClientError::Key { method, message }
 }
 
+/// `err` followed by its sources in one line, so that a cause deep inside
+/// (an I/O error such as `os error 24`) is not lost in what users see.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Many errors already embed their source in their own message.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,9 @@ use tonic::transport::{Channel, Endpoint};
 pub use error::{ClientError, RegionError};
 pub use region::{KeyMode, RegionInfo};
 
+/// Where `kvfeed serve` listens by default, and so where clients look.
+pub const DEFAULT_PD: &str = "127.0.0.1:20160";
+
 /// Largest response the client accepts; scans page well below it.
 const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 

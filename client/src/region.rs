@@ -134,6 +134,17 @@ impl RegionInfo {
     }
 }
 
+/// The smallest key greater than every key that starts with `prefix`, or
+/// `None` when there is none (an empty or all-`0xFF` prefix): the scan is
+/// then unbounded above.
+pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let keep = prefix.iter().rposition(|&b| b != 0xFF)?;
+    let mut end = prefix[..=keep].to_vec();
+    // `end[keep]` is below 0xFF, so the increment cannot overflow.
+    end[keep] += 1;
+    Some(end)
+}
+
 /// The part of `[start, end)` inside `[lo, hi)`, all user keys with an empty
 /// upper bound meaning unbounded. `None` when they do not overlap.
 pub fn clip(start: &[u8], end: &[u8], lo: &[u8], hi: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
@@ -239,5 +250,23 @@ mod tests {
         assert_eq!(clip(b"x", b"", b"a", b"c"), None);
         assert_eq!(clip(b"a", b"b", b"c", b""), None);
         assert_eq!(clip(b"a", b"c", b"c", b"d"), None);
+    }
+
+    #[test]
+    fn prefix_successor_bounds_the_prefix() {
+        assert_eq!(prefix_successor(b"abc"), Some(b"abd".to_vec()));
+        assert_eq!(prefix_successor(&[b'a', 0xff, 0xff]), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(&[0x01, 0xfe]), Some(vec![0x01, 0xff]));
+        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
+        assert_eq!(prefix_successor(b""), None);
+        // Every key with the prefix sorts below the successor, and the
+        // successor itself does not have the prefix.
+        let prefix = [b'k', 0xff];
+        let end = prefix_successor(&prefix).expect("bounded");
+        for suffix in [&[][..], &[0x00], &[0xff, 0xff, 0xff]] {
+            let key = [&prefix[..], suffix].concat();
+            assert!(key.as_slice() < end.as_slice(), "{key:?}");
+        }
+        assert!(!end.starts_with(&prefix));
     }
 }

@@ -10,9 +10,7 @@
 //! - [`feed`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
 //! - [`logging`]: the tracing subscriber.
 //! - [`process`]: the server's memory and CPU gauges, read at scrape time.
-//! - [`mod@bench`]: `kvfeed bench`, measurements of a running server's feed.
 
-pub mod bench;
 pub mod cli;
 pub mod cmd;
 pub mod config;
@@ -28,4 +26,4 @@ pub mod process;
 pub mod serve;
 pub mod shutdown;
 pub mod status;
-pub mod units;
+pub use kvfeed_types::units;

@@ -5,6 +5,8 @@
 //! - [`timestamp`]: TiKV/PD hybrid timestamps (`physical_ms << 18 | logical`).
 //! - [`codec`]: TiKV's memcomparable byte encoding of keys, the form region
 //!   boundaries of the transactional key space are written in.
+//! - [`units`]: human-readable sizes and durations (TiKV's formats), for
+//!   the configuration file and the command line.
 //! - [`RegionId`]: a region's identifier.
 //!
 //! Invariant: nothing here does I/O or depends on another kvfeed crate, so
@@ -12,6 +14,7 @@
 
 pub mod codec;
 pub mod timestamp;
+pub mod units;
 
 use std::fmt;
 

@@ -14,6 +14,7 @@
 
 use serde::Serialize;
 
+pub use kvfeed_client::region::prefix_successor;
 pub use kvfeed_client::text::{escape, hex};
 
 /// Why a `--hex` argument could not be read.
@@ -52,17 +53,6 @@ pub fn parse_hex(text: &str) -> Result<Vec<u8>, HexError> {
             _ => Err(HexError::OddLength(text.to_owned())),
         })
         .collect()
-}
-
-/// The smallest key greater than every key that starts with `prefix`, or
-/// `None` when there is none (an empty or all-`0xFF` prefix): the scan is
-/// then unbounded above.
-pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let keep = prefix.iter().rposition(|&b| b != 0xFF)?;
-    let mut end = prefix[..=keep].to_vec();
-    // `end[keep]` is below 0xFF, so the increment cannot overflow.
-    end[keep] += 1;
-    Some(end)
 }
 
 /// How the tools show keys and values.
@@ -180,24 +170,6 @@ mod tests {
             Err(HexError::BadDigit { found: 'z', .. })
         ));
         assert!(parse_hex("éé").is_err());
-    }
-
-    #[test]
-    fn prefix_successor_bounds_the_prefix() {
-        assert_eq!(prefix_successor(b"abc"), Some(b"abd".to_vec()));
-        assert_eq!(prefix_successor(&[b'a', 0xff, 0xff]), Some(b"b".to_vec()));
-        assert_eq!(prefix_successor(&[0x01, 0xfe]), Some(vec![0x01, 0xff]));
-        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
-        assert_eq!(prefix_successor(b""), None);
-        // Every key with the prefix sorts below the successor, and the
-        // successor itself does not have the prefix.
-        let prefix = [b'k', 0xff];
-        let end = prefix_successor(&prefix).expect("bounded");
-        for suffix in [&[][..], &[0x00], &[0xff, 0xff, 0xff]] {
-            let key = [&prefix[..], suffix].concat();
-            assert!(key.as_slice() < end.as_slice(), "{key:?}");
-        }
-        assert!(!end.starts_with(&prefix));
     }
 
     #[test]

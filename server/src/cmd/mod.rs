@@ -20,8 +20,7 @@ use clap::Args;
 use format::{HexError, Style};
 use kvfeed_client::ClientError;
 
-/// Where `kvfeed serve` listens by default, and so where the tools look.
-pub const DEFAULT_PD: &str = "127.0.0.1:20160";
+pub use kvfeed_client::DEFAULT_PD;
 
 /// Flags every client tool shares.
 #[derive(Debug, Clone, Args)]

@@ -116,7 +116,7 @@ pub async fn connect(addr: &str) -> Result<Channel, BenchError> {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(BenchError::Connect {
             addr: addr.to_owned(),
-            reason: crate::cli::error_chain(&e),
+            reason: kvfeed_client::error::error_chain(&e),
         }),
         Err(_) => Err(BenchError::Connect {
             addr: addr.to_owned(),
@@ -136,8 +136,8 @@ impl FeedStream {
     /// Opens `EventFeed` on `channel`.
     pub async fn open(channel: Channel) -> Result<FeedStream, BenchError> {
         let (requests, rx) = mpsc::channel(REQUEST_QUEUE);
-        let mut client =
-            ChangeDataClient::new(channel).max_decoding_message_size(crate::feed::MAX_EVENT_SIZE);
+        let mut client = ChangeDataClient::new(channel)
+            .max_decoding_message_size(kvfeed_client::feed::MAX_EVENT_SIZE);
         let call = client.event_feed(ReceiverStream::new(rx));
         let events = match tokio::time::timeout(OPEN_TIMEOUT, call).await {
             Ok(Ok(response)) => response.into_inner(),
