@@ -66,7 +66,7 @@ pub enum Command {
     /// Each prints a table, then one JSON object on the last line of
     /// stdout; progress goes to stderr. A correctness failure (a lost or
     /// duplicated event, a gauge left above 0) exits with status 1.
-    Bench(crate::bench::BenchArgs),
+    Bench(kvfeed_bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -119,22 +119,7 @@ impl ServeArgs {
     }
 }
 
-/// `err` followed by its sources in one line, so that a cause deep inside
-/// (an I/O error such as `os error 24`) is not lost in what users see.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Many errors already embed their source in their own message.
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub use kvfeed_client::error::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -9,20 +9,11 @@
 //!   Prometheus registry, [`shutdown`] the signal tasks stop on.
 //! - [`changedata`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
 //! - [`logging`]: the tracing subscriber.
-//! - [`mod@bench`]: `kvfeed bench`, measurements of a running server's feed.
 
-pub mod bench;
 pub mod changedata;
 pub mod cli;
-pub mod client;
 pub mod cmd;
 pub mod config;
-/// The old path of [`changedata::MAX_EVENT_SIZE`], through which `kvfeed
-/// watch` and the benchmarks still size their decoders.
-#[doc(hidden)]
-pub mod feed {
-    pub use crate::changedata::MAX_EVENT_SIZE;
-}
 pub mod gc;
 pub mod grpc;
 pub mod kv;
@@ -33,4 +24,4 @@ pub mod pd;
 pub mod serve;
 pub mod shutdown;
 pub mod status;
-pub mod units;
+pub use kvfeed_types::units;

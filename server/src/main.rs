@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Command::Delete(args) => kvfeed::cmd::kv::delete(args).map_err(Into::into),
         Command::Scan(args) => kvfeed::cmd::kv::scan(args).map_err(Into::into),
         Command::Watch(args) => kvfeed::cmd::watch::run(args).map_err(Into::into),
-        Command::Bench(args) => kvfeed::bench::run(args).map_err(Into::into),
+        Command::Bench(args) => kvfeed_bench::run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

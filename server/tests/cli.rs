@@ -14,8 +14,8 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, WAIT};
-use kvfeed::client::txn::Mutation;
-use kvfeed::client::{ClientError, Cluster, KeyMode};
+use kvfeed_client::txn::Mutation;
+use kvfeed_client::{ClientError, Cluster, KeyMode};
 
 /// A key in the second region in both modes: nine leading `0xFF` bytes sort
 /// above the split key (the encoding of eight `0xFF` bytes) whether the key

@@ -16,8 +16,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use kvfeed::client::txn::Mutation;
-use kvfeed::client::{Cluster, KeyMode, RegionInfo};
+use kvfeed_client::txn::Mutation;
+use kvfeed_client::{Cluster, KeyMode, RegionInfo};
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
 use kvfeed_proto::cdcpb::change_data_request::{self, KvApi};
 use kvfeed_proto::cdcpb::event::{self, LogType, Row, row::OpType};
@@ -351,7 +351,12 @@ async fn transactions_reach_subscribers_as_prewrite_commit_rollback_and_committe
             .region_for_key(&KeyMode::Txn.region_key(&key))
             .await
             .expect("region");
-        let mut kv = env.cluster.kv().await.expect("kv client");
+        let mut kv = env
+            .cluster
+            .store(region.leader.store_id)
+            .await
+            .expect("leader's store")
+            .kv();
         let rolled_back = kv
             .kv_batch_rollback(kvrpcpb::BatchRollbackRequest {
                 context: Some(region.context()),

@@ -24,7 +24,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use kvfeed::client::{Cluster, RegionInfo};
+use kvfeed_client::{Cluster, RegionInfo};
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
 use kvfeed_proto::cdcpb::change_data_request::{self, Deregister, NotifyTxnStatus, Register};
 use kvfeed_proto::cdcpb::event::{self, LogType};

@@ -75,7 +75,7 @@ use std::time::Duration;
 use by_hand::ByHand;
 use common::TestServer;
 use consumer::{Got, Seen, consumer, ranges, tick};
-use kvfeed::client::Cluster;
+use kvfeed_client::Cluster;
 use kvfeed_proto::cdcpb::change_data_request::KvApi;
 use kvfeed_storage::mvcc::encode_bytes;
 use rand::rngs::StdRng;

@@ -16,9 +16,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 
 use common::{TestServer, WAIT, kvfeed};
-use kvfeed::client::{Cluster, KeyMode};
 use kvfeed::cmd::format::Style;
 use kvfeed::cmd::watch::{WatchSpec, wall_time, watch};
+use kvfeed_client::{Cluster, KeyMode};
 
 /// A running `kvfeed watch` whose output lines arrive on channels.
 struct Watcher {

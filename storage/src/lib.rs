@@ -30,7 +30,8 @@ pub mod store;
 pub mod tso;
 pub mod versioned;
 
-pub mod timestamp;
+/// Timestamps live in `kvfeed-types` so clients need not compile storage.
+pub use kvfeed_types::timestamp;
 
 pub use error::{Error, Result};
 pub use timestamp::TimeStamp;

@@ -21,8 +21,6 @@
 //!   changed layout changes every epoch `version` (clients with a stale cache
 //!   get `epoch_not_match` and ask again).
 
-use std::fmt;
-
 use crate::mvcc::{decode_bytes, encode_bytes};
 use crate::{Error, Result};
 
@@ -35,15 +33,7 @@ const FIRST_REGION_ID: u64 = 2;
 /// Peer ids are offset from region ids so the two are never confused in logs.
 const PEER_ID_OFFSET: u64 = 1_000;
 
-/// A region's identifier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RegionId(pub u64);
-
-impl fmt::Display for RegionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+pub use kvfeed_types::RegionId;
 
 /// A region's epoch, as TiKV versions region metadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,48 +14,8 @@
 
 use serde::Serialize;
 
-/// Escapes `bytes` for display (see the module comment for the rules).
-pub fn escape(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c == '\\' {
-                out.push_str("\\\\");
-            } else if c.is_control() {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    push_hex_escape(&mut out, b);
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        for &b in chunk.invalid() {
-            push_hex_escape(&mut out, b);
-        }
-    }
-    out
-}
-
-fn push_hex_escape(out: &mut String, b: u8) {
-    out.push_str("\\x");
-    out.push(HEX_DIGITS[usize::from(b >> 4)]);
-    out.push(HEX_DIGITS[usize::from(b & 0x0f)]);
-}
-
-const HEX_DIGITS: [char; 16] = [
-    '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f',
-];
-
-/// Lower-case hex of `bytes`, two digits per byte.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(HEX_DIGITS[usize::from(b >> 4)]);
-        out.push(HEX_DIGITS[usize::from(b & 0x0f)]);
-    }
-    out
-}
+pub use kvfeed_client::region::prefix_successor;
+pub use kvfeed_client::text::{escape, hex};
 
 /// Why a `--hex` argument could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,17 +53,6 @@ pub fn parse_hex(text: &str) -> Result<Vec<u8>, HexError> {
             _ => Err(HexError::OddLength(text.to_owned())),
         })
         .collect()
-}
-
-/// The smallest key greater than every key that starts with `prefix`, or
-/// `None` when there is none (an empty or all-`0xFF` prefix): the scan is
-/// then unbounded above.
-pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let keep = prefix.iter().rposition(|&b| b != 0xFF)?;
-    let mut end = prefix[..=keep].to_vec();
-    // `end[keep]` is below 0xFF, so the increment cannot overflow.
-    end[keep] += 1;
-    Some(end)
 }
 
 /// How the tools show keys and values.
@@ -202,27 +151,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escape_keeps_printable_utf8_and_escapes_the_rest() {
-        assert_eq!(escape(b"hello world"), "hello world");
-        assert_eq!(escape("héllo ✓".as_bytes()), "héllo ✓");
-        assert_eq!(escape(b"a\nb\tc"), "a\\x0ab\\x09c");
-        assert_eq!(escape(&[0xff, b'a', 0x00]), "\\xffa\\x00");
-        assert_eq!(escape(b"back\\slash"), "back\\\\slash");
-        // A truncated multi-byte sequence is invalid UTF-8: escaped per byte.
-        assert_eq!(escape(&[b'x', 0xe2, 0x9c]), "x\\xe2\\x9c");
-        // A non-ASCII control character (U+0085) is escaped per byte.
-        assert_eq!(escape("\u{85}".as_bytes()), "\\xc2\\x85");
-        assert_eq!(escape(b""), "");
-    }
-
-    #[test]
-    fn escape_is_unambiguous() {
-        // The literal text `\xff` and the byte 0xff must print differently.
-        assert_ne!(escape(b"\\xff"), escape(&[0xff]));
-        assert_eq!(escape(b"\\xff"), "\\\\xff");
-    }
-
-    #[test]
     fn hex_round_trips() {
         let bytes: Vec<u8> = (0..=255).collect();
         let text = hex(&bytes);
@@ -242,24 +170,6 @@ mod tests {
             Err(HexError::BadDigit { found: 'z', .. })
         ));
         assert!(parse_hex("éé").is_err());
-    }
-
-    #[test]
-    fn prefix_successor_bounds_the_prefix() {
-        assert_eq!(prefix_successor(b"abc"), Some(b"abd".to_vec()));
-        assert_eq!(prefix_successor(&[b'a', 0xff, 0xff]), Some(b"b".to_vec()));
-        assert_eq!(prefix_successor(&[0x01, 0xfe]), Some(vec![0x01, 0xff]));
-        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
-        assert_eq!(prefix_successor(b""), None);
-        // Every key with the prefix sorts below the successor, and the
-        // successor itself does not have the prefix.
-        let prefix = [b'k', 0xff];
-        let end = prefix_successor(&prefix).expect("bounded");
-        for suffix in [&[][..], &[0x00], &[0xff, 0xff, 0xff]] {
-            let key = [&prefix[..], suffix].concat();
-            assert!(key.as_slice() < end.as_slice(), "{key:?}");
-        }
-        assert!(!end.starts_with(&prefix));
     }
 
     #[test]

@@ -15,8 +15,8 @@ use clap::Args;
 
 use super::format::{JsonEntry, Style, prefix_successor};
 use super::{ClientArgs, CmdError, Output, block_on};
-use crate::client::Cluster;
-use crate::client::txn::Written;
+use kvfeed_client::Cluster;
+use kvfeed_client::txn::Written;
 
 /// Default `--limit` of `scan`.
 pub const DEFAULT_SCAN_LIMIT: u64 = 1000;
@@ -251,7 +251,7 @@ mod tests {
         };
         assert!(!a.client.raw && !a.client.json && !a.client.hex);
         assert_eq!(a.client.pd, super::super::DEFAULT_PD);
-        assert_eq!(a.client.mode(), crate::client::KeyMode::Txn);
+        assert_eq!(a.client.mode(), kvfeed_client::KeyMode::Txn);
     }
 
     #[test]

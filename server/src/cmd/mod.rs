@@ -1,7 +1,7 @@
 //! The client tools: `kvfeed put | get | delete | scan`.
 //!
 //! Each tool parses its arguments ([`kv`]), connects with
-//! [`crate::client::Cluster`], and writes its results to stdout in one of
+//! [`kvfeed_client::Cluster`], and writes its results to stdout in one of
 //! three shapes ([`mod@format`]): text, hex (`--hex`) or JSON lines (`--json`).
 //! stdout carries results only; errors return as [`CmdError`], which `main`
 //! prints to stderr as `kvfeed: <message>` with exit status 1.
@@ -17,11 +17,10 @@ use std::io::{self, Write};
 
 use clap::Args;
 
-use crate::client::ClientError;
 use format::{HexError, Style};
+use kvfeed_client::ClientError;
 
-/// Where `kvfeed serve` listens by default, and so where the tools look.
-pub const DEFAULT_PD: &str = "127.0.0.1:20160";
+pub use kvfeed_client::DEFAULT_PD;
 
 /// Flags every client tool shares.
 #[derive(Debug, Clone, Args)]
@@ -52,11 +51,11 @@ impl ClientArgs {
         if self.hex { Style::Hex } else { Style::Text }
     }
 
-    pub fn mode(&self) -> crate::client::KeyMode {
+    pub fn mode(&self) -> kvfeed_client::KeyMode {
         if self.raw {
-            crate::client::KeyMode::Raw
+            kvfeed_client::KeyMode::Raw
         } else {
-            crate::client::KeyMode::Txn
+            kvfeed_client::KeyMode::Txn
         }
     }
 

@@ -1,37 +1,15 @@
 //! `kvfeed watch`: print every change to a key range as it is committed, in
 //! the manner of `etcdctl watch`, from the server's `cdcpb.ChangeData` feed.
 //!
-//! The range is split along PD's regions; each piece becomes one
-//! subscription (its own request id) on a single `EventFeed` stream. Lines
+//! The feed itself — regions, stores, registration, recovery from region
+//! errors and lost streams, assembling transactions, de-duplication — is
+//! [`kvfeed_client::feed`]; this command only prints what it yields. Lines
 //! go to stdout, one per committed change; everything else (the `watching`
-//! line once every subscription is initialized, retries, progress) goes to
-//! stderr, so stdout stays machine-readable. With `--from-ts`, catch-up
-//! progress (rows, rows/s, bytes) goes to stderr until then: one line
-//! redrawn in place on a terminal, a line every few seconds otherwise, and
-//! a `caught up: …` summary just before `watching`.
-//!
-//! What a transaction looks like on the feed, and so what is printed:
-//! PREWRITE rows stage a value and print nothing; COMMIT prints the change,
-//! with the prewritten value when the COMMIT row carries none (large values
-//! travel only with the PREWRITE); ROLLBACK discards the staged value;
-//! COMMITTED (one-phase commits, raw writes, catch-up rows) prints as it is.
-//! Staged values are keyed by (key, start_ts) and dropped at COMMIT or
-//! ROLLBACK, so they live only as long as the lock they mirror.
-//!
-//! Recovery, all bounded:
-//! - a retryable region error (`epoch_not_match`, `region_not_found`,
-//!   `not_leader`, `server_is_busy`, `congested`) ends one subscription: its
-//!   range is looked up in PD again and subscribed anew after a backoff,
-//!   giving up after [`REGION_ATTEMPTS`] tries in a row;
-//! - the stream ending or failing reconnects and re-subscribes everything,
-//!   giving up after [`RECONNECT_ATTEMPTS`] tries in a row;
-//! - any other refusal (cluster id, compatibility, duplicate) is an error.
-//!
-//! A re-subscription resumes from the subscription's *floor*: the highest
-//! resolved ts it received, or the original checkpoint. Every change at or
-//! below it has been delivered, so nothing is lost; changes above it may be
-//! delivered again, so printed (commit_ts, key) pairs above the floors are
-//! remembered (at most [`MAX_REMEMBERED`]) and not printed twice.
+//! line once every range is initialized, retries, progress) goes to stderr,
+//! so stdout stays machine-readable. With `--from-ts`, catch-up progress
+//! (rows, rows/s, bytes) goes to stderr until then: one line redrawn in
+//! place on a terminal, a line every few seconds otherwise, and a
+//! `caught up: …` summary just before `watching`.
 //!
 //! The core, [`watch`], takes its writers and a cancellation future so that
 //! it can run inside tests; [`run`] wires it to stdout, stderr and SIGINT /
@@ -39,40 +17,23 @@
 
 mod progress;
 mod render;
-mod state;
+mod view;
 
 use std::io::{self, IsTerminal, Write};
 use std::time::Duration;
 
 use clap::Args;
-use kvfeed_proto::cdcpb::ChangeDataRequest;
-use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
-use kvfeed_proto::cdcpb::change_data_request::KvApi;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use kvfeed_client::feed::{Feed, FeedError, FeedSpec};
+use kvfeed_client::{ClientError, Cluster, KeyMode};
+use kvfeed_storage::TimeStamp;
 use tracing::Instrument;
 
 use super::format::{Style, prefix_successor};
 use super::{ClientArgs, CmdError};
-use crate::client::retry::Backoff;
-use crate::client::{ClientError, Cluster, KeyMode};
-use state::{Lines, Parked, State};
+use view::{Lines, View};
 
 pub use render::wall_time;
 
-/// The client version announced: current enough for batched resolved ts
-/// and cluster-id checks.
-pub const TICDC_VERSION: &str = "8.5.0";
-/// Tries in a row to re-subscribe one range after region errors.
-pub const REGION_ATTEMPTS: u32 = 10;
-/// Tries in a row to reconnect after the stream ended or failed.
-pub const RECONNECT_ATTEMPTS: u32 = 10;
-/// Printed (commit_ts, key) pairs kept for de-duplication.
-pub const MAX_REMEMBERED: usize = 100_000;
-/// The largest event accepted: the server's own cap.
-const MAX_EVENT_SIZE: usize = crate::feed::MAX_EVENT_SIZE;
-/// Register requests queued ahead of the transport.
-const REQUEST_QUEUE: usize = 64;
 /// `--progress` prints at most this often.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -191,22 +152,6 @@ impl WatchSpec {
             progress_tty: io::stderr().is_terminal(),
         })
     }
-
-    /// The range in PD's key space (encoded for transactions).
-    fn region_range(&self) -> (Vec<u8>, Vec<u8>) {
-        let bound = |key: &[u8]| match (key.is_empty(), self.mode) {
-            (true, _) | (false, KeyMode::Raw) => key.to_vec(),
-            (false, KeyMode::Txn) => self.mode.region_key(key),
-        };
-        (bound(&self.start), bound(&self.end))
-    }
-
-    fn kv_api(&self) -> KvApi {
-        match self.mode {
-            KeyMode::Txn => KvApi::TiDb,
-            KeyMode::Raw => KvApi::RawKv,
-        }
-    }
 }
 
 /// Why the watch stopped with an error.
@@ -216,22 +161,8 @@ pub enum WatchError {
     Cmd(#[from] CmdError),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("the server refused to watch region {region}: {reason}")]
-    Refused { region: u64, reason: String },
-    #[error("region {region}: still {reason} after {attempts} attempts to subscribe")]
-    RegionRetries {
-        region: u64,
-        reason: String,
-        attempts: u32,
-    },
-    #[error("the change feed is unavailable: {0}")]
-    Unsupported(String),
-    #[error("lost the change feed stream ({last}); gave up after {attempts} attempts to reconnect")]
-    Disconnected { last: String, attempts: u32 },
-    #[error("no region covers the watched range")]
-    NoRegions,
-    #[error("the watched range spans stores {0} and {1}; watch follows one store")]
-    ManyStores(u64, u64),
+    #[error(transparent)]
+    Feed(#[from] FeedError),
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
 }
@@ -280,10 +211,9 @@ pub async fn watch(
     let span = tracing::info_span!("watch", range = %spec.description);
     let mut watcher = Watcher {
         cluster,
-        state: State::new(spec.clone(), cluster.cluster_id()),
+        spec,
         out,
         notices,
-        store_id: None,
         status_width: 0,
     };
     let result = tokio::select! {
@@ -299,162 +229,49 @@ pub async fn watch(
     }
 }
 
-/// How one stream's life ended, when the watch goes on.
-enum SessionEnd {
-    /// Reconnect; the reason is reported if reconnecting fails.
-    Lost(String),
-    /// The reader of stdout went away: stop quietly.
-    OutputClosed,
-}
-
-/// The driver: owns the I/O around [`State`].
+/// The driver: pulls the feed and writes what [`View`] makes of it.
 struct Watcher<'a, O, N> {
     cluster: &'a Cluster,
-    state: State,
+    spec: &'a WatchSpec,
     out: &'a mut O,
     notices: &'a mut N,
-    store_id: Option<u64>,
     /// Characters of the in-place status line on a terminal (0: none).
     status_width: usize,
 }
 
 impl<O: Write, N: Write> Watcher<'_, O, N> {
     async fn run(&mut self) -> Result<(), WatchError> {
-        let checkpoint = match self.state.spec.from_ts {
+        let checkpoint = match self.spec.from_ts {
             Some(ts) => ts,
             None => self.cluster.tso().await?.into_inner(),
         };
-        self.state.checkpoint = checkpoint;
-        let (start, end) = self.state.spec.region_range();
-        self.state.parked.push(Parked {
-            start,
-            end,
-            floor: checkpoint,
-            attempts: 0,
-        });
-        let mut reconnects = reconnect_backoff();
-        for session in 1u64.. {
-            let span = tracing::debug_span!("watch_stream", session);
-            match self.session(&mut reconnects).instrument(span).await? {
-                SessionEnd::OutputClosed => return Ok(()),
-                SessionEnd::Lost(last) => {
-                    tracing::debug!(%last, "stream lost");
-                    if !reconnects.wait(false).await {
-                        return Err(WatchError::Disconnected {
-                            last,
-                            attempts: reconnects.attempts(),
-                        });
-                    }
-                    self.notice(&format!("{last}; reconnecting"))?;
-                    self.state.requeue_all();
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One EventFeed stream: subscribe everything wanted, then print what
-    /// arrives until the stream ends.
-    async fn session(&mut self, reconnects: &mut Backoff) -> Result<SessionEnd, WatchError> {
-        // The store is known once the first ranges are resolved.
-        if self.store_id.is_none()
-            && let Some(end) = self.resolve_parked(None).await?
-        {
-            return Ok(end);
-        }
-        let Some(store_id) = self.store_id else {
-            return Err(WatchError::NoRegions);
-        };
-        let store = match self.cluster.store(store_id).await {
-            Ok(store) => store,
-            Err(e) => return Ok(SessionEnd::Lost(e.to_string())),
-        };
-        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        let mut client =
-            ChangeDataClient::new(store.channel()).max_decoding_message_size(MAX_EVENT_SIZE);
-        let mut stream = match client.event_feed(ReceiverStream::new(rx)).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return lost_or_fatal("EventFeed", &status),
-        };
-        for request in self.state.registers() {
-            if tx.send(request).await.is_err() {
-                return Ok(SessionEnd::Lost("the request stream closed".to_owned()));
-            }
-        }
+        let mut view = View::new(self.spec.clone(), checkpoint);
+        let mut feed = Feed::open(
+            self.cluster,
+            &FeedSpec {
+                mode: self.spec.mode,
+                start: self.spec.start.clone(),
+                end: self.spec.end.clone(),
+                start_ts: TimeStamp::new(checkpoint),
+            },
+        );
         loop {
-            if let Some(end) = self.resolve_parked(Some(&tx)).await? {
-                return Ok(end);
-            }
-            let event = match stream.message().await {
-                Ok(Some(event)) => event,
-                Ok(None) => return Ok(SessionEnd::Lost("the server ended the stream".to_owned())),
-                Err(status) => return lost_or_fatal("the change feed stream", &status),
-            };
-            // The stream works: the next loss gets a fresh budget.
-            *reconnects = reconnect_backoff();
-            let mut lines = Lines::default();
-            self.state.on_event(event, &mut lines)?;
-            if let Some(status) = &lines.status {
-                self.status(status);
-            }
-            for notice in &lines.notices {
-                self.notice(notice)?;
-            }
-            if !self.print(&lines.out)? {
-                return Ok(SessionEnd::OutputClosed);
+            let lines = view.on_event(feed.next().await?);
+            if !self.show(&lines)? {
+                return Ok(());
             }
         }
     }
 
-    /// Looks the parked ranges up in PD (after each one's backoff) and
-    /// subscribes their regions, on `tx` when a stream is open.
-    async fn resolve_parked(
-        &mut self,
-        tx: Option<&mpsc::Sender<ChangeDataRequest>>,
-    ) -> Result<Option<SessionEnd>, WatchError> {
-        while let Some(parked) = self.state.parked.pop() {
-            // `State::on_error` gives up before a range is parked too often.
-            if parked.attempts > 0 {
-                tokio::time::sleep(region_delay(parked.attempts)).await;
-            }
-            let regions = match self
-                .cluster
-                .regions_in_range(&parked.start, &parked.end)
-                .await
-            {
-                Ok(regions) => regions,
-                Err(e) => {
-                    // PD is unreachable: so is the feed, most likely. Keep
-                    // the range for the next stream.
-                    self.state.parked.push(parked);
-                    return Ok(Some(SessionEnd::Lost(e.to_string())));
-                }
-            };
-            if regions.is_empty() {
-                return Err(WatchError::NoRegions);
-            }
-            for region in &regions {
-                let store = region.leader.store_id;
-                match self.store_id {
-                    None => self.store_id = Some(store),
-                    Some(known) if known != store => {
-                        return Err(WatchError::ManyStores(known, store));
-                    }
-                    Some(_) => {}
-                }
-            }
-            let requests = self.state.subscribe(&parked, regions);
-            if let Some(tx) = tx {
-                for request in requests {
-                    if tx.send(request).await.is_err() {
-                        return Ok(Some(SessionEnd::Lost(
-                            "the request stream closed".to_owned(),
-                        )));
-                    }
-                }
-            }
+    /// Writes one item's lines; `false` when the reader of stdout went away.
+    fn show(&mut self, lines: &Lines) -> Result<bool, WatchError> {
+        if let Some(status) = &lines.status {
+            self.status(status);
         }
-        Ok(None)
+        for notice in &lines.notices {
+            self.notice(notice)?;
+        }
+        self.print(&lines.out)
     }
 
     /// Writes change lines; `false` when the reader went away.
@@ -487,7 +304,7 @@ impl<O: Write, N: Write> Watcher<'_, O, N> {
 
     /// Shows catch-up progress: in place on a terminal, else as a line.
     fn status(&mut self, line: &str) {
-        if !self.state.spec.progress_tty {
+        if !self.spec.progress_tty {
             let _ = self.notice(line);
             return;
         }
@@ -509,41 +326,11 @@ impl<O: Write, N: Write> Watcher<'_, O, N> {
     }
 }
 
-/// A failed call: reconnect for transient codes, stop for the others.
-fn lost_or_fatal(what: &str, status: &tonic::Status) -> Result<SessionEnd, WatchError> {
-    use tonic::Code;
-    let text = format!("{what} failed: {} ({:?})", status.message(), status.code());
-    match status.code() {
-        Code::Unimplemented
-        | Code::InvalidArgument
-        | Code::PermissionDenied
-        | Code::Unauthenticated
-        | Code::FailedPrecondition
-        | Code::OutOfRange => Err(WatchError::Unsupported(text)),
-        _ => Ok(SessionEnd::Lost(text)),
-    }
-}
-
-fn reconnect_backoff() -> Backoff {
-    Backoff::new(
-        RECONNECT_ATTEMPTS,
-        Duration::from_millis(100),
-        Duration::from_secs(2),
-    )
-}
-
-/// The wait before the `attempts`-th re-subscription: 10 ms doubling to 1 s.
-fn region_delay(attempts: u32) -> Duration {
-    let doublings = attempts.saturating_sub(1).min(7);
-    Duration::from_millis(10 << doublings).min(Duration::from_secs(1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use clap::Parser;
-    use kvfeed_storage::mvcc::encode_bytes;
 
     fn spec(args: &[&str]) -> Result<WatchSpec, CmdError> {
         let cli = Cli::try_parse_from([&["kvfeed", "watch"], args].concat())
@@ -596,26 +383,5 @@ mod tests {
         ] {
             assert!(spec(args).is_err(), "{args:?} accepted");
         }
-    }
-
-    #[test]
-    fn transactional_ranges_are_encoded_for_pd_and_raw_ones_are_not() {
-        let txn = spec(&["--prefix", "p"]).expect("valid");
-        assert_eq!(txn.region_range(), (encode_bytes(b"p"), encode_bytes(b"q")));
-        assert_eq!(txn.kv_api(), KvApi::TiDb);
-        let raw = spec(&["--raw", "--prefix", "p"]).expect("valid");
-        assert_eq!(raw.region_range(), (b"p".to_vec(), b"q".to_vec()));
-        assert_eq!(raw.kv_api(), KvApi::RawKv);
-        // Unbounded stays unbounded (an encoded empty key would not be).
-        let all = spec(&[]).expect("valid");
-        assert_eq!(all.region_range(), (vec![], vec![]));
-    }
-
-    #[test]
-    fn region_retries_back_off_within_a_bound() {
-        let delays: Vec<Duration> = (1..=REGION_ATTEMPTS).map(region_delay).collect();
-        assert_eq!(delays[0], Duration::from_millis(10));
-        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
     }
 }

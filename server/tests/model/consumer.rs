@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kvfeed::client::RegionInfo;
+use kvfeed_client::RegionInfo;
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
 use kvfeed_proto::cdcpb::change_data_request::{self, KvApi};
 use kvfeed_proto::cdcpb::event::{self, LogType, row::OpType};

@@ -1,23 +1,8 @@
-//! Key codec: TiKV's memcomparable byte encoding and timestamped MVCC keys.
+//! Key codec: TiKV's memcomparable byte encoding (defined in
+//! [`kvfeed_types::codec`], which clients share) and timestamped MVCC keys.
 //!
-//! Why memcomparable: user keys of any length must sort, after encoding,
-//! exactly as they sorted before, *and* an encoded key followed by an 8-byte
-//! timestamp suffix must still sort by user key first. Plain concatenation
-//! breaks the second property (`"a" ++ ts` vs `"a\x00"`); the group encoding
-//! below is self-delimiting, so no encoding is a proper prefix of another and
-//! appending a suffix never reorders two different user keys.
-//!
-//! Encoding: the key is cut into groups of [`GROUP_SIZE`] bytes. Each full
-//! group is written followed by the marker `0xFF`. The last group (possibly
-//! empty) is zero-padded to eight bytes and followed by `0xFF - pad`, where
-//! `pad` (1..=8) is the number of padding bytes. The empty key therefore
-//! encodes to eight zeros and `0xF7`.
-//!
-//! Invariants:
-//! - `decode_bytes(&encode_bytes(k)) == Ok((k, encode_bytes(k).len()))`.
-//! - `a < b` ⇔ `encode_bytes(a) < encode_bytes(b)` (bytewise).
-//! - [`decode_bytes`] accepts only canonical encodings (padding bytes must be
-//!   zero, markers in range) and reports anything else as
+//! The encoding and its ordering invariants are documented there. Here:
+//! - [`decode_bytes`] reports a non-canonical encoding as
 //!   [`Error::InvalidInput`]; it never panics, whatever the input.
 //! - MVCC keys in the write and default families are `encode(key) ++
 //!   (!ts).to_be_bytes()`, so for one user key newer versions sort first.
@@ -36,77 +21,16 @@ pub const MAX_KEY_SIZE: usize = 8 * 1024;
 /// message (and a single write batch) would become unreasonably large.
 pub const MAX_VALUE_SIZE: usize = 8 * 1024 * 1024;
 
-/// Bytes per encoding group.
-pub const GROUP_SIZE: usize = 8;
-/// Marker following a full group.
-const MARKER: u8 = 0xFF;
 /// Width of the timestamp suffix of write/default family keys.
 pub const TS_SUFFIX_LEN: usize = 8;
 
-/// Memcomparable-encodes `key` (TiKV `codec::bytes::encode_bytes`).
-pub fn encode_bytes(key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(encoded_len(key.len()));
-    encode_bytes_into(key, &mut out);
-    out
-}
+pub use kvfeed_types::codec::{GROUP_SIZE, encode_bytes, encoded_len};
 
-/// Length of the encoding of a key of `len` bytes.
-pub fn encoded_len(len: usize) -> usize {
-    (len / GROUP_SIZE + 1) * (GROUP_SIZE + 1)
-}
-
-fn encode_bytes_into(key: &[u8], out: &mut Vec<u8>) {
-    let mut chunks = key.chunks_exact(GROUP_SIZE);
-    for chunk in &mut chunks {
-        out.extend_from_slice(chunk);
-        out.push(MARKER);
-    }
-    let rest = chunks.remainder();
-    let pad = GROUP_SIZE - rest.len();
-    out.extend_from_slice(rest);
-    out.extend(std::iter::repeat_n(0u8, pad));
-    // `pad` is in 1..=8, so the subtraction cannot underflow.
-    out.push(MARKER - pad as u8);
-}
-
-/// Decodes one memcomparable-encoded key from the front of `input`.
-///
-/// Returns the user key and the number of bytes of `input` it occupied, so a
-/// caller can decode a key that is followed by more data (a timestamp).
-/// Invalid or truncated input is an [`Error::InvalidInput`].
+/// Decodes one memcomparable-encoded key from the front of `input`
+/// ([`kvfeed_types::codec::decode_bytes`]), reporting invalid or truncated
+/// input as the store's [`Error::InvalidInput`].
 pub fn decode_bytes(input: &[u8]) -> Result<(Vec<u8>, usize)> {
-    let mut key = Vec::with_capacity(input.len() / (GROUP_SIZE + 1) * GROUP_SIZE);
-    let mut offset = 0;
-    loop {
-        let Some(group) = input.get(offset..offset + GROUP_SIZE + 1) else {
-            return Err(Error::InvalidInput(format!(
-                "memcomparable key truncated at byte {offset} of {}",
-                input.len()
-            )));
-        };
-        offset += GROUP_SIZE + 1;
-        let marker = group[GROUP_SIZE];
-        let pad = usize::from(MARKER - marker);
-        if pad == 0 {
-            key.extend_from_slice(&group[..GROUP_SIZE]);
-            continue;
-        }
-        if pad > GROUP_SIZE {
-            return Err(Error::InvalidInput(format!(
-                "memcomparable key has invalid marker {marker:#04x} at byte {}",
-                offset - 1
-            )));
-        }
-        let (data, padding) = group[..GROUP_SIZE].split_at(GROUP_SIZE - pad);
-        if padding.iter().any(|&b| b != 0) {
-            return Err(Error::InvalidInput(format!(
-                "memcomparable key has non-zero padding before byte {}",
-                offset - 1
-            )));
-        }
-        key.extend_from_slice(data);
-        return Ok((key, offset));
-    }
+    kvfeed_types::codec::decode_bytes(input).map_err(|e| Error::InvalidInput(e.to_string()))
 }
 
 /// Rejects keys the store refuses: empty or longer than [`MAX_KEY_SIZE`].
@@ -214,31 +138,6 @@ pub(crate) fn escape(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn known_encodings() {
-        assert_eq!(encode_bytes(b""), [0, 0, 0, 0, 0, 0, 0, 0, 0xF7]);
-        assert_eq!(encode_bytes(b"a"), [b'a', 0, 0, 0, 0, 0, 0, 0, 0xF8]);
-        assert_eq!(
-            encode_bytes(&[0xFF; 8]),
-            [
-                0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0xF7
-            ]
-        );
-        assert_eq!(encode_bytes(b"abcdefg").len(), 9);
-        assert_eq!(encode_bytes(b"abcdefgh").len(), 18);
-    }
-
-    #[test]
-    fn decode_reports_consumed_prefix() {
-        let mut buf = encode_bytes(b"hello world");
-        let len = buf.len();
-        buf.extend_from_slice(&[1, 2, 3]);
-        assert_eq!(
-            decode_bytes(&buf).ok(),
-            Some((b"hello world".to_vec(), len))
-        );
-    }
 
     #[test]
     fn decode_rejects_bad_input() {

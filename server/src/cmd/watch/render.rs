@@ -1,52 +1,11 @@
 //! How a watch puts things into words: a change as a text or JSON line, a
-//! feed error as a reason (and whether subscribing again can help), a
-//! timestamp as UTC wall time. Pure functions; the protocol state that
-//! decides what to print lives in `state`.
+//! timestamp as UTC wall time. Pure functions; what to print, and when, is
+//! decided in `view`.
 
-use kvfeed_proto::cdcpb;
 use kvfeed_storage::TimeStamp;
 use serde::Serialize;
 
 use crate::cmd::format::{Style, hex, json_text};
-
-/// A feed error in words, and whether subscribing again can help.
-pub(super) fn describe(error: &cdcpb::Error) -> (String, bool) {
-    if let Some(e) = &error.epoch_not_match {
-        let regions = e.current_regions.len();
-        return (format!("epoch_not_match ({regions} current regions)"), true);
-    }
-    if error.region_not_found.is_some() {
-        return ("region_not_found".to_owned(), true);
-    }
-    if error.not_leader.is_some() {
-        return ("not_leader".to_owned(), true);
-    }
-    if let Some(e) = &error.server_is_busy {
-        return (format!("server_is_busy: {}", e.reason), true);
-    }
-    if error.congested.is_some() {
-        return ("congested (output read too slowly)".to_owned(), true);
-    }
-    if let Some(e) = &error.cluster_id_mismatch {
-        return (
-            format!(
-                "cluster_id_mismatch: the server's cluster is {}, this watch asked for {}",
-                e.current, e.request
-            ),
-            false,
-        );
-    }
-    if let Some(e) = &error.compatibility {
-        return (
-            format!("compatibility: requires {}", e.required_version),
-            false,
-        );
-    }
-    if error.duplicate_request.is_some() {
-        return ("duplicate_request".to_owned(), false);
-    }
-    ("an unknown error".to_owned(), false)
-}
 
 /// One printed change.
 pub(super) struct Change<'a> {

@@ -1,6 +1,6 @@
 //! Reading the server's `/metrics` from outside: its memory and CPU (the
-//! `kvfeed_process_*` gauges, or the `process_*` ones of the Prometheus Go
-//! client when the server is etcd) and the feed's own gauges.
+//! standard `process_*` gauges, which kvfeed and etcd both export) and the
+//! feed's own gauges.
 //!
 //! The server measures itself (from `/proc/self`, at scrape time), so the
 //! bench never confuses its own memory or CPU with the server's, even when
@@ -23,13 +23,9 @@ use tokio::task::JoinHandle;
 use super::BenchError;
 
 /// Resident memory of the server, bytes.
-pub const RSS: &str = "kvfeed_process_resident_memory_bytes";
+pub const RSS: &str = "process_resident_memory_bytes";
 /// CPU time of the server, seconds.
-pub const CPU: &str = "kvfeed_process_cpu_seconds_total";
-/// The same two figures under the names the Prometheus client libraries
-/// use (etcd's, read when the bench drives etcd).
-pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
-pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+pub const CPU: &str = "process_cpu_seconds_total";
 pub const CONNECTIONS: &str = "kvfeed_cdc_connections";
 pub const SUBSCRIPTIONS: &str = "kvfeed_cdc_subscriptions";
 pub const PENDING_BYTES: &str = "kvfeed_cdc_pending_bytes";
@@ -102,15 +98,14 @@ impl Scrape {
         found
     }
 
-    /// The server's resident memory, bytes: kvfeed's gauge, or the
-    /// standard one of another server.
+    /// The server's resident memory, bytes.
     pub fn rss(&self) -> Option<f64> {
-        self.get(RSS).or_else(|| self.get(PROCESS_RSS))
+        self.get(RSS)
     }
 
     /// The server's CPU time, seconds (as [`Scrape::rss`]).
     pub fn cpu(&self) -> Option<f64> {
-        self.get(CPU).or_else(|| self.get(PROCESS_CPU))
+        self.get(CPU)
     }
 }
 
@@ -276,7 +271,7 @@ mod tests {
                     # TYPE kvfeed_cdc_connections gauge\n\
                     kvfeed_cdc_connections 3\n\
                     kvfeed_cdc_aborted_connections_total{reason=\"half close\"} 7\n\
-                    kvfeed_process_resident_memory_bytes 1.2345e7\n\
+                    process_resident_memory_bytes 1.2345e7\n\
                     kvfeed_broken NaNx\n\
                     kvfeed_with_ts 5 1700000000000\n";
         let s = Scrape::parse(text);

@@ -13,11 +13,11 @@
 //! "repaired": guessing would send a request to the wrong range.
 
 use kvfeed_proto::{kvrpcpb, metapb};
-use kvfeed_storage::mvcc::{decode_bytes, encode_bytes};
-use kvfeed_storage::region::RegionId;
+use kvfeed_types::RegionId;
+use kvfeed_types::{decode_bytes, encode_bytes};
 
 use super::error::ClientError;
-use crate::cmd::format::hex;
+use crate::text::hex;
 
 /// Which API a key belongs to, and so how it meets region boundaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +35,16 @@ impl KeyMode {
             KeyMode::Raw => key.to_vec(),
             KeyMode::Txn => encode_bytes(key),
         }
+    }
+
+    /// The user-key range `[start, end)` (empty `end` = unbounded) in PD's
+    /// key space; an empty bound stays empty in both modes.
+    pub fn region_range(self, start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let bound = |key: &[u8]| match (key.is_empty(), self) {
+            (true, _) | (false, KeyMode::Raw) => key.to_vec(),
+            (false, KeyMode::Txn) => encode_bytes(key),
+        };
+        (bound(start), bound(end))
     }
 
     /// A region boundary as a user key; empty (unbounded) stays empty.
@@ -122,6 +132,17 @@ impl RegionInfo {
             mode.user_bound(&self.end_key)?,
         ))
     }
+}
+
+/// The smallest key greater than every key that starts with `prefix`, or
+/// `None` when there is none (an empty or all-`0xFF` prefix): the scan is
+/// then unbounded above.
+pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let keep = prefix.iter().rposition(|&b| b != 0xFF)?;
+    let mut end = prefix[..=keep].to_vec();
+    // `end[keep]` is below 0xFF, so the increment cannot overflow.
+    end[keep] += 1;
+    Some(end)
 }
 
 /// The part of `[start, end)` inside `[lo, hi)`, all user keys with an empty
@@ -229,5 +250,23 @@ mod tests {
         assert_eq!(clip(b"x", b"", b"a", b"c"), None);
         assert_eq!(clip(b"a", b"b", b"c", b""), None);
         assert_eq!(clip(b"a", b"c", b"c", b"d"), None);
+    }
+
+    #[test]
+    fn prefix_successor_bounds_the_prefix() {
+        assert_eq!(prefix_successor(b"abc"), Some(b"abd".to_vec()));
+        assert_eq!(prefix_successor(&[b'a', 0xff, 0xff]), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(&[0x01, 0xfe]), Some(vec![0x01, 0xff]));
+        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
+        assert_eq!(prefix_successor(b""), None);
+        // Every key with the prefix sorts below the successor, and the
+        // successor itself does not have the prefix.
+        let prefix = [b'k', 0xff];
+        let end = prefix_successor(&prefix).expect("bounded");
+        for suffix in [&[][..], &[0x00], &[0xff, 0xff, 0xff]] {
+            let key = [&prefix[..], suffix].concat();
+            assert!(key.as_slice() < end.as_slice(), "{key:?}");
+        }
+        assert!(!end.starts_with(&prefix));
     }
 }

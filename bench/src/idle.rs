@@ -32,7 +32,7 @@ use super::subscribe::{FeedStream, connect};
 use super::target::System;
 use super::watcher::{INIT_TIMEOUT, WatchPlan};
 use super::{BenchError, TargetArgs, check_range, progress, run_prefix, secs};
-use crate::client::KeyMode;
+use kvfeed_client::KeyMode;
 
 const NAME: &str = "idle";
 /// How long the gauges may take to show (or drop) the connections.

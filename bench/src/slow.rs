@@ -33,8 +33,8 @@ use super::{
     BenchError, Server, TargetArgs, check_duration, check_range, progress, report_server_use,
     run_prefix, secs,
 };
-use crate::client::KeyMode;
-use crate::units::ReadableDuration;
+use kvfeed_client::KeyMode;
+use kvfeed_types::units::ReadableDuration;
 
 const NAME: &str = "slow";
 /// How long the slow consumer may take to read what was queued for it.

@@ -37,8 +37,8 @@ use super::{
     BenchError, TargetArgs, check_duration, check_range, progress, report_server_use, run_prefix,
     secs,
 };
-use crate::client::KeyMode;
-use crate::units::ReadableDuration;
+use kvfeed_client::KeyMode;
+use kvfeed_types::units::ReadableDuration;
 
 const NAME: &str = "feed";
 

@@ -21,7 +21,7 @@ use super::load::{Backend, prefix_end};
 use super::subscribe::Plan;
 use super::watcher::WatchPlan;
 use super::{BenchError, Server, TargetArgs};
-use crate::client::KeyMode;
+use kvfeed_client::KeyMode;
 
 /// What a build without the `etcd` feature says to `--target etcd://...`.
 pub const NO_ETCD: &str = "this kvfeed was built without the `etcd` feature; rebuild with \

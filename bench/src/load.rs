@@ -35,8 +35,8 @@ use tokio::task::JoinSet;
 
 use super::stats::{Histogram, SeqSet};
 use super::{BenchError, Server};
-use crate::client::error::check_region;
-use crate::client::{ClientError, Cluster, KeyMode, RegionInfo};
+use kvfeed_client::error::check_region;
+use kvfeed_client::{ClientError, Cluster, KeyMode, RegionInfo};
 
 /// Bytes of the stamp at the start of every value.
 pub const STAMP_LEN: usize = 20;
@@ -100,7 +100,7 @@ pub fn key(prefix: &[u8], writer: u32, seq: u64) -> Vec<u8> {
 /// The smallest key above every key starting with `prefix` (prefixes here
 /// never end in 0xff).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    crate::cmd::format::prefix_successor(prefix).unwrap_or_default()
+    kvfeed_client::region::prefix_successor(prefix).unwrap_or_default()
 }
 
 /// Raw puts with a region cache.

@@ -14,7 +14,7 @@
 //! - Transactional scans read one snapshot: every page uses the scan's `ts`.
 //! - At most `limit` pairs in total; memory is one page, whatever the range.
 
-use kvfeed_storage::TimeStamp;
+use kvfeed_types::TimeStamp;
 
 use super::region::clip;
 use super::{ClientError, Cluster, KeyMode, Result};

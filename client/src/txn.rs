@@ -18,7 +18,7 @@
 //! renewed a few times ([`Backoff::lock`]).
 
 use kvfeed_proto::kvrpcpb;
-use kvfeed_storage::TimeStamp;
+use kvfeed_types::TimeStamp;
 
 use super::error::{Lock, check_region, key_error};
 use super::region::RegionInfo;

@@ -1,5 +1,7 @@
 //! A small TiKV client over the generated gRPC stubs, for kvfeed's own tools
-//! (`put`, `get`, `delete`, `scan`, and later `watch` and `bench`).
+//! (`put`, `get`, `delete`, `scan`, `watch` and `bench`) and for programs
+//! built on kvfeed. It depends on the wire definitions and the shared types
+//! only, never on the storage engine or the server.
 //!
 //! [`Cluster`] is the entry point: it asks PD (GetMembers) for the cluster id
 //! and the leader, then reuses one channel per address for every call — PD,
@@ -15,18 +17,23 @@
 //!   error (`not_leader`, `epoch_not_match`, `region_not_found`) always uses
 //!   fresh routing. One PD round trip per request is cheap next to a process
 //!   start, and it removes cache invalidation from the failure paths.
+//! - No store is assumed: every request goes to the store PD names as the
+//!   region's leader, whose address comes from PD's GetStore.
 //! - Every PD response's header is checked: a missing header or a header
 //!   error is reported, never ignored.
 //!
 //! Modules: [`error`] (typed errors), [`region`] (regions and the raw vs
 //! transactional key spaces), [`retry`] (backoff), [`raw`] and [`txn`] (the
-//! two APIs), [`scan`] (range scans across regions).
+//! two APIs), [`feed`] (the change-feed consumer), [`scan`] (range scans across regions), [`text`] (byte
+//! strings in messages).
 
 pub mod error;
+pub mod feed;
 pub mod raw;
 pub mod region;
 pub mod retry;
 pub mod scan;
+pub mod text;
 pub mod txn;
 
 use std::collections::HashMap;
@@ -35,15 +42,17 @@ use std::time::Duration;
 
 use kvfeed_proto::pdpb::{self, pd_client::PdClient};
 use kvfeed_proto::tikvpb::tikv_client::TikvClient;
-use kvfeed_storage::TimeStamp;
-use kvfeed_storage::region::STORE_ID;
-use kvfeed_storage::timestamp::MAX_LOGICAL;
+use kvfeed_types::TimeStamp;
+use kvfeed_types::timestamp::MAX_LOGICAL;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 pub use error::{ClientError, RegionError};
 pub use region::{KeyMode, RegionInfo};
+
+/// Where `kvfeed serve` listens by default, and so where clients look.
+pub const DEFAULT_PD: &str = "127.0.0.1:20160";
 
 /// Largest response the client accepts; scans page well below it.
 const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
@@ -376,11 +385,6 @@ impl Cluster {
         Ok(conn)
     }
 
-    /// A KV client on the store (kvfeed has one, [`STORE_ID`]).
-    pub async fn kv(&self) -> Result<TikvClient<Channel>> {
-        Ok(self.store(STORE_ID).await?.kv())
-    }
-
     /// Runs `op` against the region holding user key `key` of `mode`,
     /// asking PD again and retrying (bounded) after a retryable region
     /// error.
@@ -464,7 +468,7 @@ fn error_type_name(code: i32) -> String {
 fn timestamp_from_proto(ts: &pdpb::Timestamp) -> Result<TimeStamp> {
     let physical = u64::try_from(ts.physical)
         .ok()
-        .filter(|p| *p < 1 << (64 - kvfeed_storage::timestamp::LOGICAL_BITS));
+        .filter(|p| *p < 1 << (64 - kvfeed_types::timestamp::LOGICAL_BITS));
     let logical = u64::try_from(ts.logical).ok().filter(|l| *l <= MAX_LOGICAL);
     match (physical, logical) {
         (Some(p), Some(l)) => Ok(TimeStamp::compose(p, l)),

@@ -12,10 +12,10 @@
 use std::time::Duration;
 
 use kvfeed_proto::{errorpb, kvrpcpb};
-use kvfeed_storage::TimeStamp;
-use kvfeed_storage::region::RegionId;
+use kvfeed_types::RegionId;
+use kvfeed_types::TimeStamp;
 
-use crate::cmd::format::escape;
+use crate::text::escape;
 
 /// A client-side failure.
 #[derive(Debug, thiserror::Error)]
@@ -234,10 +234,7 @@ impl RegionError {
 }
 
 /// Turns a response's optional region error into a `Result`.
-pub(crate) fn check_region(
-    region: RegionId,
-    err: Option<&errorpb::Error>,
-) -> Result<(), ClientError> {
+pub fn check_region(region: RegionId, err: Option<&errorpb::Error>) -> Result<(), ClientError> {
     match err {
         Some(e) => Err(RegionError::from_proto(region, e).into()),
         None => Ok(()),
@@ -285,6 +282,23 @@ pub(crate) fn key_error(method: &'static str, err: &kvrpcpb::KeyError) -> Client
         "unknown key error".to_owned()
     };
     ClientError::Key { method, message }
+}
+
+/// `err` followed by its sources in one line, so that a cause deep inside
+/// (an I/O error such as `os error 24`) is not lost in what users see.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Many errors already embed their source in their own message.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

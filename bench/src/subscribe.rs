@@ -17,18 +17,17 @@
 use std::time::Duration;
 
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
-use kvfeed_proto::cdcpb::change_data_request::{self, KvApi, Register};
 use kvfeed_proto::cdcpb::event::Row;
-use kvfeed_proto::cdcpb::{self, ChangeDataEvent, ChangeDataRequest, Header};
+use kvfeed_proto::cdcpb::{self, ChangeDataEvent, ChangeDataRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{BenchError, Server};
-use crate::client::region::clip;
-use crate::client::{KeyMode, RegionInfo};
-use crate::cmd::watch::TICDC_VERSION;
+use kvfeed_client::feed::Registration;
+use kvfeed_client::region::clip;
+use kvfeed_client::{KeyMode, RegionInfo};
 
 /// Bound on connecting one stream's TCP connection and opening the call.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,14 +60,7 @@ impl Plan {
         start: &[u8],
         end: &[u8],
     ) -> Result<Plan, BenchError> {
-        let bound = |key: &[u8]| {
-            if key.is_empty() {
-                Vec::new()
-            } else {
-                mode.region_key(key)
-            }
-        };
-        let (start, end) = (bound(start), bound(end));
+        let (start, end) = mode.region_range(start, end);
         let regions = server.cluster.regions_in_range(&start, &end).await?;
         let mut subs = Vec::new();
         for region in regions {
@@ -95,26 +87,19 @@ impl Plan {
 
     /// The Register requests of every subscription, from `checkpoint`.
     pub fn registers(&self, checkpoint: u64) -> Vec<ChangeDataRequest> {
-        let kv_api = match self.mode {
-            KeyMode::Raw => KvApi::RawKv,
-            KeyMode::Txn => KvApi::TiDb,
-        };
         self.subs
             .iter()
-            .map(|sub| ChangeDataRequest {
-                header: Some(Header {
+            .map(|sub| {
+                Registration {
                     cluster_id: self.cluster_id,
-                    ticdc_version: TICDC_VERSION.to_owned(),
-                }),
-                region_id: sub.region.id.0,
-                region_epoch: Some(sub.region.epoch),
-                checkpoint_ts: checkpoint,
-                start_key: sub.start.clone(),
-                end_key: sub.end.clone(),
-                request_id: sub.request_id,
-                request: Some(change_data_request::Request::Register(Register {})),
-                kv_api: kv_api.into(),
-                ..ChangeDataRequest::default()
+                    request_id: sub.request_id,
+                    region: &sub.region,
+                    start: &sub.start,
+                    end: &sub.end,
+                    checkpoint_ts: checkpoint,
+                    mode: self.mode,
+                }
+                .request()
             })
             .collect()
     }
@@ -131,7 +116,7 @@ pub async fn connect(addr: &str) -> Result<Channel, BenchError> {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(BenchError::Connect {
             addr: addr.to_owned(),
-            reason: crate::cli::error_chain(&e),
+            reason: kvfeed_client::error::error_chain(&e),
         }),
         Err(_) => Err(BenchError::Connect {
             addr: addr.to_owned(),
@@ -151,8 +136,8 @@ impl FeedStream {
     /// Opens `EventFeed` on `channel`.
     pub async fn open(channel: Channel) -> Result<FeedStream, BenchError> {
         let (requests, rx) = mpsc::channel(REQUEST_QUEUE);
-        let mut client =
-            ChangeDataClient::new(channel).max_decoding_message_size(crate::feed::MAX_EVENT_SIZE);
+        let mut client = ChangeDataClient::new(channel)
+            .max_decoding_message_size(kvfeed_client::feed::MAX_EVENT_SIZE);
         let call = client.event_feed(ReceiverStream::new(rx));
         let events = match tokio::time::timeout(OPEN_TIMEOUT, call).await {
             Ok(Ok(response)) => response.into_inner(),

@@ -46,12 +46,14 @@ use tonic::transport::Channel;
 use super::load::{self, prefix_end};
 use super::report::Report;
 use super::scrape::{CONNECTIONS, PENDING_BYTES, SUBSCRIPTIONS, Scrape, poll_until, scrape};
-use super::stats::{SplitMix64, per_second};
+use rand::RngExt;
+
+use super::stats::{self, Rng, per_second};
 use super::subscribe::{FeedStream, Item, Plan, connect, describe, for_each_item};
 use super::target::System;
 use super::{BenchError, TargetArgs, check_duration, check_range, progress, run_prefix, secs};
-use crate::client::KeyMode;
-use crate::units::ReadableDuration;
+use kvfeed_client::KeyMode;
+use kvfeed_types::units::ReadableDuration;
 
 const NAME: &str = "churn";
 /// Bound on one connection's life, whatever its stage.
@@ -235,8 +237,8 @@ impl Stage {
     }
 
     /// One of `from` (not empty), chosen by `rng`.
-    fn pick(rng: &mut SplitMix64, from: &[Stage]) -> Stage {
-        from[rng.below(from.len() as u64) as usize]
+    fn pick(rng: &mut Rng, from: &[Stage]) -> Stage {
+        from[rng.random_range(0..from.len())]
     }
 }
 
@@ -467,7 +469,7 @@ async fn churn_for(
     for (i, channel) in channels.iter().enumerate() {
         let (channel, calls, stages) = (channel.clone(), calls.clone(), Arc::clone(stages));
         // Each client its own stream of choices, all fixed by the seed.
-        let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+        let mut rng = stats::rng(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
         clients.spawn(async move { client(channel, &calls, &stages, deadline, &mut rng).await });
     }
     let mut tally = Tally::default();
@@ -515,7 +517,7 @@ async fn client(
     calls: &Calls,
     stages: &[Stage],
     deadline: tokio::time::Instant,
-    rng: &mut SplitMix64,
+    rng: &mut Rng,
 ) -> Tally {
     let mut tally = Tally::default();
     while tokio::time::Instant::now() < deadline {
@@ -628,7 +630,7 @@ mod tests {
     #[test]
     fn every_stage_is_chosen_and_the_choice_is_seeded() {
         let picks = |seed| {
-            let mut rng = SplitMix64::new(seed);
+            let mut rng = stats::rng(seed);
             (0..200)
                 .map(|_| Stage::pick(&mut rng, &Stage::ALL))
                 .collect::<Vec<_>>()
@@ -639,7 +641,7 @@ mod tests {
         for stage in Stage::ALL {
             assert!(a.contains(&stage), "{stage:?} never chosen");
         }
-        let mut rng = SplitMix64::new(3);
+        let mut rng = stats::rng(3);
         let only = [Stage::HalfClose, Stage::Drop];
         assert!((0..100).all(|_| only.contains(&Stage::pick(&mut rng, &only))));
     }

@@ -57,7 +57,7 @@ use super::scrape::{Scrape, scrape};
 use super::subscribe::{OPEN_TIMEOUT, connect};
 use super::watcher::{INIT_TIMEOUT, Seen};
 use super::{BenchError, check_loopback};
-use crate::client::ClientError;
+use kvfeed_client::ClientError;
 
 /// etcd's gauge of open Watch streams.
 pub const WATCH_STREAMS: &str = "etcd_debugging_mvcc_watch_stream_total";

@@ -8,7 +8,7 @@
 //!   feed gauge left above 0, fails the run (exit status 1) however good
 //!   the numbers are;
 //! - the server's memory and CPU come from the server itself (its
-//!   `kvfeed_process_*` gauges, scraped from `--status`), never from the
+//!   `process_*` gauges, scraped from `--status`), never from the
 //!   bench process, which usually runs on the same machine;
 //! - latency is a full distribution (p50 to max) with bounded error, and an
 //!   open-loop load (`--rate`) stamps puts with their scheduled time so a
@@ -51,9 +51,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::client::{ClientError, Cluster, StoreConn};
-use crate::cmd::DEFAULT_PD;
-use crate::units::ReadableDuration;
+use kvfeed_client::DEFAULT_PD;
+use kvfeed_client::{ClientError, Cluster, StoreConn};
+use kvfeed_types::units::ReadableDuration;
 use report::Report;
 use target::TargetKind;
 
@@ -190,7 +190,9 @@ impl Server {
         check_loopback(&target.status, target.allow_remote)?;
         let cluster = Cluster::connect(&target.pd).await?;
         check_loopback(cluster.pd_addr(), target.allow_remote)?;
-        let store = cluster.store(kvfeed_storage::region::STORE_ID).await?;
+        // The store that leads the first region: where the feed streams go.
+        let first = cluster.region_for_key(&[]).await?;
+        let store = cluster.store(first.leader.store_id).await?;
         check_loopback(&store.address, target.allow_remote)?;
         // Fail now, with a clear message, rather than after the load.
         scrape::scrape(&target.status).await?;
@@ -327,8 +329,19 @@ pub fn report_server_use(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
     use clap::Parser;
+
+    /// The binary's command line, as far as `bench` is concerned.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Command {
+        Bench(BenchArgs),
+    }
 
     #[test]
     fn only_loopback_is_accepted_by_default() {

@@ -26,7 +26,7 @@ use super::BenchError;
 use super::subscribe::connect;
 
 /// Largest message the measurement accepts (the feed's own cap).
-pub const MAX_MESSAGE_SIZE: usize = crate::feed::MAX_EVENT_SIZE;
+pub const MAX_MESSAGE_SIZE: usize = kvfeed_client::feed::MAX_EVENT_SIZE;
 /// Bytes of each row's value in the streamed message.
 const ROW_VALUE: usize = 1024;
 /// Bound on the messages one call streams, whatever the client does.

@@ -27,9 +27,11 @@ use kvfeed_storage::engine::{Cf, Engine, WriteBatch};
 use serde_json::json;
 
 use super::report::Report;
-use super::stats::{SplitMix64, per_second};
+use rand::RngExt;
+
+use super::stats::{self, Rng, per_second};
 use super::{BenchError, check_duration, check_range, grpc, progress, secs};
-use crate::units::ReadableDuration;
+use kvfeed_types::units::ReadableDuration;
 
 const NAME: &str = "engine";
 const BATCH: u64 = 1000;
@@ -97,8 +99,8 @@ struct Writes {
     fsync: bool,
 }
 
-fn key(rng: &mut SplitMix64, i: u64) -> Vec<u8> {
-    let mut key = rng.next_u64().to_be_bytes().to_vec();
+fn key(rng: &mut Rng, i: u64) -> Vec<u8> {
+    let mut key = rng.random::<u64>().to_be_bytes().to_vec();
     key.extend_from_slice(&i.to_be_bytes());
     key
 }
@@ -112,7 +114,7 @@ fn write_test(
     how: Writes,
 ) -> Result<(FjallEngine, Duration), BenchError> {
     let engine = FjallEngine::open(path)?;
-    let mut rng = SplitMix64::new(42);
+    let mut rng = stats::rng(42);
     let value = vec![b'v'; value_size];
     let started = Instant::now();
     let mut batch = WriteBatch::new();

@@ -1,0 +1,361 @@
+//! The feed client: one ordered stream of committed changes of a key range,
+//! over TiKV's `cdcpb.ChangeData` feed, whatever the region layout.
+//!
+//! [`Feed::open`] takes a [`Cluster`] and a [`FeedSpec`] (key mode, user-key
+//! range, start ts). The range is looked up in PD and split along regions;
+//! each piece is registered (its own request id) on the stream of the store
+//! that leads its region — one stream per store, `EventFeedV2` with stream
+//! multiplexing when the server offers it, `EventFeed` when it answers
+//! UNIMPLEMENTED. [`Feed::next`] then yields [`FeedEvent`]s:
+//! - [`FeedEvent::Row`]: a committed change. PREWRITE rows stage a value;
+//!   COMMIT becomes one row, with the prewritten value when the COMMIT row
+//!   carries none (large values travel only with the PREWRITE); ROLLBACK
+//!   drops the staged value; COMMITTED rows (one-phase commits, raw writes,
+//!   catch-up) are delivered as they are.
+//! - [`FeedEvent::ResolvedTs`]: every change of the whole range committed at
+//!   or below it has been delivered. It is the minimum over the range's
+//!   pieces and never moves back.
+//! - [`FeedEvent::CatchUp`] and [`FeedEvent::Initialized`]: progress of the
+//!   catch-up from the start ts.
+//! - [`FeedEvent::RegionRetry`] and [`FeedEvent::StreamLost`]: recovery in
+//!   progress, for the consumer to report if it likes.
+//!
+//! Recovery, as TiCDC's kv client does it, all bounded: a retryable region
+//! error (`epoch_not_match`, `region_not_found`, `not_leader`,
+//! `server_is_busy`, `congested`) ends one subscription, and a lost stream
+//! ends every subscription on that store; their ranges are looked up in PD
+//! again after a backoff and registered anew from their last resolved ts,
+//! giving up after [`REGION_ATTEMPTS`] (region errors) or
+//! [`RECONNECT_ATTEMPTS`] (lost streams, PD unreachable) tries in a row.
+//! Rows that come again after a re-registration are dropped (see the
+//! invariants of `state`): no committed change is lost or repeated.
+
+mod request;
+mod state;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
+use kvfeed_proto::cdcpb::{ChangeDataEvent, ChangeDataRequest};
+use kvfeed_types::TimeStamp;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt, StreamMap};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+pub use request::{
+    FEATURES_METADATA, Registration, STREAM_MULTIPLEXING, TICDC_VERSION, describe, kv_api,
+};
+pub use state::MAX_REMEMBERED;
+
+use crate::{ClientError, Cluster, KeyMode};
+use state::{Parked, State};
+
+/// Tries in a row to re-subscribe one range after region errors.
+pub const REGION_ATTEMPTS: u32 = 10;
+/// Tries in a row to reach a store again after its stream was lost.
+pub const RECONNECT_ATTEMPTS: u32 = 10;
+/// The largest event accepted: the server's own cap.
+pub const MAX_EVENT_SIZE: usize = 32 * 1024 * 1024;
+/// Register requests queued per stream ahead of the transport.
+const REQUEST_QUEUE: usize = 64;
+
+/// What to follow.
+#[derive(Debug, Clone)]
+pub struct FeedSpec {
+    pub mode: KeyMode,
+    /// User keys; empty `end` = unbounded.
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+    /// Changes committed after it are delivered.
+    pub start_ts: TimeStamp,
+}
+
+/// A change's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Delete,
+}
+
+/// One committed change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub start_ts: TimeStamp,
+    pub commit_ts: TimeStamp,
+    pub op: Op,
+    pub key: Bytes,
+    /// Empty for a delete.
+    pub value: Bytes,
+    /// The value before the change, when the server sent it.
+    pub old_value: Bytes,
+}
+
+/// One item of the feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    Row(Row),
+    /// Everything committed at or below it has been delivered.
+    ResolvedTs(TimeStamp),
+    /// Change rows of the catch-up received (wire size in bytes).
+    CatchUp {
+        rows: u64,
+        bytes: u64,
+    },
+    /// A region finished its catch-up; all are done when the counts match.
+    Initialized {
+        regions_done: usize,
+        regions_total: usize,
+    },
+    /// A region refused its subscription for a while; its range is being
+    /// looked up and subscribed again.
+    RegionRetry {
+        region: u64,
+        reason: String,
+    },
+    /// The stream of a store was lost; its ranges are being subscribed again.
+    StreamLost {
+        store: u64,
+        reason: String,
+    },
+}
+
+/// Why a feed stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the server refused to watch region {region}: {reason}")]
+    Refused { region: u64, reason: String },
+    #[error("region {region}: still {reason} after {attempts} attempts to subscribe")]
+    RegionRetries {
+        region: u64,
+        reason: String,
+        attempts: u32,
+    },
+    #[error("the change feed is unavailable: {0}")]
+    Unsupported(String),
+    #[error("lost the change feed stream ({last}); gave up after {attempts} attempts to reconnect")]
+    Disconnected { last: String, attempts: u32 },
+    #[error("no region covers the watched range")]
+    NoRegions,
+}
+
+/// Why a range waits to be subscribed again: decides its backoff and budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Region,
+    Stream,
+}
+
+impl Cause {
+    /// The wait before the `attempts`-th try: region errors 10 ms doubling
+    /// to 1 s; lost streams 100 ms doubling to 2 s (a restarting server
+    /// needs longer than a moved region).
+    fn delay(self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(7);
+        match self {
+            _ if attempts == 0 => Duration::ZERO,
+            Cause::Region => Duration::from_millis(10 << doublings).min(Duration::from_secs(1)),
+            Cause::Stream => Duration::from_millis(100 << doublings).min(Duration::from_secs(2)),
+        }
+    }
+}
+
+/// One store's responses, ending with `None` when the stream ends.
+type Responses = Pin<Box<dyn Stream<Item = Option<Result<ChangeDataEvent, tonic::Status>>> + Send>>;
+
+/// A running feed. Dropping it closes every stream.
+pub struct Feed {
+    cluster: Cluster,
+    state: State,
+    /// Responses by store id.
+    streams: StreamMap<u64, Responses>,
+    /// Requests by store id.
+    senders: HashMap<u64, mpsc::Sender<ChangeDataRequest>>,
+    /// `false` once a server answered `EventFeedV2` with UNIMPLEMENTED.
+    try_v2: bool,
+}
+
+impl Feed {
+    /// Starts following `spec` on `cluster`; the first subscriptions are
+    /// made by the first [`Feed::next`].
+    pub fn open(cluster: &Cluster, spec: &FeedSpec) -> Feed {
+        let range = spec.mode.region_range(&spec.start, &spec.end);
+        let state = State::new(
+            spec.mode,
+            cluster.cluster_id(),
+            range,
+            spec.start_ts.into_inner(),
+        );
+        Feed {
+            cluster: cluster.clone(),
+            state,
+            streams: StreamMap::new(),
+            senders: HashMap::new(),
+            try_v2: true,
+        }
+    }
+
+    /// The next item, or the error that ended the feed.
+    pub async fn next(&mut self) -> Result<FeedEvent, FeedError> {
+        loop {
+            if let Some(item) = self.state.out.pop_front() {
+                return Ok(item);
+            }
+            self.resolve_due().await?;
+            if let Some(item) = self.state.out.pop_front() {
+                return Ok(item);
+            }
+            let wake = self.state.parked.iter().map(|p| p.due).min();
+            tokio::select! {
+                next = self.streams.next(), if !self.streams.is_empty() => {
+                    let Some((store, item)) = next else { continue };
+                    match item {
+                        Some(Ok(event)) => self.state.on_event(event, REGION_ATTEMPTS)?,
+                        Some(Err(status)) => {
+                            let reason = lost_or_fatal("the change feed stream", &status)?;
+                            self.lose(store, reason)?;
+                        }
+                        None => self.lose(store, "the server ended the stream".to_owned())?,
+                    }
+                }
+                () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+                else => return Err(FeedError::NoRegions),
+            }
+        }
+    }
+
+    /// Parks every range of `store` after its stream was lost.
+    fn lose(&mut self, store: u64, reason: String) -> Result<(), FeedError> {
+        tracing::debug!(store, %reason, "feed stream lost");
+        self.streams.remove(&store);
+        self.senders.remove(&store);
+        self.state.store_lost(store, &reason, RECONNECT_ATTEMPTS)?;
+        self.state
+            .out
+            .push_back(FeedEvent::StreamLost { store, reason });
+        Ok(())
+    }
+
+    /// Looks the parked ranges whose backoff is over up in PD and registers
+    /// their regions, each on its leader's store.
+    async fn resolve_due(&mut self) -> Result<(), FeedError> {
+        let now = Instant::now();
+        let (ready, waiting): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.state.parked)
+            .into_iter()
+            .partition(|p| p.due <= now);
+        self.state.parked = waiting;
+        for parked in ready {
+            self.resolve(parked).await?;
+        }
+        Ok(())
+    }
+
+    async fn resolve(&mut self, parked: Parked) -> Result<(), FeedError> {
+        let regions = match self
+            .cluster
+            .regions_in_range(&parked.start, &parked.end)
+            .await
+        {
+            Ok(regions) => regions,
+            Err(e) => {
+                // PD is unreachable: most likely so is the feed. Try again.
+                return self.state.repark(parked, e.to_string(), RECONNECT_ATTEMPTS);
+            }
+        };
+        if regions.is_empty() {
+            return Err(FeedError::NoRegions);
+        }
+        for (store, request) in self.state.subscribe(&parked, regions) {
+            if let Err(reason) = self.send(store, request).await? {
+                self.lose(store, reason)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `request` on `store`'s stream, opening it first if needed.
+    /// `Ok(Err(reason))`: the stream could not be used (a transient loss).
+    async fn send(
+        &mut self,
+        store: u64,
+        request: ChangeDataRequest,
+    ) -> Result<Result<(), String>, FeedError> {
+        if !self.senders.contains_key(&store) {
+            let channel = match self.cluster.store(store).await {
+                Ok(conn) => conn.channel(),
+                Err(e) => return Ok(Err(e.to_string())),
+            };
+            match self.open_stream(channel).await? {
+                Ok((tx, responses)) => {
+                    self.senders.insert(store, tx);
+                    self.streams.insert(store, responses);
+                }
+                Err(reason) => return Ok(Err(reason)),
+            }
+        }
+        let Some(tx) = self.senders.get(&store) else {
+            return Ok(Err("the request stream closed".to_owned()));
+        };
+        if tx.send(request).await.is_err() {
+            return Ok(Err("the request stream closed".to_owned()));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Opens one feed stream: `EventFeedV2` with stream multiplexing, or
+    /// `EventFeed` when the server does not offer it.
+    async fn open_stream(
+        &mut self,
+        channel: Channel,
+    ) -> Result<Result<(mpsc::Sender<ChangeDataRequest>, Responses), String>, FeedError> {
+        let mut client = ChangeDataClient::new(channel).max_decoding_message_size(MAX_EVENT_SIZE);
+        if self.try_v2 {
+            let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            request.metadata_mut().insert(
+                FEATURES_METADATA,
+                MetadataValue::from_static(STREAM_MULTIPLEXING),
+            );
+            match client.event_feed_v2(request).await {
+                Ok(response) => return Ok(Ok((tx, responses(response.into_inner())))),
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::debug!("EventFeedV2 unimplemented; using EventFeed");
+                    self.try_v2 = false;
+                }
+                Err(status) => return lost_or_fatal("EventFeedV2", &status).map(Err),
+            }
+        }
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        match client.event_feed(ReceiverStream::new(rx)).await {
+            Ok(response) => Ok(Ok((tx, responses(response.into_inner())))),
+            Err(status) => lost_or_fatal("EventFeed", &status).map(Err),
+        }
+    }
+}
+
+fn responses(stream: tonic::Streaming<ChangeDataEvent>) -> Responses {
+    Box::pin(stream.map(Some).chain(tokio_stream::once(None)))
+}
+
+/// A failed call: the reason to reconnect for transient codes, an error
+/// for the others.
+fn lost_or_fatal(what: &str, status: &tonic::Status) -> Result<String, FeedError> {
+    use tonic::Code;
+    let text = format!("{what} failed: {} ({:?})", status.message(), status.code());
+    match status.code() {
+        Code::Unimplemented
+        | Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::FailedPrecondition
+        | Code::OutOfRange => Err(FeedError::Unsupported(text)),
+        _ => Ok(text),
+    }
+}

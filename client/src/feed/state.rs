@@ -1,0 +1,398 @@
+//! The feed client's protocol state, free of I/O: what each event of the
+//! feed means for the subscriptions, for recovery and for the items handed
+//! to the consumer. The driver in the parent module owns the streams and PD.
+//!
+//! Invariants:
+//! - a subscription's `floor` only rises, and only from resolved timestamps
+//!   received after its INITIALIZED row, so everything committed at or below
+//!   it has been delivered;
+//! - a subscription leaves `subs` on its error event or when its store's
+//!   stream is lost, and then its range is parked with its floor, never
+//!   lower: a range is always either subscribed or parked, so none is lost;
+//! - a re-registration starts from the floor, so the server sends only rows
+//!   above it; rows at or below it are dropped should they come anyway, and
+//!   rows above it already delivered are recognised in `delivered` (which
+//!   holds only pairs above the lowest floor, at most [`MAX_REMEMBERED`]);
+//! - a staged value lives from its PREWRITE to its COMMIT or ROLLBACK;
+//! - the span's resolved ts is the minimum floor over subscribed and parked
+//!   ranges, and is handed out only when it rises.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+use kvfeed_proto::cdcpb::event::row::OpType;
+use kvfeed_proto::cdcpb::event::{self, LogType};
+use kvfeed_proto::cdcpb::{self, ChangeDataEvent, ChangeDataRequest};
+use kvfeed_types::TimeStamp;
+use prost::Message;
+use tokio::time::Instant;
+
+use super::request::{Registration, describe};
+use super::{Cause, FeedError, FeedEvent, Op, Row};
+use crate::region::clip;
+use crate::{KeyMode, RegionInfo};
+
+/// Delivered (commit_ts, key) pairs kept for de-duplication.
+pub const MAX_REMEMBERED: usize = 100_000;
+
+/// One registered subscription.
+#[derive(Debug, Clone)]
+pub(super) struct Sub {
+    pub(super) region: RegionInfo,
+    /// The store whose stream carries it.
+    pub(super) store: u64,
+    /// The subscribed range (PD's key space): the watched range ∩ region.
+    start: Vec<u8>,
+    end: Vec<u8>,
+    /// Everything committed at or below it has been delivered.
+    floor: u64,
+    initialized: bool,
+    /// Retries in a row that led to this subscription, and why.
+    attempts: u32,
+    cause: Cause,
+}
+
+/// A range to look up in PD and subscribe again.
+#[derive(Debug, Clone)]
+pub(super) struct Parked {
+    pub(super) start: Vec<u8>,
+    pub(super) end: Vec<u8>,
+    pub(super) floor: u64,
+    pub(super) attempts: u32,
+    pub(super) cause: Cause,
+    /// Not looked up before then (the backoff).
+    pub(super) due: Instant,
+}
+
+impl Parked {
+    fn new(range: (Vec<u8>, Vec<u8>), floor: u64, attempts: u32, cause: Cause) -> Parked {
+        Parked {
+            start: range.0,
+            end: range.1,
+            floor,
+            attempts,
+            cause,
+            due: Instant::now() + cause.delay(attempts),
+        }
+    }
+}
+
+/// The protocol state of a feed.
+#[derive(Debug)]
+pub(super) struct State {
+    mode: KeyMode,
+    cluster_id: u64,
+    next_request_id: u64,
+    subs: BTreeMap<u64, Sub>,
+    pub(super) parked: Vec<Parked>,
+    /// Prewritten values by (key, start_ts), until COMMIT or ROLLBACK.
+    staged: HashMap<(Bytes, u64), Bytes>,
+    /// Delivered (commit_ts, key) pairs above the floors.
+    delivered: BTreeSet<(u64, Bytes)>,
+    /// The last span resolved ts handed out.
+    resolved: u64,
+    /// Whether every range has been initialized once (catch-up is over).
+    caught_up: bool,
+    /// Items for the consumer, in order.
+    pub(super) out: VecDeque<FeedEvent>,
+}
+
+impl State {
+    pub(super) fn new(mode: KeyMode, cluster_id: u64, range: (Vec<u8>, Vec<u8>), ts: u64) -> State {
+        State {
+            mode,
+            cluster_id,
+            next_request_id: 1,
+            subs: BTreeMap::new(),
+            parked: vec![Parked::new(range, ts, 0, Cause::Region)],
+            staged: HashMap::new(),
+            delivered: BTreeSet::new(),
+            resolved: ts,
+            caught_up: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Subscriptions for `parked`'s range in `regions`, each on the store
+    /// its leader is on; returns (store, Register request) pairs.
+    pub(super) fn subscribe(
+        &mut self,
+        parked: &Parked,
+        regions: Vec<RegionInfo>,
+    ) -> Vec<(u64, ChangeDataRequest)> {
+        let mut requests = Vec::new();
+        for region in regions {
+            let Some((start, end)) = clip(
+                &parked.start,
+                &parked.end,
+                &region.start_key,
+                &region.end_key,
+            ) else {
+                continue;
+            };
+            let id = self.next_request_id;
+            self.next_request_id += 1;
+            let sub = Sub {
+                store: region.leader.store_id,
+                region,
+                start,
+                end,
+                floor: parked.floor,
+                initialized: false,
+                attempts: parked.attempts,
+                cause: parked.cause,
+            };
+            requests.push((sub.store, self.register(id, &sub)));
+            self.subs.insert(id, sub);
+        }
+        requests
+    }
+
+    fn register(&self, request_id: u64, sub: &Sub) -> ChangeDataRequest {
+        Registration {
+            cluster_id: self.cluster_id,
+            request_id,
+            region: &sub.region,
+            start: &sub.start,
+            end: &sub.end,
+            checkpoint_ts: sub.floor,
+            mode: self.mode,
+        }
+        .request()
+    }
+
+    /// The stream of `store` is gone: every subscription on it is parked
+    /// from its floor, to be looked up again.
+    pub(super) fn store_lost(
+        &mut self,
+        store: u64,
+        reason: &str,
+        limit: u32,
+    ) -> Result<(), FeedError> {
+        let lost: Vec<u64> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.store == store)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            if let Some(sub) = self.subs.remove(&id) {
+                let attempts = match sub.cause {
+                    Cause::Stream => sub.attempts + 1,
+                    Cause::Region => 1,
+                };
+                if attempts >= limit {
+                    return Err(FeedError::Disconnected {
+                        last: reason.to_owned(),
+                        attempts,
+                    });
+                }
+                self.park(sub, attempts, Cause::Stream);
+            }
+        }
+        Ok(())
+    }
+
+    /// A parked range could not be looked up (PD unreachable): park it again
+    /// with one more attempt, or give up.
+    pub(super) fn repark(
+        &mut self,
+        parked: Parked,
+        last: String,
+        limit: u32,
+    ) -> Result<(), FeedError> {
+        let attempts = parked.attempts + 1;
+        if attempts >= limit {
+            return Err(FeedError::Disconnected { last, attempts });
+        }
+        let range = (parked.start, parked.end);
+        self.parked
+            .push(Parked::new(range, parked.floor, attempts, Cause::Stream));
+        Ok(())
+    }
+
+    fn park(&mut self, sub: Sub, attempts: u32, cause: Cause) {
+        let range = (sub.start, sub.end);
+        self.parked
+            .push(Parked::new(range, sub.floor, attempts, cause));
+    }
+
+    pub(super) fn on_event(
+        &mut self,
+        event: ChangeDataEvent,
+        region_limit: u32,
+    ) -> Result<(), FeedError> {
+        for e in event.events {
+            match e.event {
+                Some(event::Event::Entries(entries)) => {
+                    if self.subs.contains_key(&e.request_id) {
+                        self.count_catch_up(&entries.entries);
+                        for row in entries.entries {
+                            self.on_row(e.request_id, row);
+                        }
+                    }
+                }
+                Some(event::Event::Error(error)) => {
+                    self.on_error(e.request_id, &error, region_limit)?;
+                }
+                Some(event::Event::ResolvedTs(ts)) => {
+                    self.on_resolved(e.request_id, &[e.region_id], ts);
+                }
+                Some(event::Event::Admin(_) | event::Event::LongTxn(_)) | None => {}
+            }
+        }
+        if let Some(resolved) = event.resolved_ts {
+            self.on_resolved(resolved.request_id, &resolved.regions, resolved.ts);
+        }
+        Ok(())
+    }
+
+    /// Counts change rows toward the catch-up progress while it lasts.
+    fn count_catch_up(&mut self, rows: &[cdcpb::event::Row]) {
+        if self.caught_up {
+            return;
+        }
+        let changes = rows
+            .iter()
+            .filter(|r| r.r#type != LogType::Initialized as i32);
+        let (rows, bytes) = changes.fold((0u64, 0u64), |(n, b), r| {
+            (n + 1, b + r.encoded_len() as u64)
+        });
+        if rows > 0 {
+            self.out.push_back(FeedEvent::CatchUp { rows, bytes });
+        }
+    }
+
+    fn on_row(&mut self, request_id: u64, row: cdcpb::event::Row) {
+        let staged_key = (row.key.clone(), row.start_ts);
+        match LogType::try_from(row.r#type) {
+            Ok(LogType::Initialized) => {
+                if let Some(sub) = self.subs.get_mut(&request_id) {
+                    sub.initialized = true;
+                    sub.attempts = 0;
+                }
+                self.on_initialized();
+            }
+            Ok(LogType::Prewrite) => {
+                self.staged.insert(staged_key, row.value);
+            }
+            Ok(LogType::Rollback) => {
+                self.staged.remove(&staged_key);
+            }
+            Ok(LogType::Commit) => {
+                let staged = self.staged.remove(&staged_key);
+                let value = match staged {
+                    Some(value) if row.value.is_empty() => value,
+                    _ => row.value.clone(),
+                };
+                self.deliver(request_id, row, value);
+            }
+            Ok(LogType::Committed) => {
+                self.staged.remove(&staged_key);
+                let value = row.value.clone();
+                self.deliver(request_id, row, value);
+            }
+            Ok(LogType::Unknown) | Err(_) => {}
+        }
+    }
+
+    fn deliver(&mut self, request_id: u64, row: cdcpb::event::Row, value: Bytes) {
+        // At or below the floor it was delivered before this registration.
+        let floor = self.subs.get(&request_id).map_or(0, |s| s.floor);
+        if row.commit_ts <= floor || !self.delivered.insert((row.commit_ts, row.key.clone())) {
+            return;
+        }
+        while self.delivered.len() > MAX_REMEMBERED {
+            self.delivered.pop_first();
+        }
+        let op = if row.op_type == OpType::Delete as i32 {
+            Op::Delete
+        } else {
+            Op::Put
+        };
+        self.out.push_back(FeedEvent::Row(Row {
+            start_ts: TimeStamp::new(row.start_ts),
+            commit_ts: TimeStamp::new(row.commit_ts),
+            op,
+            key: row.key,
+            value,
+            old_value: row.old_value,
+        }));
+    }
+
+    fn on_initialized(&mut self) {
+        let total = self.subs.len() + self.parked.len();
+        let done = self.subs.values().filter(|s| s.initialized).count();
+        self.out.push_back(FeedEvent::Initialized {
+            regions_done: done,
+            regions_total: total,
+        });
+        if done == total {
+            self.caught_up = true;
+        }
+    }
+
+    fn on_error(
+        &mut self,
+        request_id: u64,
+        error: &cdcpb::Error,
+        limit: u32,
+    ) -> Result<(), FeedError> {
+        let Some(sub) = self.subs.remove(&request_id) else {
+            return Ok(());
+        };
+        let region = sub.region.id.0;
+        let (reason, retryable) = describe(error);
+        if !retryable {
+            return Err(FeedError::Refused { region, reason });
+        }
+        let attempts = match sub.cause {
+            Cause::Region => sub.attempts + 1,
+            Cause::Stream => 1,
+        };
+        if attempts >= limit {
+            return Err(FeedError::RegionRetries {
+                region,
+                reason,
+                attempts,
+            });
+        }
+        self.out
+            .push_back(FeedEvent::RegionRetry { region, reason });
+        self.park(sub, attempts, Cause::Region);
+        Ok(())
+    }
+
+    /// A resolved ts for `regions` of `request_id` (0: of any request, as
+    /// servers that predate per-request resolved ts send it).
+    fn on_resolved(&mut self, request_id: u64, regions: &[u64], ts: u64) {
+        for (id, sub) in &mut self.subs {
+            let ours = request_id == 0 || request_id == *id;
+            // Before INITIALIZED a resolved ts does not cover the catch-up.
+            if ours && sub.initialized && regions.contains(&sub.region.id.0) {
+                sub.floor = sub.floor.max(ts);
+            }
+        }
+        let subs = self.subs.values().map(|s| s.floor);
+        let Some(lowest) = subs.chain(self.parked.iter().map(|p| p.floor)).min() else {
+            return;
+        };
+        // Pairs at or below every floor can never be delivered again.
+        while self
+            .delivered
+            .first()
+            .is_some_and(|(commit_ts, _)| *commit_ts <= lowest)
+        {
+            self.delivered.pop_first();
+        }
+        if lowest > self.resolved {
+            self.resolved = lowest;
+            self.out
+                .push_back(FeedEvent::ResolvedTs(TimeStamp::new(lowest)));
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;
