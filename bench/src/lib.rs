@@ -34,6 +34,7 @@ pub mod etcd;
 pub mod feed;
 pub mod grpc;
 pub mod idle;
+pub mod kv_scan;
 pub mod load;
 pub mod report;
 pub mod scan;
@@ -42,6 +43,7 @@ pub mod slow;
 pub mod stats;
 pub mod subscribe;
 pub mod target;
+pub mod txn_load;
 pub mod watcher;
 
 use std::io;
@@ -77,6 +79,10 @@ pub enum BenchCommand {
     /// Catch-up scan speed: preload keys, subscribe from checkpoint 0, time
     /// until every subscription is INITIALIZED; checks every row arrives once.
     Scan(scan::ScanArgs),
+    /// Range reads through the KV API: preload raw and transactional keys,
+    /// read each range start to end with the client's paged scan; compares
+    /// the two rates.
+    KvScan(kv_scan::KvScanArgs),
     /// Connection churn: clients open feed connections, subscribe and end
     /// them at random stages; afterwards the feed's gauges must return to 0.
     Churn(churn::ChurnArgs),
@@ -275,6 +281,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     let report = match &args.command {
         BenchCommand::Feed(a) => block_on(feed::run(a))?,
         BenchCommand::Scan(a) => block_on(scan::run(a))?,
+        BenchCommand::KvScan(a) => block_on(kv_scan::run(a))?,
         BenchCommand::Churn(a) => block_on(churn::run(a))?,
         BenchCommand::Idle(a) => block_on(idle::run(a))?,
         BenchCommand::Slow(a) => block_on(slow::run(a))?,

@@ -637,3 +637,28 @@ mod tests {
         assert_eq!(preload_index(prefix, b"other/0000000042"), None);
     }
 }
+
+/// What the scan benchmarks preload and how long they wait for a read.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PreloadArgs {
+    /// Keys to preload (in each key space read) and then read.
+    #[arg(long, value_name = "P", default_value_t = 100_000)]
+    pub keys: u64,
+
+    /// Bytes per value.
+    #[arg(long, value_name = "B", default_value_t = 128)]
+    pub value_size: usize,
+
+    /// Longest one read of the preloaded keys may take.
+    #[arg(long, value_name = "D", default_value = "5m")]
+    pub timeout: kvfeed_types::units::ReadableDuration,
+}
+
+impl PreloadArgs {
+    /// Checks the bounds; returns the timeout.
+    pub fn check(&self) -> Result<Duration, BenchError> {
+        super::check_range("--keys", self.keys, 1, 10_000_000)?;
+        super::check_range("--value-size", self.value_size, 1, 1 << 20)?;
+        super::check_duration("--timeout", self.timeout)
+    }
+}

@@ -120,10 +120,29 @@ fn feed_counts_transactions_and_open_loop_schedules() {
 #[test]
 fn scan_delivers_exactly_the_preloaded_keys() {
     let server = TestServer::start();
-    let json = bench(&server, "scan", &["--keys", "3000", "--value-size", "32"]).ok("scan");
-    assert_eq!(json_int(&json, "rows"), 3000, "{json}");
-    assert_eq!(json_int(&json, "duplicated"), 0, "{json}");
-    assert_eq!(json_int(&json, "unexpected"), 0, "{json}");
+    let json = bench(
+        &server,
+        "scan",
+        &["--keys", "3000", "--value-size", "32", "--txn"],
+    )
+    .ok("scan");
+    for space in ["", "txn_"] {
+        assert_eq!(json_int(&json, &format!("{space}rows")), 3000, "{json}");
+        assert_eq!(json_int(&json, &format!("{space}duplicated")), 0, "{json}");
+        assert_eq!(json_int(&json, &format!("{space}unexpected")), 0, "{json}");
+    }
+    assert!(json["txn_vs_raw_percent"].as_f64().is_some(), "{json}");
+}
+
+#[test]
+fn kv_scan_reads_back_both_key_spaces() {
+    let server = TestServer::start();
+    // 700 keys: several pages of the client's scan, and three transactions
+    // (the last one short).
+    let json = bench(&server, "kv-scan", &["--keys", "700", "--value-size", "16"]).ok("kv-scan");
+    assert_eq!(json_int(&json, "raw_pairs"), 700, "{json}");
+    assert_eq!(json_int(&json, "txn_pairs"), 700, "{json}");
+    assert!(json["txn_vs_raw_percent"].as_f64().is_some(), "{json}");
 }
 
 #[test]
