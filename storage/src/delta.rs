@@ -250,17 +250,7 @@ impl DeltaScanner {
             Some(k) => Bound::Excluded(k.as_slice()),
             None => Bound::Included(spec.start.as_slice()),
         };
-        // A transactional range comes from the client and its end need not
-        // be a complete encoding: a key's versions can then sort above the
-        // end while the key is below it, so the walk bounds the write family
-        // by user keys instead. Raw bounds are encodings made here, and no
-        // encoding is a prefix of another, so the iterator can bound them.
-        let versions_upper = match spec.space {
-            KeySpace::Txn => Bound::Unbounded,
-            KeySpace::Raw => upper,
-        };
-        let versions =
-            Cursor::new(snapshot.iter(spec.space.versions_cf(), lower, versions_upper, false))?;
+        let versions = versions_cursor(snapshot, spec, lower)?;
         let mut walk = DeltaWalk {
             snapshot,
             spec,
@@ -292,6 +282,25 @@ pub fn versions_oldest_first<'a>(
             let (_, ts) = versioned::split(&k, cf)?;
             Ok((ts, v))
         })
+}
+
+/// A forward cursor over the versions family of `spec`'s key space, from
+/// `lower`.
+fn versions_cursor<'a>(
+    snapshot: &'a Snapshot,
+    spec: &DeltaSpec,
+    lower: Bound<&[u8]>,
+) -> Result<Cursor<'a>> {
+    // A transactional range comes from the client and its end need not be
+    // a complete encoding: a key's versions can then sort above the end
+    // while the key is below it, so the walk bounds the write family by
+    // user keys instead. Raw bounds are encodings made here, and no
+    // encoding is a prefix of another, so the iterator can bound them.
+    let upper = match spec.space {
+        KeySpace::Raw if !spec.end.is_empty() => Bound::Excluded(spec.end.as_slice()),
+        _ => Bound::Unbounded,
+    };
+    Cursor::new(snapshot.iter(spec.space.versions_cf(), lower, upper, false))
 }
 
 /// One walk of a [`DeltaScanner`]; see the module docs.
@@ -363,6 +372,7 @@ impl<'a> DeltaWalk<'a> {
         }
         let mut complete = true;
         let mut kept_bytes = 0;
+        let mut older = 0;
         while self
             .versions
             .head_key()
@@ -373,8 +383,20 @@ impl<'a> DeltaWalk<'a> {
             };
             read_bytes += k.len() + v.len();
             let (_, ts) = versioned::split(&k, cf)?;
-            // Older versions are read past, not kept.
-            if ts <= self.spec.after || !complete {
+            // Older versions are read past, not kept; they come last, so
+            // past a few of them one seek to the next key is cheaper than
+            // stepping through a long history.
+            if ts <= self.spec.after {
+                older += 1;
+                if older > versioned::STEPS_BEFORE_SEEK {
+                    let past = versioned::after_versions(&encoded);
+                    self.versions =
+                        versions_cursor(self.snapshot, self.spec, Bound::Excluded(&past))?;
+                    break;
+                }
+                continue;
+            }
+            if !complete {
                 continue;
             }
             kept_bytes += v.len();

@@ -62,8 +62,8 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
 fn history() -> impl Strategy<Value = History> {
     let versions = prop_oneof![
         6 => proptest::collection::vec((write_type(), value()), 0..4),
-        // Long enough for the KV scan's seek past a long history.
-        1 => proptest::collection::vec((write_type(), value()), 30..45),
+        // Long enough for both scans' seek past a long history.
+        1 => proptest::collection::vec((write_type(), value()), 40..80),
     ];
     let lock = proptest::option::of((lock_type(), 0..200u64, value()));
     (versions, lock, 0..3usize).prop_map(|(versions, lock, ended_locks)| History {
@@ -196,7 +196,7 @@ proptest! {
     #[test]
     fn delta_scan_reports_every_newer_version_and_lock(
         histories in histories(),
-        after in 0..100u64,
+        after in prop_oneof![0..100u64, 100..400u64],
         pause_every in 1..7usize,
         keep in 1..6usize,
     ) {

@@ -435,7 +435,7 @@ impl<'a> MvccReader<'a> {
             {
                 if visible.is_some() && !opts.reverse {
                     passed += 1;
-                    if passed > STEPS_BEFORE_SEEK {
+                    if passed > versioned::STEPS_BEFORE_SEEK {
                         // A long history below the visible version: one
                         // seek past it is cheaper than stepping through.
                         let after = versioned::after_versions(key.as_encoded());
@@ -481,12 +481,6 @@ impl<'a> MvccReader<'a> {
 /// the last key the page covers when it is full (see
 /// `MvccReader::visible_puts`).
 type VisiblePuts = (Vec<(Key, Write)>, Option<Vec<u8>>);
-
-/// Versions a forward scan steps over, below a key's visible one, before it
-/// seeks to the next key instead: a seek costs a search in every memtable
-/// and table of the LSM tree, a step almost nothing (TiKV's scanner has the
-/// same rule).
-const STEPS_BEFORE_SEEK: usize = 32;
 
 /// The exclusive upper bound of a range whose end is `end` (`None`: no end).
 fn upper_bound(end: Option<&Key>) -> Bound<&[u8]> {
