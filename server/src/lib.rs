@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod faults;
 pub mod feed;
 pub mod gc;
 pub mod grpc;
