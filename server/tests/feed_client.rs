@@ -130,6 +130,18 @@ async fn survives(fault: &str) {
     let (tx, mut rx) = watch::channel(Seen::default());
     let consumer = tokio::spawn(consume(feed, tx));
     wait_for(&mut rx, "catch-up", |s| s.caught_up).await;
+    // The server offers EventFeedV2, so the client multiplexes on it.
+    let status = server.status_addr().to_owned();
+    let (code, body) = tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/cdc"))
+        .await
+        .expect("/debug/cdc");
+    assert_eq!(code, 200, "{body}");
+    let debug: serde_json::Value = serde_json::from_str(&body).expect("/debug/cdc is JSON");
+    assert_eq!(
+        debug["connections"][0]["features"],
+        serde_json::json!(["stream-multiplexing"]),
+        "{debug:#}"
+    );
 
     // The writers run beside the injection, on this task: the client's
     // futures are not all `Send`, and nothing here needs another thread.
