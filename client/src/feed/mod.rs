@@ -277,6 +277,10 @@ impl Feed {
             return Err(FeedError::NoRegions);
         }
         for (store, request) in self.state.subscribe(&parked, regions) {
+            // A failure earlier in this batch may have parked it again.
+            if !self.state.is_subscribed(request.request_id) {
+                continue;
+            }
             if let Err(reason) = self.send(store, request).await? {
                 self.lose(store, reason).await?;
             }
