@@ -385,6 +385,13 @@ impl Cluster {
         Ok(conn)
     }
 
+    /// Forgets the connection to store `id`, so the next [`Cluster::store`]
+    /// asks PD for its address again (after its stream was lost: the store
+    /// may have moved).
+    pub async fn forget_store(&self, id: u64) {
+        self.inner.stores.lock().await.remove(&id);
+    }
+
     /// Runs `op` against the region holding user key `key` of `mode`,
     /// asking PD again and retrying (bounded) after a retryable region
     /// error.

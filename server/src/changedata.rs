@@ -57,6 +57,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::faults::{Outgoing, RequestHook, ResponseHook};
 use crate::node::Node;
 
 /// The metadata key listing the features an `EventFeedV2` client wants.
@@ -135,10 +136,12 @@ impl FeedService {
         let (gone_tx, gone_rx) = oneshot::channel();
         let (abandoned_tx, abandoned_rx) = oneshot::channel();
         let (outcome_tx, outcome_rx) = oneshot::channel();
+        let (hook, response_hook) = self.node.feed_faults().call();
         let requests = Requests {
             stream: request.into_inner(),
             gone: Some(gone_rx),
             failure: None,
+            hook,
         };
         tokio::spawn(
             run_connection(
@@ -153,6 +156,8 @@ impl FeedService {
         Ok(Response::new(FeedStream {
             events,
             events_ended: false,
+            hook: response_hook,
+            dropped: false,
             outcome: Some(outcome_rx),
             _gone: gone_tx,
             _abandoned: abandoned_tx,
@@ -245,31 +250,42 @@ struct Requests {
     gone: Option<oneshot::Receiver<()>>,
     /// The transport's error, kept to end the response stream with.
     failure: Option<Status>,
+    /// Test-only fault injection (inert unless enabled).
+    hook: RequestHook,
 }
 
 impl RequestSource for Requests {
     type Error = RequestError;
 
     async fn next_request(&mut self) -> Option<Result<ChangeDataRequest, RequestError>> {
-        let Some(gone) = self.gone.as_mut() else {
-            return Some(Err(RequestError::ResponseDropped));
-        };
-        tokio::select! {
-            // The response stream first: once it is gone, requests
-            // still buffered have nobody to answer.
-            biased;
-            _ = gone => {
-                self.gone = None;
-                Some(Err(RequestError::ResponseDropped))
+        loop {
+            let Some(gone) = self.gone.as_mut() else {
+                return Some(Err(RequestError::ResponseDropped));
+            };
+            if let Some(request) = self.hook.next_injected() {
+                return Some(Ok(request));
             }
-            next = self.stream.message() => match next {
-                Ok(Some(request)) => Some(Ok(request)),
-                Ok(None) => None,
-                Err(status) => {
-                    self.failure = Some(status.clone());
-                    Some(Err(RequestError::Transport(status)))
+            return tokio::select! {
+                // The response stream first: once it is gone, requests
+                // still buffered have nobody to answer.
+                biased;
+                _ = gone => {
+                    self.gone = None;
+                    Some(Err(RequestError::ResponseDropped))
                 }
-            },
+                () = self.hook.injection() => continue,
+                next = self.stream.message() => match next {
+                    Ok(Some(request)) => {
+                        self.hook.saw(&request);
+                        Some(Ok(request))
+                    }
+                    Ok(None) => None,
+                    Err(status) => {
+                        self.failure = Some(status.clone());
+                        Some(Err(RequestError::Transport(status)))
+                    }
+                },
+            };
         }
     }
 }
@@ -278,6 +294,10 @@ impl RequestSource for Requests {
 pub struct FeedStream {
     events: EventStream,
     events_ended: bool,
+    /// Test-only fault injection (inert unless enabled).
+    hook: ResponseHook,
+    /// An injected drop ended the stream.
+    dropped: bool,
     /// `None` once read.
     outcome: Option<oneshot::Receiver<Option<Status>>>,
     /// Dropped with the stream, which tells the call's task the client is
@@ -303,9 +323,24 @@ impl Stream for FeedStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         // Every field is Unpin, so the stream is too.
         let this = self.get_mut();
-        if !this.events_ended {
+        match this.hook.poll_injected(cx) {
+            Some(Outgoing::Event(event)) => return Poll::Ready(Some(Ok(event))),
+            Some(Outgoing::Drop) => {
+                this.dropped = true;
+                return Poll::Ready(Some(Err(Status::unavailable(
+                    "injected fault: the stream was dropped",
+                ))));
+            }
+            None if this.dropped => return Poll::Ready(None),
+            None => {}
+        }
+        while !this.events_ended {
             match this.events.poll_next(cx) {
-                Poll::Ready(Some(event)) => return Poll::Ready(Some(Ok(event))),
+                Poll::Ready(Some(event)) => {
+                    if let Some(event) = this.hook.filter(event) {
+                        return Poll::Ready(Some(Ok(event)));
+                    }
+                }
                 Poll::Ready(None) => this.events_ended = true,
                 Poll::Pending => return Poll::Pending,
             }

@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// HTTP status listen address [default: 127.0.0.1:20180]
     #[arg(long, value_name = "HOST:PORT")]
     pub status_addr: Option<String>,
+
+    /// Test-only: lets `/debug/fault/feed` inject feed faults.
+    #[arg(long, hide = true)]
+    pub fault_injection: bool,
 }
 
 impl ServeArgs {
@@ -116,6 +120,7 @@ impl ServeArgs {
         if let Some(addr) = &self.status_addr {
             server.status_addr.clone_from(addr);
         }
+        server.fault_injection |= self.fault_injection;
     }
 }
 

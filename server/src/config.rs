@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// an invalid boundary is refused at start, never "repaired". Default
     /// empty.
     pub split_keys: Vec<String>,
+    /// Test-only: serve `/debug/fault/feed` (see [`crate::faults`]). Set by
+    /// the hidden `--fault-injection` flag, never read from the file.
+    #[serde(skip)]
+    pub fault_injection: bool,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +87,7 @@ impl Default for ServerConfig {
             advertise_addr: String::new(),
             data_dir: PathBuf::from("./kvfeed-data"),
             split_keys: Vec::new(),
+            fault_injection: false,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod changedata;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod faults;
 pub mod gc;
 pub mod grpc;
 pub mod kv;

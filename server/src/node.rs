@@ -44,6 +44,7 @@ use kvfeed_storage::store::{BatchSource, Store};
 use kvfeed_storage::tso::{SystemClock, Tso};
 
 use crate::config::{CdcConfig, Config};
+use crate::faults::FeedFaults;
 use crate::metrics::{Metrics, MetricsError};
 use crate::shutdown::Shutdown;
 
@@ -254,6 +255,8 @@ pub struct Node {
     shutdown: Shutdown,
     /// Set once by [`Node::start_feed`].
     feed: OnceLock<Feed>,
+    /// Test-only fault injection into feed calls (see [`crate::faults`]).
+    feed_faults: FeedFaults,
     // Declared last so it is dropped last: the engine is closed before the
     // directory is released to another process.
     lock: DataDirLock,
@@ -325,6 +328,7 @@ impl Node {
             metrics,
             shutdown: Shutdown::new(),
             feed: OnceLock::new(),
+            feed_faults: FeedFaults::default(),
             lock,
         })
     }
@@ -363,6 +367,12 @@ impl Node {
     }
 
     /// The effective (validated) configuration.
+    /// The feed's fault-injection switch; only the status server's
+    /// `/debug/fault/feed`, present with `--fault-injection`, turns it.
+    pub fn feed_faults(&self) -> &FeedFaults {
+        &self.feed_faults
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }

@@ -190,7 +190,15 @@ pub fn routes(node: &Arc<Node>) -> StatusRoutes {
     let metrics_node = Arc::clone(node);
     let debug_node = Arc::clone(node);
     let feed_node = Arc::clone(node);
-    StatusRoutes::new()
+    let routes = if node.config().server.fault_injection {
+        let fault_node = Arc::clone(node);
+        StatusRoutes::new().get("/debug/fault/feed", move |request| {
+            inject_fault(&fault_node, request.query)
+        })
+    } else {
+        StatusRoutes::new()
+    };
+    routes
         .get("/healthz", |_| Reply::text(StatusCode::OK, "ok\n"))
         .get("/metrics", move |_| match metrics_node.metrics().render() {
             Ok(text) => Reply {
@@ -226,6 +234,24 @@ pub fn routes(node: &Arc<Node>) -> StatusRoutes {
                 }
             })
         })
+}
+
+/// `/debug/fault/feed?inject=KIND` (test-only, see [`crate::faults`]).
+fn inject_fault(node: &Node, query: Option<&str>) -> Reply {
+    let kind = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("inject="));
+    let Some(kind) = kind else {
+        return Reply::text(StatusCode::BAD_REQUEST, "missing inject=KIND\n");
+    };
+    match kind.parse::<crate::faults::FeedFault>() {
+        Ok(fault) => {
+            node.feed_faults().inject(fault);
+            Reply::text(StatusCode::OK, format!("injected {kind}\n"))
+        }
+        Err(e) => Reply::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
 }
 
 /// The body of `/debug/node`.

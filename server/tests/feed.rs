@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
+use kvfeed_client::feed::Registration;
 use kvfeed_client::txn::Mutation;
 use kvfeed_client::{Cluster, KeyMode, RegionInfo};
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
@@ -231,17 +232,16 @@ impl Env {
 
 /// A Register of all of `region` with a current header.
 fn request_for(cluster_id: u64, region: &RegionInfo, request_id: u64) -> ChangeDataRequest {
-    ChangeDataRequest {
-        region_id: region.id.0,
-        region_epoch: Some(region.epoch),
-        start_key: region.start_key.clone(),
-        end_key: region.end_key.clone(),
+    Registration {
+        cluster_id,
         request_id,
-        request: Some(change_data_request::Request::Register(
-            change_data_request::Register {},
-        )),
-        ..request_for_header(cluster_id)
+        region,
+        start: &region.start_key,
+        end: &region.end_key,
+        checkpoint_ts: 0,
+        mode: KeyMode::Txn,
     }
+    .request()
 }
 
 /// A Deregister of `region_id` (0: every region) of `request_id`.

@@ -24,11 +24,12 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use kvfeed_client::{Cluster, RegionInfo};
+use kvfeed_client::feed::Registration;
+use kvfeed_client::{Cluster, KeyMode, RegionInfo};
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
-use kvfeed_proto::cdcpb::change_data_request::{self, Deregister, NotifyTxnStatus, Register};
+use kvfeed_proto::cdcpb::change_data_request::{self, Deregister, NotifyTxnStatus};
 use kvfeed_proto::cdcpb::event::{self, LogType};
-use kvfeed_proto::cdcpb::{ChangeDataEvent, ChangeDataRequest, Header};
+use kvfeed_proto::cdcpb::{ChangeDataEvent, ChangeDataRequest};
 use kvfeed_storage::mvcc::encode_bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -124,19 +125,16 @@ fn register(
 ) -> ChangeDataRequest {
     let mut end = prefix.to_vec();
     end.push(0xff);
-    ChangeDataRequest {
-        header: Some(Header {
-            cluster_id,
-            ticdc_version: "8.5.0".to_owned(),
-        }),
-        region_id: region.id.0,
-        region_epoch: Some(region.epoch),
-        start_key: encode_bytes(prefix),
-        end_key: encode_bytes(&end),
+    Registration {
+        cluster_id,
         request_id,
-        request: Some(change_data_request::Request::Register(Register {})),
-        ..ChangeDataRequest::default()
+        region,
+        start: &encode_bytes(prefix),
+        end: &encode_bytes(&end),
+        checkpoint_ts: 0,
+        mode: KeyMode::Txn,
     }
+    .request()
 }
 
 impl Call {

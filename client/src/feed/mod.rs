@@ -220,9 +220,11 @@ impl Feed {
                         Some(Ok(event)) => self.state.on_event(event, REGION_ATTEMPTS)?,
                         Some(Err(status)) => {
                             let reason = lost_or_fatal("the change feed stream", &status)?;
-                            self.lose(store, reason)?;
+                            self.lose(store, reason).await?;
                         }
-                        None => self.lose(store, "the server ended the stream".to_owned())?,
+                        None => {
+                            self.lose(store, "the server ended the stream".to_owned()).await?;
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
@@ -231,11 +233,13 @@ impl Feed {
         }
     }
 
-    /// Parks every range of `store` after its stream was lost.
-    fn lose(&mut self, store: u64, reason: String) -> Result<(), FeedError> {
+    /// Parks every range of `store` after its stream was lost; the store's
+    /// address is asked of PD again before the next stream to it.
+    async fn lose(&mut self, store: u64, reason: String) -> Result<(), FeedError> {
         tracing::debug!(store, %reason, "feed stream lost");
         self.streams.remove(&store);
         self.senders.remove(&store);
+        self.cluster.forget_store(store).await;
         self.state.store_lost(store, &reason, RECONNECT_ATTEMPTS)?;
         self.state
             .out
@@ -273,8 +277,12 @@ impl Feed {
             return Err(FeedError::NoRegions);
         }
         for (store, request) in self.state.subscribe(&parked, regions) {
+            // A failure earlier in this batch may have parked it again.
+            if !self.state.is_subscribed(request.request_id) {
+                continue;
+            }
             if let Err(reason) = self.send(store, request).await? {
-                self.lose(store, reason)?;
+                self.lose(store, reason).await?;
             }
         }
         Ok(())

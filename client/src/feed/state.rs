@@ -217,6 +217,11 @@ impl State {
             .push(Parked::new(range, sub.floor, attempts, cause));
     }
 
+    /// Whether `request_id` is still a registered subscription.
+    pub(super) fn is_subscribed(&self, request_id: u64) -> bool {
+        self.subs.contains_key(&request_id)
+    }
+
     pub(super) fn on_event(
         &mut self,
         event: ChangeDataEvent,

@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kvfeed_client::RegionInfo;
+use kvfeed_client::feed::Registration;
+use kvfeed_client::{KeyMode, RegionInfo};
 use kvfeed_proto::cdcpb::change_data_client::ChangeDataClient;
-use kvfeed_proto::cdcpb::change_data_request::{self, KvApi};
+use kvfeed_proto::cdcpb::change_data_request::KvApi;
 use kvfeed_proto::cdcpb::event::{self, LogType, row::OpType};
-use kvfeed_proto::cdcpb::{ChangeDataEvent, ChangeDataRequest, Header};
+use kvfeed_proto::cdcpb::{ChangeDataEvent, ChangeDataRequest};
 use kvfeed_storage::mvcc::encode_bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -220,23 +221,20 @@ pub async fn open(
 ) {
     let (tx, rx) = mpsc::channel(16);
     for (i, ((start, end), region)) in ranges(kv_api).into_iter().zip(regions).enumerate() {
-        let request = ChangeDataRequest {
-            header: Some(Header {
-                cluster_id,
-                ticdc_version: "8.5.0".to_owned(),
-            }),
-            region_id: region.id.0,
-            region_epoch: Some(region.epoch),
-            checkpoint_ts: checkpoints[i],
-            start_key: start,
-            end_key: end,
-            request_id: i as u64 + 1,
-            request: Some(change_data_request::Request::Register(
-                change_data_request::Register {},
-            )),
-            kv_api: kv_api.into(),
-            ..ChangeDataRequest::default()
+        let mode = match kv_api {
+            KvApi::RawKv => KeyMode::Raw,
+            _ => KeyMode::Txn,
         };
+        let request = Registration {
+            cluster_id,
+            request_id: i as u64 + 1,
+            region,
+            start: &start,
+            end: &end,
+            checkpoint_ts: checkpoints[i],
+            mode,
+        }
+        .request();
         tx.send(request).await.expect("request queue open");
     }
     let stream = tokio::time::timeout(

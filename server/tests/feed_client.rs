@@ -1,0 +1,230 @@
+//! The feed client (`kvfeed_client::feed`) against the real server, with
+//! region errors and lost streams injected on the server side
+//! (`--fault-injection`, see `kvfeed::faults`) while writers commit.
+//!
+//! Each scenario: three writers commit transactions to keys of their own,
+//! in three regions; once the feed has delivered some of them, one fault
+//! hits every live subscription (or drops the stream); the writers go on.
+//! Then every acknowledged commit must have arrived exactly once, per key
+//! in commit order; no row may arrive at or below a resolved ts already
+//! handed out; resolved ts never moves back. Every wait is on a condition
+//! with a deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{TestServer, WAIT};
+use kvfeed_client::feed::{Feed, FeedEvent, FeedSpec};
+use kvfeed_client::{Cluster, KeyMode};
+use kvfeed_storage::mvcc::encode_bytes;
+use tokio::sync::watch;
+
+const WRITERS: u32 = 3;
+const PUTS: u32 = 40;
+/// Distinct keys per writer (so keys see several commits each).
+const KEYS: u32 = 5;
+
+/// What the consumer has seen so far.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    /// (key, commit_ts, value) in arrival order.
+    rows: Vec<(Vec<u8>, u64, Vec<u8>)>,
+    resolved: u64,
+    caught_up: bool,
+    retries: u32,
+    lost: u32,
+    failure: Option<String>,
+}
+
+/// A server with regions split at `f/1` and `f/2` (one per writer) and
+/// fault injection on, with a short resolved-ts interval.
+fn server() -> (tempfile::TempDir, TestServer) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("kvfeed.toml");
+    let hex = |key: &[u8]| {
+        encode_bytes(key)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let text = format!(
+        "[server]\nsplit-keys = [\"{}\", \"{}\"]\n[cdc]\nmin-ts-interval = \"50ms\"\n",
+        hex(b"f/1"),
+        hex(b"f/2"),
+    );
+    std::fs::write(&config, text).expect("write config");
+    let config = config.display().to_string();
+    let server = TestServer::start_in_with(
+        &tmp.path().join("data"),
+        &["--config", &config, "--fault-injection"],
+    );
+    (tmp, server)
+}
+
+/// Pulls the feed, checking the ordering invariants as items arrive.
+async fn consume(mut feed: Feed, seen: watch::Sender<Seen>) {
+    loop {
+        let item = match feed.next().await {
+            Ok(item) => item,
+            Err(e) => {
+                seen.send_modify(|s| s.failure = Some(format!("feed ended: {e}")));
+                return;
+            }
+        };
+        seen.send_modify(|s| match item {
+            FeedEvent::Row(row) => {
+                let commit_ts = row.commit_ts.into_inner();
+                if commit_ts <= s.resolved {
+                    s.failure = Some(format!(
+                        "row at {commit_ts} after resolved ts {}",
+                        s.resolved
+                    ));
+                }
+                s.rows
+                    .push((row.key.to_vec(), commit_ts, row.value.to_vec()));
+            }
+            FeedEvent::ResolvedTs(ts) => {
+                if ts.into_inner() <= s.resolved {
+                    s.failure = Some(format!("resolved ts {ts} after {}", s.resolved));
+                }
+                s.resolved = ts.into_inner();
+            }
+            FeedEvent::Initialized {
+                regions_done,
+                regions_total,
+            } => s.caught_up |= regions_done == regions_total,
+            FeedEvent::RegionRetry { .. } => s.retries += 1,
+            FeedEvent::StreamLost { .. } => s.lost += 1,
+            FeedEvent::CatchUp { .. } => {}
+        });
+    }
+}
+
+async fn wait_for(rx: &mut watch::Receiver<Seen>, what: &str, cond: impl Fn(&Seen) -> bool) {
+    let waited = tokio::time::timeout(WAIT, rx.wait_for(|s| s.failure.is_some() || cond(s)))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let seen = rx.borrow().clone();
+    assert!(seen.failure.is_none(), "{what}: {:?}", seen.failure);
+    assert!(waited, "{what}: not within {WAIT:?}; {seen:?}");
+}
+
+/// One scenario: `fault` injected while the writers commit.
+async fn survives(fault: &str) {
+    let (_tmp, server) = server();
+    let cluster = Cluster::connect(&server.pd_endpoint())
+        .await
+        .expect("connect");
+    let start_ts = cluster.tso().await.expect("tso");
+    let feed = Feed::open(
+        &cluster,
+        &FeedSpec {
+            mode: KeyMode::Txn,
+            start: b"f/".to_vec(),
+            end: b"f0".to_vec(),
+            start_ts,
+        },
+    );
+    let (tx, mut rx) = watch::channel(Seen::default());
+    let consumer = tokio::spawn(consume(feed, tx));
+    wait_for(&mut rx, "catch-up", |s| s.caught_up).await;
+    // The server offers EventFeedV2, so the client multiplexes on it.
+    let status = server.status_addr().to_owned();
+    let (code, body) = tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/cdc"))
+        .await
+        .expect("/debug/cdc");
+    assert_eq!(code, 200, "{body}");
+    let debug: serde_json::Value = serde_json::from_str(&body).expect("/debug/cdc is JSON");
+    assert_eq!(
+        debug["connections"][0]["features"],
+        serde_json::json!(["stream-multiplexing"]),
+        "{debug:#}"
+    );
+
+    // The writers run beside the injection, on this task: the client's
+    // futures are not all `Send`, and nothing here needs another thread.
+    let write = |w: u32| {
+        let cluster = cluster.clone();
+        async move {
+            let mut written = Vec::new();
+            for i in 0..PUTS {
+                let key = format!("f/{w}/{}", i % KEYS).into_bytes();
+                let value = format!("w{w}-{i}").into_bytes();
+                let done = cluster.txn_put(&key, &value).await.expect("put");
+                written.push((key, done.commit_ts.into_inner(), value));
+            }
+            written
+        }
+    };
+    let inject = async {
+        wait_for(&mut rx, "the first rows", |s| s.rows.len() >= 10).await;
+        let status = server.status_addr().to_owned();
+        let path = format!("/debug/fault/feed?inject={fault}");
+        let (code, body) = tokio::task::spawn_blocking(move || common::http_get(&status, &path))
+            .await
+            .expect("inject");
+        assert_eq!(code, 200, "{body}");
+        wait_for(&mut rx, "the client noticed", |s| s.retries + s.lost > 0).await;
+    };
+    let ((a, b, c), ()) =
+        tokio::join!(async { tokio::join!(write(0), write(1), write(2)) }, inject);
+    let expected: Vec<_> = [a, b, c].concat();
+    let last = expected.iter().map(|(_, ts, _)| *ts).max().unwrap_or(0);
+    wait_for(&mut rx, "resolved past the last commit", |s| {
+        s.resolved >= last
+    })
+    .await;
+    consumer.abort();
+
+    let seen = rx.borrow().clone();
+    let delivered: BTreeSet<_> = seen.rows.iter().cloned().collect();
+    assert_eq!(delivered.len(), seen.rows.len(), "a row arrived twice");
+    let expected: BTreeSet<_> = expected.into_iter().collect();
+    assert_eq!(delivered, expected, "every commit exactly once");
+    let mut per_key: BTreeMap<&[u8], u64> = BTreeMap::new();
+    for (key, commit_ts, _) in &seen.rows {
+        let previous = per_key.insert(key, *commit_ts).unwrap_or(0);
+        assert!(*commit_ts > previous, "key {key:?} out of commit order");
+    }
+    if fault == "drop_stream" {
+        assert!(seen.lost > 0, "{seen:?}");
+    } else {
+        assert!(seen.retries >= WRITERS, "every region retried: {seen:?}");
+    }
+}
+
+/// Bounds a scenario as a whole.
+async fn run(fault: &str) {
+    tokio::time::timeout(Duration::from_secs(120), survives(fault))
+        .await
+        .unwrap_or_else(|_| panic!("{fault}: the scenario did not finish in time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn epoch_not_match_is_survived_without_loss_or_repetition() {
+    run("epoch_not_match").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn not_leader_is_survived_without_loss_or_repetition() {
+    run("not_leader").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn region_not_found_is_survived_without_loss_or_repetition() {
+    run("region_not_found").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_is_busy_is_survived_without_loss_or_repetition() {
+    run("server_is_busy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_stream_is_survived_without_loss_or_repetition() {
+    run("drop_stream").await;
+}
