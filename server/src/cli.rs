@@ -7,7 +7,7 @@
 //!
 //! Flags that override the config file are `Option`s without a clap default:
 //! only a flag the user actually typed may override the file. The defaults
-//! shown in `--help` are those of [`crate::config`].
+//! shown in `--help` are those of the `config` module.
 
 use std::path::PathBuf;
 

@@ -171,7 +171,8 @@ impl GcWorker {
         self.status.borrow().last_collected
     }
 
-    /// Follows the worker's progress (for tests and diagnostics).
+    /// Follows the worker's progress.
+    #[cfg(test)]
     pub fn subscribe(&self) -> watch::Receiver<GcStatus> {
         self.status.subscribe()
     }
@@ -179,6 +180,7 @@ impl GcWorker {
     /// One pass, blocking: reads the effective safe point and, if it is past
     /// the last one collected, collects transactional then raw data up to
     /// it. `Ok(None)` when there was nothing new to collect.
+    #[cfg(test)]
     pub fn run_once(&self) -> Result<Option<GcPass>, GcError> {
         let outcome = self.run_pass(&|| false);
         self.status.send_modify(|s| s.passes += 1);

@@ -1,28 +1,33 @@
 //! kvfeed's server and command-line tools.
 //!
 //! The binary (`main.rs`) only parses the command line, sets up logging and
-//! dispatches here. Module map:
-//! - [`cli`]: subcommands and flags; [`config`] and [`units`]: the TOML file.
-//! - [`node`]: the data directory (lock, cluster id), storage and oracle.
-//! - [`serve`]: start-up and shutdown of `kvfeed serve`; [`grpc`] attaches
-//!   the gRPC services, [`status`] is the HTTP status server, [`metrics`] the
-//!   Prometheus registry, [`shutdown`] the signal tasks stop on.
-//! - [`changedata`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
+//! dispatches here, so the library exports what the binary and the
+//! integration tests use and nothing else: whatever no path reaches is dead
+//! code the compiler reports. Module map:
+//! - [`cli`]: subcommands and flags; `config` and [`units`]: the TOML file.
+//! - `node`: the data directory (lock, cluster id), storage and oracle.
+//! - [`serve`]: start-up and shutdown of `kvfeed serve`; `grpc` attaches
+//!   the gRPC services (`pd`, `kv`, `changedata`), `status` is the HTTP
+//!   status server, `metrics` the Prometheus registry, `shutdown` the
+//!   signal tasks stop on, `gc` the GC worker.
+//! - `changedata`: the `cdcpb.ChangeData` service over the `kvfeed-cdc`
+//!   feed; `faults`: test-only fault injection into it.
+//! - [`cmd`]: `put`, `get`, `delete`, `scan` and `watch`, on `kvfeed-client`.
 //! - [`logging`]: the tracing subscriber.
 
-pub mod changedata;
+mod changedata;
 pub mod cli;
 pub mod cmd;
-pub mod config;
-pub mod faults;
-pub mod gc;
-pub mod grpc;
-pub mod kv;
+mod config;
+mod faults;
+mod gc;
+mod grpc;
+mod kv;
 pub mod logging;
-pub mod metrics;
-pub mod node;
-pub mod pd;
+mod metrics;
+mod node;
+mod pd;
 pub mod serve;
-pub mod shutdown;
-pub mod status;
+mod shutdown;
+mod status;
 pub use kvfeed_types::units;
