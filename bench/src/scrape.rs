@@ -7,16 +7,12 @@
 //! both run on one machine. A [`Sampler`] scrapes every 250 ms for peaks
 //! and time series; one-off [`scrape`]s take before/after values.
 //!
-//! The HTTP client is a dozen lines over a `TcpStream` (one GET,
-//! `Connection: close`, read to the end) rather than a dependency: the
-//! status server is kvfeed's own and answers exactly that way. Every
-//! step has a deadline.
+//! HTTP is `ureq`'s (plain HTTP, on a blocking thread): one GET with a
+//! deadline on the whole exchange and a bound on the body.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -122,50 +118,38 @@ pub async fn scrape(addr: &str) -> Result<Scrape, BenchError> {
 }
 
 async fn get(addr: &str, path: &str) -> Result<String, String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    (&mut stream)
-        .take(MAX_BODY as u64 + 64 * 1024)
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "no end of the HTTP header".to_owned())?;
-    let status = head.split(' ').nth(1).unwrap_or("");
-    if status != "200" {
+    let (addr, path) = (addr.to_owned(), path.to_owned());
+    let (status, body) =
+        tokio::task::spawn_blocking(move || http_get(&addr, &path, SCRAPE_TIMEOUT))
+            .await
+            .map_err(|e| e.to_string())??;
+    if status != 200 {
         return Err(format!("HTTP status {status}"));
     }
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if chunked {
-        dechunk(body).ok_or_else(|| "malformed chunked body".to_owned())
-    } else {
-        Ok(body.to_owned())
-    }
+    Ok(body)
 }
 
-/// The payload of a chunked HTTP/1.1 body.
-fn dechunk(mut body: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size_line, rest) = body.split_once("\r\n")?;
-        let size_text = size_line.split(';').next()?.trim();
-        let size = usize::from_str_radix(size_text, 16).ok()?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.push_str(rest.get(..size)?);
-        body = rest.get(size..)?.strip_prefix("\r\n")?;
-    }
+/// One plain-HTTP GET of `path` from `addr` (`host:port`): the status code
+/// and the body (at most [`MAX_BODY`] bytes), the whole exchange bounded by
+/// `timeout`. The benchmarks and the tests read the status server with it.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .get(&format!("http://{addr}{path}"))
+        .call()
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY as u64)
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
 }
 
 /// One sample of a [`Sampler`]'s time series.
@@ -293,14 +277,5 @@ mod tests {
             Scrape::parse("process_resident_memory_bytes 2e6\nprocess_cpu_seconds_total 1.5\n");
         assert_eq!(etcd.rss(), Some(2e6));
         assert_eq!(etcd.cpu(), Some(1.5));
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n").as_deref(),
-            Some("hello world")
-        );
-        assert_eq!(dechunk("5\r\nhel"), None);
     }
 }

@@ -14,8 +14,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -254,24 +253,10 @@ pub fn parse_fields(rest: &str) -> HashMap<String, String> {
     fields
 }
 
-/// A minimal HTTP/1.1 GET against `addr`: status code and body.
+/// A GET against the status server at `addr`: status code and body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect to status server");
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("read response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("header/body separator");
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
-    (code, body.to_owned())
+    kvfeed_bench::scrape::http_get(addr, path, WAIT)
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
 }
 
 /// The canonical form of `dir`, as the server reports it.
