@@ -33,7 +33,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The gRPC router with every service of `node` attached. Fails if a
-/// service's metrics cannot be registered in the node's registry.
+/// service's metrics cannot be registered in the node's registry. Must be
+/// called inside a Tokio runtime (the health service keeps a task).
 pub fn grpc_router(node: &Arc<Node>) -> Result<Router, MetricsError> {
     // Services are added here, e.g.
     // `routes.add_service(PdServer::new(PdService::new(Arc::clone(node))));`
@@ -42,6 +43,7 @@ pub fn grpc_router(node: &Arc<Node>) -> Result<Router, MetricsError> {
     routes.add_service(crate::kv::service(node)?);
     routes.add_service(crate::pd::service(node));
     routes.add_service(crate::changedata::service(node));
+    routes.add_service(crate::health::service(node));
     Ok(Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

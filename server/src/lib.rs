@@ -6,7 +6,8 @@
 //! - [`node`]: the data directory (lock, cluster id), storage and oracle.
 //! - [`serve`]: start-up and shutdown of `kvfeed serve`; [`grpc`] attaches
 //!   the gRPC services, [`status`] is the HTTP status server, [`metrics`] the
-//!   Prometheus registry, [`shutdown`] the signal tasks stop on.
+//!   Prometheus registry, [`shutdown`] the signal tasks stop on, [`health`]
+//!   the standard gRPC health service.
 //! - [`changedata`]: the `cdcpb.ChangeData` service over the `kvfeed-cdc` feed.
 //! - [`logging`]: the tracing subscriber.
 //! - [`mod@bench`]: `kvfeed bench`, measurements of a running server's feed.
@@ -25,6 +26,7 @@ pub mod feed {
 }
 pub mod gc;
 pub mod grpc;
+pub mod health;
 pub mod kv;
 pub mod logging;
 pub mod metrics;

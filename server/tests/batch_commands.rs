@@ -659,3 +659,26 @@ async fn batched_writes_reach_the_feed_like_unary_writes() {
     assert_eq!(batched[1].commit_ts, commit);
     assert_eq!(batched_raw[0].key.as_ref(), b"rb");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_with_a_command_in_flight_ends_at_shutdown() {
+    let server = TestServer::start();
+    let kv = Kv::connect(&server).await;
+    let mut stream = Stream::open(&kv).await;
+    let slow = Req::Empty(BatchCommandsEmptyRequest {
+        test_id: 1,
+        delay_time: 60_000,
+    });
+    stream
+        .send(vec![(1, slow), (2, raw_put_req(&kv, b"k", b"v"))])
+        .await;
+    assert!(matches!(stream.take(2).await, Some(Resp::RawPut(_))));
+
+    // The request side stays open and a command is still running: only
+    // the server can end the stream, and it must not wait for either.
+    server.stop_without_grace().await;
+    assert!(
+        !matches!(stream.answers.message().await, Ok(Some(_))),
+        "no answer after shutdown"
+    );
+}
