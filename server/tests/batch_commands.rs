@@ -682,3 +682,30 @@ async fn an_open_stream_with_a_command_in_flight_ends_at_shutdown() {
         "no answer after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_fails_the_stream_like_an_oversized_unary_call() {
+    let server = TestServer::start();
+    let kv = Kv::connect(&server).await;
+    let mut stream = Stream::open(&kv).await;
+    // Above the 16 MiB request limit, so the transport refuses the message
+    // before any of it is decoded; a stream cannot skip a bad frame, so it
+    // ends, with the status a unary call gets.
+    let huge = vec![7u8; 17 * 1024 * 1024];
+    stream
+        .send(vec![(1, raw_put_req(&kv, b"huge", &huge))])
+        .await;
+    let status = tokio::time::timeout(WAIT, stream.answers.message())
+        .await
+        .expect("an answer in time")
+        .expect_err("the stream fails");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    await_metric(&server, "kvfeed_kv_batch_streams", 0).await;
+    // Nothing was written, and a new stream serves normally.
+    let mut again = Stream::open(&kv).await;
+    again.send(vec![(2, raw_get_req(&kv, b"huge"))]).await;
+    match again.take(2).await {
+        Some(Resp::RawGet(r)) => assert!(r.not_found, "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -23,10 +23,11 @@
 //!   warning.
 //! - No leaks: the stream's driver task owns the command tasks (a
 //!   `JoinSet`, aborted when dropped) and a guard that closes the stream in
-//!   the metrics; it ends when the client goes, the request stream fails or
-//!   ends and every answer is sent, or shutdown is triggered. A command
-//!   already on the blocking pool finishes there (commands are atomic) and
-//!   its answer is dropped.
+//!   the metrics; it ends when the client goes, the request stream fails
+//!   (the failure, e.g. an oversized message, is the answer stream's final
+//!   status) or ends and every answer is sent, or shutdown is triggered. A
+//!   command already on the blocking pool finishes there (commands are
+//!   atomic) and its answer is dropped.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -203,6 +204,13 @@ async fn drive(
                 Ok(None) => reading = false,
                 Err(status) => {
                     tracing::debug!(%status, "BatchCommands request stream failed");
+                    // The client learns why its stream ends (a message over
+                    // the size limit, a malformed frame); commands still
+                    // running are dropped with the stream.
+                    tokio::select! {
+                        _ = out.send(Err(status)) => {}
+                        () = shutdown.recv() => {}
+                    }
                     break;
                 }
             },
