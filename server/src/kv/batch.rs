@@ -344,3 +344,72 @@ impl KvService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kvfeed_proto::kvrpcpb;
+    use kvfeed_proto::tikvpb::batch_commands_request::Request as BatchRequest;
+
+    use super::*;
+
+    fn metrics() -> BatchMetrics {
+        BatchMetrics::register(&Metrics::new().expect("registry")).expect("register")
+    }
+
+    fn get(key: &[u8]) -> BatchRequest {
+        BatchRequest {
+            cmd: Some(ReqCmd::RawGet(kvrpcpb::RawGetRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn ids_pair_with_requests_and_the_surplus_of_either_is_counted() {
+        let m = metrics();
+        let mut pending = VecDeque::new();
+        let msg = BatchCommandsRequest {
+            requests: vec![get(b"a"), BatchRequest { cmd: None }],
+            request_ids: vec![1, 2, 3],
+        };
+        enqueue(&m, msg, &mut pending);
+        let ids: Vec<(u64, bool)> = pending.iter().map(|(id, c)| (*id, c.is_some())).collect();
+        assert_eq!(ids, vec![(1, true), (2, false), (3, false)]);
+        assert_eq!(m.malformed.get(), 1);
+
+        pending.clear();
+        let msg = BatchCommandsRequest {
+            requests: vec![get(b"a"), get(b"b"), get(b"c")],
+            request_ids: vec![9],
+        };
+        enqueue(&m, msg, &mut pending);
+        assert_eq!(
+            pending.len(),
+            1,
+            "requests without an id cannot be answered"
+        );
+        assert_eq!(m.malformed.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn answers_are_grouped_up_to_the_limit_and_release_their_slots() {
+        let slots = Arc::new(Semaphore::new(MAX_GROUP + 10));
+        let (tx, mut rx) = mpsc::channel(MAX_GROUP + 10);
+        for id in 0..(MAX_GROUP as u64 + 10) {
+            let slot = Arc::clone(&slots).acquire_owned().await.expect("slot");
+            tx.send((id, BatchResponse::default(), slot))
+                .await
+                .expect("send");
+        }
+        let first = rx.recv().await.expect("an answer");
+        let batch = group(first, &mut rx);
+        assert_eq!(batch.request_ids.len(), MAX_GROUP);
+        assert_eq!(batch.responses.len(), MAX_GROUP);
+        assert_eq!(batch.request_ids[0], 0);
+        assert_eq!(slots.available_permits(), MAX_GROUP);
+        let rest = group(rx.recv().await.expect("more"), &mut rx);
+        assert_eq!(rest.request_ids.len(), 10);
+        assert_eq!(slots.available_permits(), MAX_GROUP + 10);
+    }
+}
