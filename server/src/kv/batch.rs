@@ -318,7 +318,7 @@ impl KvService {
     /// [`KvService::run`] for one batched command. An error the unary RPC
     /// would return as a gRPC status has no place of its own on the stream,
     /// so it becomes the response's input error, naming the status.
-    async fn call<Req, Resp, F>(
+    pub(super) async fn call<Req, Resp, F>(
         &self,
         method: &'static str,
         req: Req,

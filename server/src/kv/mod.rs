@@ -415,7 +415,18 @@ mod tests {
         };
         let resp = svc.raw_put(Request::new(put)).await.expect("put");
         assert!(resp.get_ref().error.is_empty(), "{:?}", resp.get_ref());
-        let resp = svc.raw_get(Request::new(req)).await.expect("get");
+        let resp = svc.raw_get(Request::new(req.clone())).await.expect("get");
         assert_eq!(resp.get_ref().value, b"v");
+
+        // On a BatchCommands stream the same failure is the slot's error.
+        use kvfeed_proto::tikvpb::batch_commands_response::response::Cmd;
+        match svc.call("RawGetForTest", req, handler, Cmd::RawGet).await {
+            Cmd::RawGet(r) => {
+                assert!(r.error.contains("RawGetForTest"), "{r:?}");
+                assert!(r.error.contains("Internal"), "{r:?}");
+                assert!(r.value.is_empty(), "{r:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
