@@ -19,8 +19,8 @@
 //!   on: a command kind kvfeed does not serve, or a request with no command,
 //!   gets a `Response` with no command set (what TiKV sends; clients report
 //!   it as an error for that id); an id without a request gets the same; a
-//!   request without an id cannot be addressed and is dropped with a
-//!   warning.
+//!   request without an id cannot be addressed and is dropped (counted in
+//!   `kvfeed_kv_batch_malformed_total`).
 //! - No leaks: the stream's driver task owns the command tasks (a
 //!   `JoinSet`, aborted when dropped) and a guard that closes the stream in
 //!   the metrics; it ends when the client goes, the request stream fails
@@ -227,7 +227,9 @@ async fn drive(
 fn enqueue(metrics: &BatchMetrics, msg: BatchCommandsRequest, pending: &mut VecDeque<Pending>) {
     let (requests, ids) = (msg.requests.len(), msg.request_ids.len());
     if requests != ids {
-        tracing::warn!(
+        // Debug, not warn: a broken client would repeat it on every
+        // message; the malformed counter is what an operator watches.
+        tracing::debug!(
             requests,
             ids,
             "BatchCommands message with unequal request and id counts"
