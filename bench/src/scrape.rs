@@ -130,7 +130,7 @@ async fn get(addr: &str, path: &str) -> Result<String, String> {
 }
 
 /// One plain-HTTP GET of `path` from `addr` (`host:port`): the status code
-/// and the body (at most [`MAX_BODY`] bytes), the whole exchange bounded by
+/// and the body (at most 16 MiB), the whole exchange bounded by
 /// `timeout`. The benchmarks and the tests read the status server with it.
 pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()

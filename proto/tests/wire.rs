@@ -268,3 +268,180 @@ fn kv_request_context() -> Result<(), prost::DecodeError> {
     ];
     assert_wire(&context, expected)
 }
+
+/// A field's tag bytes: the varint of (number << 3) | wire type 2.
+fn len_tag(number: u64) -> Vec<u8> {
+    let mut v = (number << 3) | 2;
+    let mut out = Vec::new();
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+    out
+}
+
+#[test]
+fn batch_commands_oneof_tags_match_upstream() -> Result<(), prost::DecodeError> {
+    use kvfeed_proto::tikvpb::batch_commands_request::Request;
+    use kvfeed_proto::tikvpb::batch_commands_request::request::Cmd as Q;
+    use kvfeed_proto::tikvpb::batch_commands_response::Response;
+    use kvfeed_proto::tikvpb::batch_commands_response::response::Cmd as R;
+    use kvfeed_proto::tikvpb::{BatchCommandsEmptyRequest, BatchCommandsEmptyResponse};
+
+    // Upstream kvproto's numbers, written out by hand.
+    let table: Vec<(u64, Q, R)> = vec![
+        (1, Q::Get(Default::default()), R::Get(Default::default())),
+        (2, Q::Scan(Default::default()), R::Scan(Default::default())),
+        (
+            3,
+            Q::Prewrite(Default::default()),
+            R::Prewrite(Default::default()),
+        ),
+        (
+            4,
+            Q::Commit(Default::default()),
+            R::Commit(Default::default()),
+        ),
+        (
+            6,
+            Q::Cleanup(Default::default()),
+            R::Cleanup(Default::default()),
+        ),
+        (
+            7,
+            Q::BatchGet(Default::default()),
+            R::BatchGet(Default::default()),
+        ),
+        (
+            8,
+            Q::BatchRollback(Default::default()),
+            R::BatchRollback(Default::default()),
+        ),
+        (
+            9,
+            Q::ScanLock(Default::default()),
+            R::ScanLock(Default::default()),
+        ),
+        (
+            10,
+            Q::ResolveLock(Default::default()),
+            R::ResolveLock(Default::default()),
+        ),
+        (11, Q::Gc(Default::default()), R::Gc(Default::default())),
+        (
+            12,
+            Q::DeleteRange(Default::default()),
+            R::DeleteRange(Default::default()),
+        ),
+        (
+            13,
+            Q::RawGet(Default::default()),
+            R::RawGet(Default::default()),
+        ),
+        (
+            14,
+            Q::RawBatchGet(Default::default()),
+            R::RawBatchGet(Default::default()),
+        ),
+        (
+            15,
+            Q::RawPut(Default::default()),
+            R::RawPut(Default::default()),
+        ),
+        (
+            16,
+            Q::RawBatchPut(Default::default()),
+            R::RawBatchPut(Default::default()),
+        ),
+        (
+            17,
+            Q::RawDelete(Default::default()),
+            R::RawDelete(Default::default()),
+        ),
+        (
+            18,
+            Q::RawBatchDelete(Default::default()),
+            R::RawBatchDelete(Default::default()),
+        ),
+        (
+            19,
+            Q::RawScan(Default::default()),
+            R::RawScan(Default::default()),
+        ),
+        (
+            20,
+            Q::RawDeleteRange(Default::default()),
+            R::RawDeleteRange(Default::default()),
+        ),
+        (
+            21,
+            Q::RawBatchScan(Default::default()),
+            R::RawBatchScan(Default::default()),
+        ),
+        (
+            23,
+            Q::PessimisticLock(Default::default()),
+            R::PessimisticLock(Default::default()),
+        ),
+        (
+            24,
+            Q::PessimisticRollback(Default::default()),
+            R::PessimisticRollback(Default::default()),
+        ),
+        (
+            25,
+            Q::CheckTxnStatus(Default::default()),
+            R::CheckTxnStatus(Default::default()),
+        ),
+        (
+            26,
+            Q::TxnHeartBeat(Default::default()),
+            R::TxnHeartBeat(Default::default()),
+        ),
+        (
+            33,
+            Q::CheckSecondaryLocks(Default::default()),
+            R::CheckSecondaryLocks(Default::default()),
+        ),
+        (
+            255,
+            Q::Empty(Default::default()),
+            R::Empty(Default::default()),
+        ),
+    ];
+    for (number, q, r) in table {
+        let mut expected = len_tag(number);
+        expected.push(0); // an empty message
+        assert_wire(&Request { cmd: Some(q) }, &expected)?;
+        assert_wire(&Response { cmd: Some(r) }, &expected)?;
+    }
+    assert_eq!(len_tag(255), [0xfa, 0x0f]);
+
+    // requests = 1, request_ids = 2 (packed); test_id = 1, delay_time = 2.
+    let request = kvfeed_proto::tikvpb::BatchCommandsRequest {
+        requests: vec![Request {
+            cmd: Some(Q::Empty(BatchCommandsEmptyRequest {
+                test_id: 5,
+                delay_time: 6,
+            })),
+        }],
+        request_ids: vec![7, 8],
+    };
+    let expected = [
+        0x0a, 0x07, 0xfa, 0x0f, 0x04, 0x08, 0x05, 0x10, 0x06, 0x12, 0x02, 0x07, 0x08,
+    ];
+    assert_wire(&request, &expected)?;
+    // responses = 1, request_ids = 2, transport_layer_load = 3.
+    let response = kvfeed_proto::tikvpb::BatchCommandsResponse {
+        responses: vec![Response {
+            cmd: Some(R::Empty(BatchCommandsEmptyResponse { test_id: 5 })),
+        }],
+        request_ids: vec![7],
+        transport_layer_load: 9,
+    };
+    let expected = [
+        0x0a, 0x05, 0xfa, 0x0f, 0x02, 0x08, 0x05, 0x12, 0x01, 0x07, 0x18, 0x09,
+    ];
+    assert_wire(&response, &expected)
+}

@@ -22,6 +22,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 
+use crate::metrics::MetricsError;
 use crate::node::Node;
 use crate::shutdown::ShutdownSignal;
 
@@ -31,19 +32,22 @@ use crate::shutdown::ShutdownSignal;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The gRPC router with every service of `node` attached.
-pub fn grpc_router(node: &Arc<Node>) -> Router {
+/// The gRPC router with every service of `node` attached. Fails if a
+/// service's metrics cannot be registered in the node's registry. Must be
+/// called inside a Tokio runtime (the health service keeps a task).
+pub fn grpc_router(node: &Arc<Node>) -> Result<Router, MetricsError> {
     // Services are added here, e.g.
     // `routes.add_service(PdServer::new(PdService::new(Arc::clone(node))));`
     let _ = node;
     let mut routes = Routes::builder();
-    routes.add_service(crate::kv::service(node));
+    routes.add_service(crate::kv::service(node)?);
     routes.add_service(crate::pd::service(node));
     routes.add_service(crate::changedata::service(node));
-    Server::builder()
+    routes.add_service(crate::health::service(node));
+    Ok(Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_routes(routes.routes())
+        .add_routes(routes.routes()))
 }
 
 /// Serves `router` on the already bound `listener` until `shutdown` fires

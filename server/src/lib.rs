@@ -9,7 +9,8 @@
 //! - [`serve`]: start-up and shutdown of `kvfeed serve`; `grpc` attaches
 //!   the gRPC services (`pd`, `kv`, `changedata`), `status` is the HTTP
 //!   status server, `metrics` the Prometheus registry, `shutdown` the
-//!   signal tasks stop on, `gc` the GC worker.
+//!   signal tasks stop on, `gc` the GC worker, `health` the standard
+//!   gRPC health service.
 //! - `changedata`: the `cdcpb.ChangeData` service over the `kvfeed-cdc`
 //!   feed; `faults`: test-only fault injection into it.
 //! - [`cmd`]: `put`, `get`, `delete`, `scan` and `watch`, on `kvfeed-client`.
@@ -22,6 +23,7 @@ mod config;
 mod faults;
 mod gc;
 mod grpc;
+mod health;
 mod kv;
 pub mod logging;
 mod metrics;

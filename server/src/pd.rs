@@ -43,7 +43,7 @@ use kvfeed_proto::pdpb::{
     UpdateGcSafePointResponse, UpdateServiceGcSafePointRequest, UpdateServiceGcSafePointResponse,
 };
 use kvfeed_storage::TimeStamp;
-use kvfeed_storage::region::{RegionId, STORE_ID};
+use kvfeed_storage::region::{Region, RegionId, RegionMap, STORE_ID};
 use kvfeed_storage::safepoint::{SafePointError, SafePoints, ServiceId};
 use kvfeed_storage::tso::Tso;
 use tokio::sync::mpsc;
@@ -114,6 +114,31 @@ impl PdService {
                 message,
             }),
         })
+    }
+
+    /// The answer of a single-region lookup: a header error if the request
+    /// names another cluster, else the region `find` picks with its leader;
+    /// no region (not found) is still a success, as in PD.
+    fn region_reply(
+        &self,
+        header: Option<&RequestHeader>,
+        method: &'static str,
+        find: impl FnOnce(&RegionMap) -> Option<&Region>,
+    ) -> GetRegionResponse {
+        if let Some(header) = self.reject(request_cluster_id(header), method) {
+            return GetRegionResponse {
+                header,
+                ..GetRegionResponse::default()
+            };
+        }
+        let region = find(self.node.regions());
+        tracing::trace!(method, region_id = region.map(|r| r.id.0), "region lookup");
+        GetRegionResponse {
+            header: self.header(),
+            region: region.map(region_meta),
+            leader: region.map(leader_peer),
+            ..GetRegionResponse::default()
+        }
     }
 
     /// `Some(error header)` if the request names another cluster.
@@ -340,20 +365,31 @@ impl Pd for PdService {
         request: Request<GetRegionRequest>,
     ) -> Result<Response<GetRegionResponse>, Status> {
         let req = request.into_inner();
-        if let Some(header) = self.reject(request_cluster_id(req.header.as_ref()), "GetRegion") {
-            return Ok(Response::new(GetRegionResponse {
-                header,
-                ..GetRegionResponse::default()
-            }));
-        }
-        let region = self.node.regions().locate(&req.region_key);
-        tracing::trace!(region_id = region.id.0, "GetRegion");
-        Ok(Response::new(GetRegionResponse {
-            header: self.header(),
-            region: Some(region_meta(region)),
-            leader: Some(leader_peer(region)),
-            ..GetRegionResponse::default()
-        }))
+        Ok(Response::new(self.region_reply(
+            req.header.as_ref(),
+            "GetRegion",
+            |map| Some(map.locate(&req.region_key)),
+        )))
+    }
+
+    async fn get_prev_region(
+        &self,
+        request: Request<GetRegionRequest>,
+    ) -> Result<Response<GetRegionResponse>, Status> {
+        let req = request.into_inner();
+        // As PD: the region ending where the key's region starts; none
+        // (still a success) for a key in the first region.
+        Ok(Response::new(self.region_reply(
+            req.header.as_ref(),
+            "GetPrevRegion",
+            |map| {
+                let here = map.locate(&req.region_key);
+                let regions = map.regions();
+                let at = regions.iter().position(|r| r.id == here.id)?;
+                let prev = regions.get(at.checked_sub(1)?)?;
+                (prev.end_key == here.start_key).then_some(prev)
+            },
+        )))
     }
 
     async fn get_region_by_id(
@@ -361,26 +397,12 @@ impl Pd for PdService {
         request: Request<GetRegionByIdRequest>,
     ) -> Result<Response<GetRegionResponse>, Status> {
         let req = request.into_inner();
-        let requested = request_cluster_id(req.header.as_ref());
-        if let Some(header) = self.reject(requested, "GetRegionByID") {
-            return Ok(Response::new(GetRegionResponse {
-                header,
-                ..GetRegionResponse::default()
-            }));
-        }
         // As PD: an unknown id is a response without a region, not an error.
-        let region = self.node.regions().get(RegionId(req.region_id));
-        tracing::trace!(
-            region_id = req.region_id,
-            found = region.is_some(),
-            "GetRegionByID"
-        );
-        Ok(Response::new(GetRegionResponse {
-            header: self.header(),
-            region: region.map(region_meta),
-            leader: region.map(leader_peer),
-            ..GetRegionResponse::default()
-        }))
+        Ok(Response::new(self.region_reply(
+            req.header.as_ref(),
+            "GetRegionByID",
+            |map| map.get(RegionId(req.region_id)),
+        )))
     }
 
     async fn scan_regions(

@@ -206,7 +206,7 @@ async fn start(config: Config) -> Result<Started, ServeError> {
     gc::GcWorker::for_node(&node)
         .map_err(NodeError::from)?
         .spawn(node.shutdown().subscribe());
-    let router = grpc::grpc_router(&node);
+    let router = grpc::grpc_router(&node).map_err(NodeError::from)?;
     let grpc_task = tokio::spawn(grpc::serve(
         router,
         grpc_listener,

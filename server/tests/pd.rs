@@ -279,6 +279,43 @@ async fn get_region_routes_keys_by_the_encoded_boundaries() {
 }
 
 #[tokio::test]
+async fn get_prev_region_answers_the_region_before_the_keys_region() {
+    let server = TestServer::start();
+    let mut client = pd(&server).await;
+    let split = split_key();
+    let mut above_split = split.clone();
+    above_split.push(0);
+
+    let mut prev = async |key: &[u8], cluster_id: u64| {
+        client
+            .get_prev_region(GetRegionRequest {
+                header: header(cluster_id),
+                region_key: key.to_vec(),
+                need_buckets: false,
+            })
+            .await
+            .expect("GetPrevRegion")
+            .into_inner()
+    };
+    // Keys of the second region (its start key included): the first region.
+    for key in [&split[..], &above_split, &[0xFF; 40]] {
+        assert_region(&server, &prev(key, server.cluster_id()).await, b"", &split);
+    }
+    // Keys of the first region have no previous region: a success without one.
+    for key in [&b""[..], b"a"] {
+        let none = prev(key, server.cluster_id()).await;
+        assert_ok(&server, none.header.as_ref());
+        assert_eq!((none.region, none.leader), (None, None));
+    }
+    // Another cluster's request is a header error, as for GetRegion.
+    let wrong = server.cluster_id().wrapping_add(1).max(1);
+    let refused = prev(&split, wrong).await;
+    assert_eq!(refused.region, None);
+    let error = refused.header.and_then(|h| h.error).expect("an error");
+    assert_eq!(error.r#type, ErrorType::InvalidValue as i32);
+}
+
+#[tokio::test]
 async fn scan_regions_honours_range_and_limit_and_fills_both_layouts() {
     let server = TestServer::start();
     let mut client = pd(&server).await;
@@ -568,7 +605,7 @@ async fn gc_safe_points_only_rise_and_survive_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_tso_stream_ends_at_shutdown() {
-    let mut server = TestServer::start();
+    let server = TestServer::start();
     let mut client = pd(&server).await;
     let (tx, rx) = mpsc::channel(4);
     tx.send(TsoRequest {
@@ -591,11 +628,7 @@ async fn an_open_tso_stream_ends_at_shutdown() {
     assert_eq!(first.count, 1);
 
     // The request side stays open (`tx` is alive): only the server can end it.
-    let exited = tokio::task::spawn_blocking(move || server.stop("TERM"))
-        .await
-        .expect("stop task");
-    exited.assert_clean();
-    assert!(!exited.stderr.contains("grace period"), "{}", exited.stderr);
+    server.stop_without_grace().await;
     assert!(
         !matches!(inbound.message().await, Ok(Some(_))),
         "no answer after shutdown"

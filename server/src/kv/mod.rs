@@ -17,8 +17,12 @@
 //! are released as the panic unwinds, so no key stays blocked).
 //!
 //! Requests are capped at [`limits::MAX_REQUEST_SIZE`] by the transport, so
-//! an oversized message is refused before anything is decoded into memory.
+//! an oversized message is refused before anything is decoded into memory;
+//! on a `BatchCommands` stream ([`batch`]) the cap applies to each message.
+//! A command sent on that stream runs through the same [`KvService::run`]
+//! as its unary RPC, so both transports give the same answers.
 
+pub mod batch;
 pub mod context;
 pub mod errors;
 pub mod limits;
@@ -28,32 +32,40 @@ pub mod txn;
 
 use std::sync::Arc;
 
-use kvfeed_proto::kvrpcpb;
 use kvfeed_proto::tikvpb::tikv_server::{Tikv, TikvServer};
-use tonic::{Request, Response, Status};
+use kvfeed_proto::{kvrpcpb, tikvpb};
+use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::MetricsError;
 use crate::node::Node;
+use batch::BatchMetrics;
 use context::{HasContext, Scope};
 use errors::{KvError, KvResponse};
 
 /// The gRPC service, ready to be added to the router, with the request
-/// size limit applied.
-pub fn service(node: &Arc<Node>) -> TikvServer<KvService> {
-    TikvServer::new(KvService::new(Arc::clone(node)))
-        .max_decoding_message_size(limits::MAX_REQUEST_SIZE)
+/// size limit applied. Fails if the service's metrics cannot be registered
+/// (a second service on the same node).
+pub fn service(node: &Arc<Node>) -> Result<TikvServer<KvService>, MetricsError> {
+    Ok(TikvServer::new(KvService::new(Arc::clone(node))?)
+        .max_decoding_message_size(limits::MAX_REQUEST_SIZE))
 }
 
-/// Serves `tikvpb.Tikv` from a node.
+/// Serves `tikvpb.Tikv` from a node. Cloning is cheap (shared handles):
+/// each `BatchCommands` command runs on a clone.
+#[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
+    batch: BatchMetrics,
 }
 
 impl KvService {
-    /// A service over `node`. The node raised the transaction layer's
-    /// read-timestamp floor to the oracle when it opened, so async-commit
-    /// and 1PC commits land above every read an earlier run served.
-    pub fn new(node: Arc<Node>) -> Self {
-        KvService { node }
+    /// A service over `node`, its metrics registered in the node's
+    /// registry. The node raised the transaction layer's read-timestamp
+    /// floor to the oracle when it opened, so async-commit and 1PC commits
+    /// land above every read an earlier run served.
+    pub fn new(node: Arc<Node>) -> Result<Self, MetricsError> {
+        let batch = BatchMetrics::register(node.metrics())?;
+        Ok(KvService { node, batch })
     }
 
     /// Runs `handler` for `request` on the blocking pool, after the region
@@ -69,7 +81,26 @@ impl KvService {
         Resp: KvResponse,
         F: FnOnce(&Node, &Scope, Req) -> Result<Resp, KvError> + Send + 'static,
     {
-        let req = request.into_inner();
+        self.run(method, request.into_inner(), handler)
+            .await
+            .map(Response::new)
+    }
+
+    /// The one execution path of every KV command, unary or batched:
+    /// context check and handler on the blocking pool, errors placed where
+    /// clients look for them. A `Status` is an error no response field can
+    /// carry (missing context, storage failure, handler panic).
+    async fn run<Req, Resp, F>(
+        &self,
+        method: &'static str,
+        req: Req,
+        handler: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: HasContext,
+        Resp: KvResponse,
+        F: FnOnce(&Node, &Scope, Req) -> Result<Resp, KvError> + Send + 'static,
+    {
         let region_id = req.context().map_or(0, |c| c.region_id);
         tracing::trace!(method, region_id, "kv request");
         let node = Arc::clone(&self.node);
@@ -89,18 +120,18 @@ impl KvService {
             }
         };
         match outcome {
-            Ok(resp) => Ok(Response::new(resp)),
+            Ok(resp) => Ok(resp),
             Err(KvError::Region(err)) => {
                 tracing::debug!(method, region_id, message = %err.message, "region error");
                 let mut resp = Resp::default();
                 resp.set_region_error(*err);
-                Ok(Response::new(resp))
+                Ok(resp)
             }
             Err(KvError::Input(msg)) => {
                 tracing::debug!(method, region_id, message = %msg, "invalid request");
                 let mut resp = Resp::default();
                 resp.set_input_error(msg);
-                Ok(Response::new(resp))
+                Ok(resp)
             }
             Err(err @ (KvError::MissingContext | KvError::Storage(_))) => {
                 if matches!(err, KvError::Storage(_)) {
@@ -304,6 +335,15 @@ impl Tikv for KvService {
         self.handle("RawCompareAndSwap", r, raw::compare_and_swap)
             .await
     }
+
+    type BatchCommandsStream = batch::ResponseStream;
+
+    async fn batch_commands(
+        &self,
+        r: Request<Streaming<tikvpb::BatchCommandsRequest>>,
+    ) -> Reply<Self::BatchCommandsStream> {
+        Ok(Response::new(batch::open(self.clone(), r.into_inner())))
+    }
 }
 
 #[cfg(test)]
@@ -346,7 +386,7 @@ mod tests {
     async fn a_panicking_handler_is_an_internal_error_and_serving_goes_on() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let node = open_node(tmp.path());
-        let svc = KvService::new(Arc::clone(&node));
+        let svc = KvService::new(Arc::clone(&node)).expect("register metrics");
         let req = kvrpcpb::RawGetRequest {
             context: first_region_ctx(&node),
             key: b"k".to_vec(),
@@ -375,7 +415,18 @@ mod tests {
         };
         let resp = svc.raw_put(Request::new(put)).await.expect("put");
         assert!(resp.get_ref().error.is_empty(), "{:?}", resp.get_ref());
-        let resp = svc.raw_get(Request::new(req)).await.expect("get");
+        let resp = svc.raw_get(Request::new(req.clone())).await.expect("get");
         assert_eq!(resp.get_ref().value, b"v");
+
+        // On a BatchCommands stream the same failure is the slot's error.
+        use kvfeed_proto::tikvpb::batch_commands_response::response::Cmd;
+        match svc.call("RawGetForTest", req, handler, Cmd::RawGet).await {
+            Cmd::RawGet(r) => {
+                assert!(r.error.contains("RawGetForTest"), "{r:?}");
+                assert!(r.error.contains("Internal"), "{r:?}");
+                assert!(r.value.is_empty(), "{r:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

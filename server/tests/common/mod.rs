@@ -464,6 +464,18 @@ impl TestServer {
         }
     }
 
+    /// SIGTERM from a blocking thread (so the caller's runtime keeps
+    /// driving its open streams), which must end the process with status 0
+    /// without waiting out the shutdown grace period: every open stream
+    /// was ended by the server itself.
+    pub async fn stop_without_grace(mut self) {
+        let exited = tokio::task::spawn_blocking(move || self.stop("TERM"))
+            .await
+            .expect("stop task");
+        exited.assert_clean();
+        assert!(!exited.stderr.contains("grace period"), "{}", exited.stderr);
+    }
+
     /// SIGTERM, which must end the process with status 0.
     pub fn stop_clean(&mut self) -> Exited {
         let exited = self.stop("TERM");
