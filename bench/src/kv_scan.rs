@@ -45,6 +45,7 @@ pub async fn run(args: &KvScanArgs) -> Result<Report, BenchError> {
     );
     txn_load::preload_txn(&server, &prefix, args.preload.keys, args.preload.value_size).await?;
 
+    args.preload.settle(NAME).await;
     let mut report = Report::new(NAME);
     report.json(
         "params",

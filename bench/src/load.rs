@@ -652,6 +652,12 @@ pub struct PreloadArgs {
     /// Longest one read of the preloaded keys may take.
     #[arg(long, value_name = "D", default_value = "5m")]
     pub timeout: kvfeed_types::units::ReadableDuration,
+
+    /// Pause between the preload and the reads, so that the store's
+    /// flushes and compactions of a large preload are done and the reads
+    /// measure a settled store (0s measures reads that compete with them).
+    #[arg(long, value_name = "D", default_value = "0s")]
+    pub settle: kvfeed_types::units::ReadableDuration,
 }
 
 impl PreloadArgs {
@@ -659,6 +665,25 @@ impl PreloadArgs {
     pub fn check(&self) -> Result<Duration, BenchError> {
         super::check_range("--keys", self.keys, 1, 10_000_000)?;
         super::check_range("--value-size", self.value_size, 1, 1 << 20)?;
+        if self.settle.as_duration() > super::MAX_DURATION {
+            return Err(BenchError::Usage(format!(
+                "--settle {} is longer than {:?}",
+                self.settle,
+                super::MAX_DURATION
+            )));
+        }
         super::check_duration("--timeout", self.timeout)
+    }
+
+    /// Waits `--settle` after a preload.
+    pub async fn settle(&self, bench: &str) {
+        let pause = self.settle.as_duration();
+        if !pause.is_zero() {
+            super::progress(
+                bench,
+                &format!("letting the store settle for {}", self.settle),
+            );
+            tokio::time::sleep(pause).await;
+        }
     }
 }

@@ -96,6 +96,7 @@ pub async fn run(args: &ScanArgs) -> Result<Report, BenchError> {
     } else {
         None
     };
+    args.preload.settle(NAME).await;
     let raw = catch_up(
         &server,
         KeyMode::Raw,
