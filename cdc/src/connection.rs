@@ -213,10 +213,12 @@ impl Connection {
         }
     }
 
+    /// The id the registry gave this connection.
     pub fn id(&self) -> ConnId {
         self.id
     }
 
+    /// The optional protocol features the client announced when it connected.
     pub fn features(&self) -> Features {
         self.features
     }
@@ -350,6 +352,7 @@ impl Connection {
 /// What [`EventStream::try_next`] found.
 #[derive(Debug)]
 pub enum TryNext {
+    /// An event was queued; it is now taken.
     Event(ChangeDataEvent),
     /// Nothing queued right now.
     Empty,
@@ -372,6 +375,7 @@ impl EventStream {
         EventStream { id, rx, metrics }
     }
 
+    /// The connection whose events this stream carries.
     pub fn conn_id(&self) -> ConnId {
         self.id
     }

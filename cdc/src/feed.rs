@@ -54,10 +54,13 @@ use crate::ts_sampler::{self, MinTsSource};
 
 /// What the feed is built on.
 pub struct FeedDeps {
+    /// The storage whose writes are fed and whose snapshots catch-up scans read.
     pub store: Arc<Store>,
+    /// The region layout requests are checked against (id, epoch, range).
     pub regions: Arc<RegionMap>,
     /// Checked against requests of clients ≥ 5.3.0.
     pub cluster_id: u64,
+    /// The `[cdc]` settings: limits, intervals and quotas.
     pub config: FeedConfig,
     /// The oracle the store's transactions and raw writes take timestamps
     /// from: resolved timestamps are sampled from it, and its clock is the
@@ -280,6 +283,7 @@ impl Feed {
         TaskGuard::new(&self.inner.metrics)
     }
 
+    /// The settings the feed was built with.
     pub fn config(&self) -> &FeedConfig {
         &self.inner.config
     }

@@ -142,6 +142,8 @@
 //! until the connection has room: never queued twice, never dropped, and
 //! never the cause of congestion.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod connection;
 pub mod debug;

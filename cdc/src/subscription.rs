@@ -60,8 +60,13 @@ use crate::ts_sampler::{LockChange, LockSet};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubscriptionState {
+    /// Registered; the catch-up scan has not reported Done yet, so only scanned
+    /// rows are sent.
     Initializing,
+    /// The scan finished and INITIALIZED was queued; live rows and resolved
+    /// timestamps flow.
     Normal,
+    /// Terminal: removed from the registry, nothing more is sent for it.
     Stopped,
 }
 

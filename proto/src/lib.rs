@@ -20,6 +20,8 @@
 //! same rule applies: names and numbers are etcd's, `tests/etcd_wire.rs`
 //! pins them.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 
 /// Expands to a module holding generated code, with the lints that

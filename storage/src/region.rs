@@ -38,18 +38,22 @@ pub use kvfeed_types::RegionId;
 /// A region's epoch, as TiKV versions region metadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionEpoch {
+    /// Bumped by membership (peer) changes.
     pub conf_ver: u64,
+    /// Bumped by splits and merges, i.e. whenever the key range changes.
     pub version: u64,
 }
 
 /// One region: a key range served by the single peer on [`STORE_ID`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
+    /// The region's id, unique in the cluster.
     pub id: RegionId,
     /// Inclusive lower bound, encoded; empty means unbounded.
     pub start_key: Vec<u8>,
     /// Exclusive upper bound, encoded; empty means unbounded.
     pub end_key: Vec<u8>,
+    /// The metadata version requests must present to be served.
     pub epoch: RegionEpoch,
     /// The id of the region's only peer (always the leader).
     pub peer_id: u64,
@@ -83,16 +87,30 @@ impl Region {
 /// error so clients react as they would against TiKV.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RegionError {
+    /// The request names a region id this store does not serve
+    /// (TiKV's `RegionNotFound`).
     #[error("region {0} not found")]
     NotFound(RegionId),
+    /// The request carries a stale or unknown epoch (TiKV's
+    /// `EpochNotMatch`); the client refreshes its region cache and retries.
     #[error("region {region} epoch {requested:?} does not match current {current:?}")]
     EpochNotMatch {
+        /// The region the request named.
         region: RegionId,
+        /// The epoch the request carried.
         requested: RegionEpoch,
+        /// The region's actual epoch.
         current: RegionEpoch,
     },
+    /// A key of the request lies outside the region it was sent to
+    /// (TiKV's `KeyNotInRegion`).
     #[error("key is not in region {region}")]
-    KeyNotInRegion { region: RegionId, key: Vec<u8> },
+    KeyNotInRegion {
+        /// The region the request named.
+        region: RegionId,
+        /// The offending key.
+        key: Vec<u8>,
+    },
 }
 
 /// The fixed layout of regions, sorted by start key.
@@ -170,6 +188,7 @@ impl RegionMap {
         &self.regions
     }
 
+    /// The region with id `id`; `None` if there is none.
     pub fn get(&self, id: RegionId) -> Option<&Region> {
         self.regions.iter().find(|r| r.id == id)
     }

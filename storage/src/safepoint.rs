@@ -67,14 +67,18 @@ pub const GC_WORKER_SERVICE_ID: &[u8] = b"gc_worker";
 pub struct ServiceId(Vec<u8>);
 
 impl ServiceId {
+    /// Wraps `id` as is; emptiness and length are checked when the id is
+    /// used, not here.
     pub fn new(id: impl Into<Vec<u8>>) -> Self {
         ServiceId(id.into())
     }
 
+    /// The id's bytes, as PD carries them.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
+    /// Takes the id's bytes out.
     pub fn into_bytes(self) -> Vec<u8> {
         self.0
     }
@@ -89,14 +93,25 @@ impl fmt::Display for ServiceId {
 /// Why a safe point operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SafePointError {
+    /// An update named the empty service id.
     #[error("a service id must not be empty")]
     EmptyServiceId,
+    /// An update named a service id longer than [`MAX_SERVICE_ID_LEN`].
     #[error("service id is {len} bytes; at most {MAX_SERVICE_ID_LEN} are allowed")]
-    ServiceIdTooLong { len: usize },
+    ServiceIdTooLong {
+        /// The id's length in bytes.
+        len: usize,
+    },
+    /// A service without an entry tried to add one while [`MAX_SERVICES`]
+    /// services already hold a safe point.
     #[error(
         "{MAX_SERVICES} services already hold a GC safe point; service {service_id} cannot be added"
     )]
-    TooManyServices { service_id: ServiceId },
+    TooManyServices {
+        /// The service that was refused.
+        service_id: ServiceId,
+    },
+    /// Reading or writing the stored safe points failed.
     #[error(transparent)]
     Storage(#[from] Error),
 }
@@ -104,7 +119,9 @@ pub enum SafePointError {
 /// One service's safe point.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSafePoint {
+    /// The service holding the entry.
     pub service_id: ServiceId,
+    /// Versions at or above this must survive GC for the service.
     pub safe_point: TimeStamp,
     /// Milliseconds since the epoch at which the entry expires; `u64::MAX`
     /// means never.
@@ -143,6 +160,7 @@ pub struct ServiceUpdate {
 /// Everything stored, as read from one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SafePointState {
+    /// The GC safe point: versions below it may already be gone.
     pub gc_safe_point: TimeStamp,
     /// Every stored service entry, expired or not, ordered by id.
     pub services: Vec<ServiceSafePoint>,

@@ -100,8 +100,11 @@ pub enum BatchSource {
 /// A durable, applied batch as handed to observers.
 #[derive(Debug)]
 pub struct ChangeBatch {
+    /// The batch's place in the store's total order of applied batches.
     pub seq: SeqNo,
+    /// Why the batch was written.
     pub source: BatchSource,
+    /// The engine mutations exactly as applied (keys encoded).
     pub mutations: Vec<Mutation>,
 }
 
@@ -109,6 +112,7 @@ pub struct ChangeBatch {
 /// Called on the committing thread while the sequence is held: it must not
 /// block or call back into the store (push to a channel and return).
 pub trait Observer: Send + Sync + 'static {
+    /// Called once per applied batch, with the rules above.
     fn on_apply(&self, batch: &Arc<ChangeBatch>);
 }
 
@@ -130,6 +134,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The sequence number of the last batch the snapshot contains.
     pub fn seq(&self) -> SeqNo {
         self.seq
     }

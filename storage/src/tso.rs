@@ -59,6 +59,7 @@ pub const MAX_PHYSICAL: u64 = u64::MAX >> LOGICAL_BITS;
 
 /// A source of wall-clock time in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync {
+    /// The current time; not guaranteed to be monotonic.
     fn now_ms(&self) -> u64;
 }
 
@@ -85,6 +86,7 @@ pub struct ManualClock {
 }
 
 impl ManualClock {
+    /// A clock reading `ms` until it is set or advanced.
     pub fn new(ms: u64) -> Self {
         ManualClock {
             ms: AtomicU64::new(ms),

@@ -27,10 +27,15 @@ pub use cursor::Cursor;
 /// store's own bookkeeping (applied sequence number, cluster id, TSO window).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Cf {
+    /// Transaction values too long to inline, at `(key, start_ts)`.
     Default,
+    /// Percolator locks of uncommitted transactions, one per key.
     Lock,
+    /// Commit and rollback records, at `(key, commit_ts)`.
     Write,
+    /// Raw (non-transactional) key-value data.
     Raw,
+    /// The store's own bookkeeping, never visible to clients.
     Meta,
 }
 
@@ -53,15 +58,20 @@ impl Cf {
 /// One change inside a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Sets the key to this value, replacing any previous one.
     Put(Vec<u8>),
+    /// Removes the key; deleting an absent key is not an error.
     Delete,
 }
 
 /// A put or delete of one key in one column family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mutation {
+    /// The column family the key lives in.
     pub cf: Cf,
+    /// The key exactly as stored (already encoded by the layer above).
     pub key: Vec<u8>,
+    /// What happens to the key.
     pub op: Op,
 }
 
@@ -73,10 +83,12 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
+    /// An empty batch.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Appends a put of `key` to `value` in `cf`.
     pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.mutations.push(Mutation {
             cf,
@@ -85,6 +97,7 @@ impl WriteBatch {
         });
     }
 
+    /// Appends a delete of `key` in `cf`.
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
         self.mutations.push(Mutation {
             cf,
@@ -93,18 +106,22 @@ impl WriteBatch {
         });
     }
 
+    /// Whether the batch holds no mutation; writing it would change nothing.
     pub fn is_empty(&self) -> bool {
         self.mutations.is_empty()
     }
 
+    /// Number of mutations, counting repeated keys once per mutation.
     pub fn len(&self) -> usize {
         self.mutations.len()
     }
 
+    /// The mutations in the order they apply.
     pub fn mutations(&self) -> &[Mutation] {
         &self.mutations
     }
 
+    /// Takes the mutations out, in the order they apply.
     pub fn into_mutations(self) -> Vec<Mutation> {
         self.mutations
     }
@@ -151,6 +168,7 @@ pub trait Engine: Send + Sync + 'static {
 /// A consistent read view of an [`Engine`]. Owns what it needs, so it can be
 /// moved to another thread (a catch-up scan runs on one).
 pub trait EngineSnapshot: Send + Sync + 'static {
+    /// The value of `key` in `cf` as of the snapshot; `None` if absent.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
     /// Iterates `cf` between `lower` and `upper`, ascending, or descending when

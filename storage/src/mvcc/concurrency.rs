@@ -50,6 +50,8 @@ pub struct MemLockGuard<'a> {
 }
 
 impl ConcurrencyManager {
+    /// A manager with no in-memory locks whose max ts starts at
+    /// `initial_max_ts`.
     pub fn new(initial_max_ts: TimeStamp) -> Self {
         let cm = ConcurrencyManager::default();
         cm.max_ts

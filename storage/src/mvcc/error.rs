@@ -34,26 +34,41 @@ pub enum TxnError {
         escape(key)
     )]
     WriteConflict {
+        /// The refused transaction's start ts.
         start_ts: TimeStamp,
+        /// Start ts of the transaction whose write conflicts.
         conflict_start_ts: TimeStamp,
+        /// Commit ts of the conflicting write (0 when the conflict is not a
+        /// committed write).
         conflict_commit_ts: TimeStamp,
+        /// The key written by both.
         key: Vec<u8>,
+        /// The refused transaction's primary key.
         primary: Vec<u8>,
+        /// Which check found the conflict, reported to the client as is.
         reason: WriteConflictReason,
     },
     /// `KeyError.already_exist`: `Insert`/`CheckNotExists`/`should_not_exist`
     /// found a visible value.
     #[error("key {} already exists", escape(key))]
-    AlreadyExist { key: Vec<u8> },
+    AlreadyExist {
+        /// The key that has a value.
+        key: Vec<u8>,
+    },
     /// `KeyError.commit_ts_expired`: commit_ts below the lock's min_commit_ts.
     #[error(
         "commit_ts {attempted_commit_ts} of transaction {start_ts} is below min_commit_ts {min_commit_ts} on key {}",
         escape(key)
     )]
     CommitTsExpired {
+        /// The committing transaction's start ts.
         start_ts: TimeStamp,
+        /// The commit ts the client asked for.
         attempted_commit_ts: TimeStamp,
+        /// The lock's floor the commit ts fell below; the client retries with
+        /// a commit ts above it.
         min_commit_ts: TimeStamp,
+        /// The key whose lock refused the commit.
         key: Vec<u8>,
     },
     /// `KeyError.txn_lock_not_found` (older servers: `retryable`): commit
@@ -64,36 +79,57 @@ pub enum TxnError {
         escape(key)
     )]
     TxnLockNotFound {
+        /// The committing transaction's start ts.
         start_ts: TimeStamp,
+        /// The commit ts the client asked for.
         commit_ts: TimeStamp,
+        /// The key with no lock.
         key: Vec<u8>,
     },
     /// `KeyError.txn_not_found`: check_txn_status / heartbeat found no trace
     /// of the transaction on its primary.
     #[error("transaction {start_ts} not found on primary {}", escape(key))]
-    TxnNotFound { start_ts: TimeStamp, key: Vec<u8> },
+    TxnNotFound {
+        /// The transaction asked about.
+        start_ts: TimeStamp,
+        /// Its primary key.
+        key: Vec<u8>,
+    },
     /// `KeyError.retryable`: a pessimistic prewrite found no pessimistic lock
     /// of its own on the key.
     #[error(
         "pessimistic lock of transaction {start_ts} not found on key {}",
         escape(key)
     )]
-    PessimisticLockNotFound { start_ts: TimeStamp, key: Vec<u8> },
+    PessimisticLockNotFound {
+        /// The prewriting transaction.
+        start_ts: TimeStamp,
+        /// The key that should have held its pessimistic lock.
+        key: Vec<u8>,
+    },
     /// `KeyError.retryable`/`abort`: acquiring a pessimistic lock for a
     /// transaction that was already rolled back on this key.
     #[error(
         "pessimistic lock of transaction {start_ts} already rolled back on key {}",
         escape(key)
     )]
-    PessimisticLockRolledBack { start_ts: TimeStamp, key: Vec<u8> },
+    PessimisticLockRolledBack {
+        /// The rolled-back transaction.
+        start_ts: TimeStamp,
+        /// The key carrying its rollback record.
+        key: Vec<u8>,
+    },
     /// `KeyError.abort`: an optimistic prewrite met its own pessimistic lock.
     #[error(
         "lock type mismatch for transaction {start_ts} on key {} (pessimistic: {pessimistic})",
         escape(key)
     )]
     LockTypeNotMatch {
+        /// The prewriting transaction.
         start_ts: TimeStamp,
+        /// The key whose lock has the wrong kind.
         key: Vec<u8>,
+        /// Whether the lock found is a pessimistic one.
         pessimistic: bool,
     },
     /// Rolling back a transaction that is already committed. Cleanup maps it
@@ -103,8 +139,11 @@ pub enum TxnError {
         escape(key)
     )]
     Committed {
+        /// The transaction asked to roll back.
         start_ts: TimeStamp,
+        /// Where it committed.
         commit_ts: TimeStamp,
+        /// The key carrying its commit record.
         key: Vec<u8>,
     },
     /// `KeyError.primary_mismatch`: check_txn_status was asked to verify the
@@ -114,7 +153,9 @@ pub enum TxnError {
     /// `KeyError.abort`: a commit timestamp not above the start timestamp.
     #[error("invalid commit_ts {commit_ts} for transaction {start_ts}")]
     InvalidTxnTso {
+        /// The transaction's start ts.
         start_ts: TimeStamp,
+        /// The refused commit ts (at or below `start_ts`).
         commit_ts: TimeStamp,
     },
     /// The store failed, or the input was refused (`Error::InvalidInput`).

@@ -55,6 +55,7 @@ impl TxnStore {
         }
     }
 
+    /// The store the commands read and write.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -170,6 +171,8 @@ impl TxnStore {
 
     // ---- writes ------------------------------------------------------------
 
+    /// Prewrite (kvrpcpb `KvPrewrite`): locks the request's keys, or with
+    /// 1PC commits them directly.
     pub fn prewrite(&self, req: &PrewriteRequest) -> TxnResult<PrewriteOutcome> {
         let keys = req.mutations.iter().map(|m| m.key.as_slice());
         if req
@@ -202,6 +205,8 @@ impl TxnStore {
         Ok(out)
     }
 
+    /// Commit (kvrpcpb `KvCommit`): turns transaction `start_ts`'s locks on
+    /// `keys` into write records at `commit_ts`.
     pub fn commit(
         &self,
         keys: &[Vec<u8>],
@@ -213,18 +218,25 @@ impl TxnStore {
         })
     }
 
+    /// Rolls transaction `start_ts` back on `keys` (kvrpcpb
+    /// `KvBatchRollback`), leaving rollback records.
     pub fn batch_rollback(&self, keys: &[Vec<u8>], start_ts: TimeStamp) -> TxnResult<()> {
         self.run(slices(keys), BatchSource::Client, |r| {
             Ok((commit::batch_rollback(r, keys, start_ts)?, ()))
         })
     }
 
+    /// Rolls back transaction `start_ts` on `key` if its lock expired by
+    /// `current_ts` (kvrpcpb `KvCleanup`; `current_ts == 0` rolls back at
+    /// once).
     pub fn cleanup(&self, key: &[u8], start_ts: TimeStamp, current_ts: TimeStamp) -> TxnResult<()> {
         self.run([key], BatchSource::Client, |r| {
             Ok((commit::cleanup(r, key, start_ts, current_ts)?, ()))
         })
     }
 
+    /// Decides and reports transaction `lock_ts`'s fate on its primary
+    /// (kvrpcpb `KvCheckTxnStatus`); see [`CheckTxnStatusRequest`].
     pub fn check_txn_status(&self, req: &CheckTxnStatusRequest) -> TxnResult<TxnStatus> {
         // The caller will read at caller_start_ts after this: async-commit/1PC
         // transactions must commit above it.
@@ -246,6 +258,8 @@ impl TxnStore {
         })
     }
 
+    /// Reports an async-commit transaction's locks on `keys`, rolling back
+    /// any key that lost its lock (kvrpcpb `KvCheckSecondaryLocks`).
     pub fn check_secondary_locks(
         &self,
         keys: &[Vec<u8>],
@@ -259,6 +273,7 @@ impl TxnStore {
         })
     }
 
+    /// Takes pessimistic locks (kvrpcpb `KvPessimisticLock`).
     pub fn acquire_pessimistic_lock(
         &self,
         req: &PessimisticLockRequest,
@@ -272,6 +287,8 @@ impl TxnStore {
         })
     }
 
+    /// Removes transaction `start_ts`'s pessimistic locks on `keys`
+    /// (kvrpcpb `KVPessimisticRollback`).
     pub fn pessimistic_rollback(
         &self,
         keys: &[Vec<u8>],

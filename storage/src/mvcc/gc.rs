@@ -43,6 +43,7 @@ pub struct GcStats {
 }
 
 impl GcStats {
+    /// Adds `other`'s counters to these, e.g. to total the batches of a run.
     pub fn add(&mut self, other: GcStats) {
         self.keys += other.keys;
         self.deleted_writes += other.deleted_writes;

@@ -33,7 +33,9 @@ pub fn is_short_value(value: &[u8]) -> bool {
 /// What the locking transaction will do to the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LockType {
+    /// The transaction writes a new value.
     Put,
+    /// The transaction deletes the key.
     Delete,
     /// Read lock of an optimistic `Lock` mutation: commits as a `Lock` write.
     Lock,
@@ -67,20 +69,32 @@ impl LockType {
 /// keys, as the protocol carries them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lock {
+    /// What the transaction will do to the key.
     pub lock_type: LockType,
+    /// The transaction's primary key, whose commit or rollback decides the
+    /// fate of this lock.
     pub primary: Vec<u8>,
+    /// The locking transaction's start timestamp (its identity).
     pub start_ts: TimeStamp,
     /// Milliseconds after `start_ts.physical()` at which the lock may be
     /// considered abandoned.
     pub ttl: u64,
+    /// The value to commit when short enough to inline; `None` for a long
+    /// value (already in the default family) or for non-`Put` locks.
     pub short_value: Option<Vec<u8>>,
     /// Non-zero iff the transaction is pessimistic.
     pub for_update_ts: TimeStamp,
     /// The transaction may not commit below this; readers below it are not
     /// blocked.
     pub min_commit_ts: TimeStamp,
+    /// How many keys the transaction writes, as its client reported; resolvers
+    /// use it to decide whether to resolve locks one by one or in bulk.
     pub txn_size: u64,
+    /// The transaction's source tag, copied into its write records; 0 for
+    /// ordinary clients.
     pub txn_source: u64,
+    /// Whether the transaction uses async commit: it counts as committed once
+    /// every lock is written, at a commit ts derived from the `min_commit_ts`s.
     pub use_async_commit: bool,
     /// Async commit: every other key of the transaction (on the primary lock).
     pub secondaries: Vec<Vec<u8>>,
@@ -114,6 +128,7 @@ impl Lock {
         self.start_ts.physical().saturating_add(self.ttl) < current_ts.physical()
     }
 
+    /// Encodes the lock in the on-disk format of the module docs.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             32 + self.primary.len() + self.short_value.as_ref().map_or(0, Vec::len),
@@ -227,16 +242,26 @@ impl Lock {
 /// needs to resolve it. `key` and `primary` are raw user keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockInfo {
+    /// The locked key.
     pub key: Vec<u8>,
+    /// The transaction's primary key, to check its status against.
     pub primary: Vec<u8>,
     /// `lock_version` on the wire.
     pub start_ts: TimeStamp,
+    /// Milliseconds after `start_ts.physical()` at which the lock may be
+    /// considered abandoned.
     pub ttl: u64,
+    /// What the transaction will do to the key.
     pub lock_type: LockType,
+    /// How many keys the transaction writes, as its client reported.
     pub txn_size: u64,
+    /// Non-zero iff the transaction is pessimistic.
     pub for_update_ts: TimeStamp,
+    /// The transaction may not commit below this.
     pub min_commit_ts: TimeStamp,
+    /// Whether the transaction uses async commit.
     pub use_async_commit: bool,
+    /// Async commit: every other key of the transaction (on the primary lock).
     pub secondaries: Vec<Vec<u8>>,
 }
 

@@ -70,32 +70,51 @@ use crate::{Error, Result, TimeStamp};
 /// `(key, start_ts)` — written by the earlier prewrite batch, not this one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MvccChange {
+    /// A lock was written on `key`: a prewrite, a pessimistic lock, or an
+    /// update of an existing lock (heartbeat, `min_commit_ts` push).
     LockPut {
+        /// The locked user key.
         key: Vec<u8>,
+        /// The lock as written.
         lock: Lock,
     },
     /// The lock on `key` was removed (which transaction's is not recorded in
     /// the mutation; the feed knows from the lock it saw put).
     LockDeleted {
+        /// The user key that is no longer locked.
         key: Vec<u8>,
     },
+    /// A commit or rollback record was written for `key`.
     WritePut {
+        /// The user key.
         key: Vec<u8>,
+        /// Where the record sits: the commit ts, or the start ts for a
+        /// rollback record.
         commit_ts: TimeStamp,
+        /// The record.
         write: Write,
     },
     /// Only GC deletes write records.
     WriteDeleted {
+        /// The user key.
         key: Vec<u8>,
+        /// The timestamp the deleted record sat at.
         commit_ts: TimeStamp,
     },
+    /// A value too long to inline was written by a prewrite.
     DefaultPut {
+        /// The user key.
         key: Vec<u8>,
+        /// The writing transaction's start ts.
         start_ts: TimeStamp,
+        /// The full value.
         value: Vec<u8>,
     },
+    /// A long value was removed, by a rollback or by GC.
     DefaultDeleted {
+        /// The user key.
         key: Vec<u8>,
+        /// The start ts of the transaction whose value it was.
         start_ts: TimeStamp,
     },
 }

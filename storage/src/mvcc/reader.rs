@@ -28,11 +28,22 @@ pub enum TxnCommitRecord {
     /// No record of the transaction. `overlapped_write` is another
     /// transaction's record sitting at `(key, start_ts)` (its commit_ts equals
     /// our start_ts), which a rollback must flag rather than overwrite.
-    None { overlapped_write: Option<Write> },
+    None {
+        /// The record found at `(key, start_ts)`, if any.
+        overlapped_write: Option<Write>,
+    },
     /// The transaction's own commit or rollback record.
-    SingleRecord { commit_ts: TimeStamp, write: Write },
+    SingleRecord {
+        /// Where the record sits (the start ts for a rollback record).
+        commit_ts: TimeStamp,
+        /// The record.
+        write: Write,
+    },
     /// Another transaction's commit at `(key, start_ts)` carries our rollback.
-    OverlappedRollback { commit_ts: TimeStamp },
+    OverlappedRollback {
+        /// The other transaction's commit ts (equal to our start ts).
+        commit_ts: TimeStamp,
+    },
 }
 
 impl TxnCommitRecord {
@@ -93,6 +104,7 @@ pub struct MvccReader<'a> {
 }
 
 impl<'a> MvccReader<'a> {
+    /// A reader over `snap`.
     pub fn new(snap: &'a dyn EngineSnapshot) -> Self {
         MvccReader { snap }
     }
@@ -497,9 +509,13 @@ pub struct ScanOptions<'a> {
     pub start: &'a [u8],
     /// Exclusive upper bound (raw user key; empty = to the end).
     pub end: &'a [u8],
+    /// The read timestamp: sees versions committed at or below it.
     pub ts: TimeStamp,
+    /// At most this many pairs are returned.
     pub limit: usize,
+    /// Return keys with empty values, without reading the values.
     pub key_only: bool,
+    /// Walk from `end` down to `start` instead of upwards.
     pub reverse: bool,
     /// Start timestamps of transactions whose locks the caller has resolved
     /// (kvrpcpb `Context.resolved_locks`).

@@ -19,14 +19,17 @@ pub struct MvccTxn {
 }
 
 impl MvccTxn {
+    /// No modifications yet.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Writes (or overwrites) the lock on `key`.
     pub fn put_lock(&mut self, key: &Key, lock: &Lock) {
         self.batch.put(Cf::Lock, key.as_encoded(), lock.to_bytes());
     }
 
+    /// Removes the lock on `key`.
     pub fn unlock_key(&mut self, key: &Key) {
         self.batch.delete(Cf::Lock, key.as_encoded());
     }
@@ -36,15 +39,18 @@ impl MvccTxn {
         self.batch.put(Cf::Default, key.append_ts(start_ts), value);
     }
 
+    /// Removes the large value transaction `start_ts` stored for `key`.
     pub fn delete_value(&mut self, key: &Key, start_ts: TimeStamp) {
         self.batch.delete(Cf::Default, key.append_ts(start_ts));
     }
 
+    /// Writes a commit or rollback record at `(key, commit_ts)`.
     pub fn put_write(&mut self, key: &Key, commit_ts: TimeStamp, write: &Write) {
         self.batch
             .put(Cf::Write, key.append_ts(commit_ts), write.to_bytes());
     }
 
+    /// Removes the write record at `(key, commit_ts)` (GC only).
     pub fn delete_write(&mut self, key: &Key, commit_ts: TimeStamp) {
         self.batch.delete(Cf::Write, key.append_ts(commit_ts));
     }
@@ -54,10 +60,12 @@ impl MvccTxn {
         self.batch = WriteBatch::new();
     }
 
+    /// Whether the command has nothing to write.
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
 
+    /// The modifications, ready to apply atomically.
     pub fn into_batch(self) -> WriteBatch {
         self.batch
     }

@@ -27,10 +27,15 @@ const KNOWN_FLAGS: u8 = FLAG_SHORT_VALUE | FLAG_OVERLAPPED_ROLLBACK;
 const CF: &str = "write";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The kind of a write record; see the module docs.
 pub enum WriteType {
+    /// Committed a new value of the key.
     Put,
+    /// Committed the removal of the key.
     Delete,
+    /// Committed a read lock; not a data version, readers skip it.
     Lock,
+    /// Marks transaction `start_ts` rolled back so its late prewrite is refused.
     Rollback,
 }
 
@@ -74,14 +79,25 @@ impl WriteType {
 /// A decoded write record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
+    /// What the record commits or rolls back.
     pub write_type: WriteType,
+    /// The transaction's start timestamp: where its value sits in the default
+    /// column family, and its identity for lock resolution.
     pub start_ts: TimeStamp,
+    /// The value itself when it was short enough to inline (TiKV's short value);
+    /// `None` means it lives in the default column family at `(key, start_ts)`
+    /// (or there is none, for non-`Put` records).
     pub short_value: Option<Vec<u8>>,
+    /// The transaction's source tag (TiCDC uses it to filter its own writes);
+    /// 0 for ordinary clients.
     pub txn_source: u64,
+    /// Whether another transaction's rollback record collided with this commit
+    /// record's key and was folded into it; see the module docs.
     pub has_overlapped_rollback: bool,
 }
 
 impl Write {
+    /// A record with source 0 and no overlapped rollback.
     pub fn new(write_type: WriteType, start_ts: TimeStamp, short_value: Option<Vec<u8>>) -> Write {
         Write {
             write_type,
@@ -97,6 +113,7 @@ impl Write {
         Write::new(WriteType::Rollback, start_ts, None)
     }
 
+    /// Encodes the record in the on-disk format of the module docs.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.short_value.as_ref().map_or(0, Vec::len));
         out.push(FORMAT_VERSION);

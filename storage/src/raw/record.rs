@@ -131,7 +131,9 @@ impl<'a> Record<'a> {
 /// What a raw write did to its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RawOp {
+    /// Set the key to this value.
     Put(Vec<u8>),
+    /// Deleted the key.
     Delete,
 }
 
@@ -142,6 +144,7 @@ pub struct RawChange {
     pub key: Vec<u8>,
     /// The write's timestamp (its commit ts on the feed).
     pub ts: TimeStamp,
+    /// What the write did.
     pub op: RawOp,
     /// Unix seconds after which the value expires, for puts with a TTL.
     pub expire_ts: Option<u64>,

@@ -28,6 +28,7 @@ use crate::mvcc::txn::MvccTxn;
 /// One key to lock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PessimisticKey {
+    /// The raw user key.
     pub key: Vec<u8>,
     /// Fail with `AlreadyExist` if the key has a visible value.
     pub should_not_exist: bool,
@@ -36,12 +37,21 @@ pub struct PessimisticKey {
 /// kvrpcpb `PessimisticLockRequest`.
 #[derive(Clone, Debug, Default)]
 pub struct PessimisticLockRequest {
+    /// The keys to lock, in order.
     pub keys: Vec<PessimisticKey>,
+    /// The transaction's primary key, recorded in every lock.
     pub primary: Vec<u8>,
+    /// The transaction's start timestamp (its identity).
     pub start_ts: TimeStamp,
+    /// The timestamp the locks are taken at: writes committed after it
+    /// conflict, and returned values are read at it.
     pub for_update_ts: TimeStamp,
+    /// Milliseconds after `start_ts.physical()` before the locks may be
+    /// considered abandoned.
     pub lock_ttl: u64,
+    /// Stored in the locks: the transaction will not commit below it.
     pub min_commit_ts: TimeStamp,
+    /// How many keys the whole transaction writes, as the client reports it.
     pub txn_size: u64,
     /// Return each key's value at `for_update_ts`.
     pub return_values: bool,
@@ -53,9 +63,13 @@ pub struct PessimisticLockRequest {
 /// `return_values` or `check_existence` was set (empty otherwise).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PessimisticLockOutcome {
+    /// One entry per key; `None` when the key has no visible value.
     pub values: Vec<Option<Vec<u8>>>,
 }
 
+/// Takes a pessimistic lock on every key of `req`, reading through
+/// `reader`; returns the batch to apply and the values asked for. Fails
+/// with the first key's error, writing nothing.
 pub fn acquire_pessimistic_lock(
     reader: &MvccReader<'_>,
     req: &PessimisticLockRequest,

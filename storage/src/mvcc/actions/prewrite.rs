@@ -51,7 +51,9 @@ use crate::mvcc::write::{Write, WriteType};
 /// What one mutation does (kvrpcpb `Op`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MutationOp {
+    /// Write this value.
     Put(Vec<u8>),
+    /// Delete the key (commits as a `Delete` record).
     Delete,
     /// Lock the key without changing it (commits as a `Lock` record).
     Lock,
@@ -77,12 +79,17 @@ pub enum PessimisticAction {
 /// One key of a prewrite.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnMutation {
+    /// The raw user key.
     pub key: Vec<u8>,
+    /// What the transaction does to it.
     pub op: MutationOp,
+    /// How a pessimistic prewrite checks the key; ignored by optimistic ones.
     pub pessimistic_action: PessimisticAction,
 }
 
 impl TxnMutation {
+    /// A mutation with [`PessimisticAction::SkipPessimisticCheck`], as an
+    /// optimistic transaction sends it.
     pub fn new(key: impl Into<Vec<u8>>, op: MutationOp) -> Self {
         TxnMutation {
             key: key.into(),
@@ -95,20 +102,30 @@ impl TxnMutation {
 /// A prewrite command.
 #[derive(Clone, Debug, Default)]
 pub struct PrewriteRequest {
+    /// The keys to lock, each with what the transaction does to it.
     pub mutations: Vec<TxnMutation>,
+    /// The transaction's primary key, recorded in every lock.
     pub primary: Vec<u8>,
+    /// The transaction's start timestamp (its identity and read snapshot).
     pub start_ts: TimeStamp,
     /// Milliseconds.
     pub lock_ttl: u64,
+    /// How many keys the whole transaction writes, as the client reports it;
+    /// stored in the locks.
     pub txn_size: u64,
     /// Non-zero for pessimistic transactions.
     pub for_update_ts: TimeStamp,
+    /// The lowest commit ts the client will use; stored in the locks so
+    /// readers below it are not blocked.
     pub min_commit_ts: TimeStamp,
     /// Upper bound for async-commit/1PC timestamps (0 = none).
     pub max_commit_ts: TimeStamp,
+    /// The transaction's source tag, carried into its locks and writes.
     pub txn_source: u64,
     /// `Some` ⇔ async commit; the secondary keys are stored on the primary.
     pub secondaries: Option<Vec<Vec<u8>>>,
+    /// Commit the keys in this same step (1PC), writing commit records instead
+    /// of locks; falls back to 2PC as the module docs describe.
     pub try_one_pc: bool,
 }
 

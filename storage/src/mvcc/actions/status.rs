@@ -26,15 +26,25 @@ use crate::mvcc::write::WriteType;
 /// kvrpcpb `CheckTxnStatusRequest`.
 #[derive(Clone, Debug, Default)]
 pub struct CheckTxnStatusRequest {
+    /// The transaction's primary key, where its fate is recorded.
     pub primary_key: Vec<u8>,
+    /// The transaction's start ts.
     pub lock_ts: TimeStamp,
     /// Start ts of the reader asking; `MAX` for an autocommit point get.
     pub caller_start_ts: TimeStamp,
     /// Now, for TTL expiry (physical milliseconds matter).
     pub current_ts: TimeStamp,
+    /// When there is neither lock nor record, write a rollback record and
+    /// report `LockNotExist` instead of failing with `TxnNotFound`.
     pub rollback_if_not_exist: bool,
+    /// Decide an async-commit primary like an ordinary one: roll it back if
+    /// expired, push it otherwise. Without it such a lock is only reported.
     pub force_sync_commit: bool,
+    /// The caller is resolving a pessimistic lock: an expired pessimistic
+    /// primary is removed without a rollback record, and a missing
+    /// transaction gets no rollback record either.
     pub resolving_pessimistic_lock: bool,
+    /// Fail with `PrimaryMismatch` if the lock found names another primary.
     pub verify_is_primary: bool,
 }
 
@@ -49,11 +59,17 @@ pub enum TxnStatus {
     /// `LockNotExistRollback`.
     LockNotExist,
     /// Committed. Reply `(commit_ts, 0, none)`.
-    Committed { commit_ts: TimeStamp },
+    Committed {
+        /// Where the transaction committed.
+        commit_ts: TimeStamp,
+    },
     /// Still locked. Reply `(0, ttl, lock)`; `MinCommitTSPushed` when
     /// `min_commit_ts_pushed`.
     Uncommitted {
+        /// The primary lock, after any push.
         lock: LockInfo,
+        /// Whether the caller need not wait: the lock's `min_commit_ts` is
+        /// above the caller's start ts (always so for an autocommit point get).
         min_commit_ts_pushed: bool,
     },
     /// An expired pessimistic primary lock was removed without a rollback
