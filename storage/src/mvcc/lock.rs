@@ -87,8 +87,8 @@ pub struct Lock {
     /// The transaction may not commit below this; readers below it are not
     /// blocked.
     pub min_commit_ts: TimeStamp,
-    /// How many keys the transaction writes, as its client reported; resolvers
-    /// use it to decide whether to resolve locks one by one or in bulk.
+    /// How many keys the transaction writes, as its client reported; it is
+    /// passed back to clients in `LockInfo`.
     pub txn_size: u64,
     /// The transaction's source tag, copied into its write records; 0 for
     /// ordinary clients.
