@@ -37,7 +37,12 @@ pub enum Error {
     },
     /// A stored record could not be decoded: the data on disk is not what this
     /// version of kvfeed wrote.
-    Corrupt { cf: &'static str, reason: String },
+    Corrupt {
+        /// The column family (or other store area) the record was read from.
+        cf: &'static str,
+        /// What was wrong with it.
+        reason: String,
+    },
     /// The caller passed input the store refuses (empty key, oversized value...).
     InvalidInput(String),
     /// An earlier durability failure made the store refuse further writes:

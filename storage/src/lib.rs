@@ -18,6 +18,8 @@
 //! - [`region`]: the fixed region layout clients see.
 //! - [`tso`]: the timestamp oracle (`physical_ms << 18 | logical`).
 
+#![warn(missing_docs)]
+
 pub mod delta;
 pub mod engine;
 pub mod error;

@@ -91,6 +91,7 @@ impl Key {
         &self.0
     }
 
+    /// The encoded bytes, by value (no copy).
     pub fn into_encoded(self) -> Vec<u8> {
         self.0
     }
