@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use kvfeed_storage::engine::fjall::FjallEngine;
-use kvfeed_storage::engine::{Cf, Engine, WriteBatch};
+use kvfeed_storage::engine::{Cf, Engine, EngineSnapshot, WriteBatch};
 use serde_json::json;
 
 use super::report::Report;
@@ -131,9 +131,8 @@ fn write_test(
     Ok((engine, started.elapsed()))
 }
 
-/// Scans the whole `raw` family: (entries, bytes, time).
-fn scan_test(engine: &FjallEngine) -> Result<(u64, u64, Duration), BenchError> {
-    let snapshot = engine.snapshot();
+/// Scans the whole `raw` family of `snapshot`: (entries, bytes, time).
+pub fn scan_raw_family(snapshot: &dyn EngineSnapshot) -> Result<(u64, u64, Duration), BenchError> {
     let started = Instant::now();
     let (mut entries, mut bytes) = (0u64, 0u64);
     for pair in snapshot.iter(Cf::Raw, Bound::Unbounded, Bound::Unbounded, false) {
@@ -209,7 +208,7 @@ pub fn run(args: &EngineArgs) -> Result<Report, BenchError> {
     }
     report.section("fjall range scan");
     if let Some(engine) = &scanned_engine {
-        let (entries, bytes, took) = scan_test(engine)?;
+        let (entries, bytes, took) = scan_raw_family(&*engine.snapshot())?;
         report.int("scan_entries", "entries", entries);
         report.float(
             "scan_entries_per_sec",

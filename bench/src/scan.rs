@@ -18,22 +18,21 @@
 //! the same machine; the catch-up figure also pays for the bench's own
 //! decoding, on the same cores.
 
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use kvfeed_proto::cdcpb::event::LogType;
+use kvfeed_storage::engine::Engine;
 use kvfeed_storage::engine::fjall::FjallEngine;
-use kvfeed_storage::engine::{Cf, Engine};
 use kvfeed_storage::raw::RawStore;
 use kvfeed_storage::store::{Durability, Store};
 use kvfeed_storage::tso::{Clock, SystemClock, Tso};
 use prost::Message;
 use serde_json::json;
 
-use super::engine::TempDir;
+use super::engine::{TempDir, scan_raw_family};
 use super::load::{self, PreloadArgs, prefix_end, preload_index, preload_key};
 use super::report::Report;
 use super::scrape::{SCANNED_BYTES, Sampler, Scrape, scrape};
@@ -413,18 +412,11 @@ fn engine_scan(
         raw.batch_put(&pairs, &[])?;
         next = end;
     }
-    let snapshot = store.snapshot();
-    let started = Instant::now();
-    let (mut entries, mut bytes) = (0u64, 0u64);
-    for pair in snapshot.iter(Cf::Raw, Bound::Unbounded, Bound::Unbounded, false) {
-        let (key, value) = pair?;
-        entries += 1;
-        bytes += (key.len() + value.len()) as u64;
-    }
+    let (entries, bytes, elapsed) = scan_raw_family(&*store.snapshot())?;
     Ok(EngineScan {
         entries,
         bytes,
-        elapsed: started.elapsed(),
+        elapsed,
     })
 }
 
