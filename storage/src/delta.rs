@@ -138,12 +138,14 @@ pub struct KeyDelta {
     pub complete: bool,
     /// Bytes read from the engine for this key (keys and values).
     pub read_bytes: usize,
+    /// The key space it was read from, to name it if the key is corrupt.
+    space: KeySpace,
 }
 
 impl KeyDelta {
     /// The user key.
     pub fn user_key(&self) -> Result<Vec<u8>> {
-        versioned::user_key(&self.encoded, Cf::Lock)
+        versioned::user_key(&self.encoded, self.space.versions_cf())
     }
 }
 
@@ -419,6 +421,7 @@ impl<'a> DeltaWalk<'a> {
             lock,
             complete,
             read_bytes,
+            space: self.spec.space,
         }))
     }
 
