@@ -133,15 +133,33 @@ async fn get(addr: &str, path: &str) -> Result<String, String> {
 /// and the body (at most 16 MiB), the whole exchange bounded by
 /// `timeout`. The benchmarks and the tests read the status server with it.
 pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let response = agent(timeout).get(&format!("http://{addr}{path}")).call();
+    status_and_body(response)
+}
+
+/// One plain-HTTP POST (empty body) of `path` to `addr`, like [`http_get`]:
+/// the status code and the body. `kvfeed admin` sends its changes with it.
+pub fn http_post(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let response = agent(timeout)
+        .post(&format!("http://{addr}{path}"))
+        .send_empty();
+    status_and_body(response)
+}
+
+/// An agent whose whole exchange is bounded by `timeout` and that hands
+/// back error statuses as answers rather than errors.
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
         .build()
-        .into();
-    let mut response = agent
-        .get(&format!("http://{addr}{path}"))
-        .call()
-        .map_err(|e| e.to_string())?;
+        .into()
+}
+
+fn status_and_body(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<(u16, String), String> {
+    let mut response = response.map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let body = response
         .body_mut()

@@ -23,7 +23,8 @@
 //! of it.
 //!
 //! The store observer runs on the committing thread under the store's
-//! publish lock, so it only filters by batch source and forwards an `Arc` of
+//! publish lock, so it only filters by batch source (client writes and
+//! region layout changes) and forwards an `Arc` of
 //! the batch on the unbounded control channel: no allocation per mutation,
 //! no lock, no waiting.
 
@@ -35,7 +36,7 @@ use tracing::Instrument;
 
 use kvfeed_storage::mvcc::TxnStore;
 use kvfeed_storage::raw::RawStore;
-use kvfeed_storage::region::RegionMap;
+use kvfeed_storage::region::Regions;
 use kvfeed_storage::safepoint::SafePoints;
 use kvfeed_storage::store::{BatchSource, ChangeBatch, Observer, Store};
 use kvfeed_storage::tso::Tso;
@@ -56,8 +57,10 @@ use crate::ts_sampler::{self, MinTsSource};
 pub struct FeedDeps {
     /// The storage whose writes are fed and whose snapshots catch-up scans read.
     pub store: Arc<Store>,
-    /// The region layout requests are checked against (id, epoch, range).
-    pub regions: Arc<RegionMap>,
+    /// The live region layout requests are checked against (id, epoch,
+    /// range). The feed takes it once at start and then follows its changes
+    /// through the store's observed batches.
+    pub regions: Arc<Regions>,
     /// Checked against requests of clients ≥ 5.3.0.
     pub cluster_id: u64,
     /// The `[cdc]` settings: limits, intervals and quotas.
@@ -110,8 +113,14 @@ struct FeedObserver {
 
 impl Observer for FeedObserver {
     fn on_apply(&self, batch: &Arc<ChangeBatch>) {
-        // GC and the store's bookkeeping are not user-visible changes.
-        if batch.source == BatchSource::Client {
+        // GC and the store's bookkeeping are not user-visible changes;
+        // layout changes end subscriptions.
+        let wanted = match batch.source {
+            BatchSource::Client => true,
+            BatchSource::Regions => batch.regions.is_some(),
+            BatchSource::Gc | BatchSource::Internal => false,
+        };
+        if wanted {
             // Fails only once the owner is gone (its registration is being
             // removed at that moment).
             let observed = Observed::new(Arc::clone(batch), &self.metrics);
@@ -148,7 +157,10 @@ impl Feed {
         let scans = pool.watch_active();
         let owner = Owner::new(OwnerDeps {
             store: deps.store,
-            regions: deps.regions,
+            // Read after the observer is registered: a change that this map
+            // does not contain yet is observed, and one it already contains
+            // may be observed too (the owner keeps the newer generation).
+            regions: deps.regions.current(),
             cluster_id: deps.cluster_id,
             config: deps.config.clone(),
             metrics: metrics.clone(),

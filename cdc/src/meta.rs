@@ -4,13 +4,17 @@
 //! however it learns of it.
 
 use kvfeed_proto::metapb;
-use kvfeed_storage::region::{Region, STORE_ID};
+use kvfeed_storage::region::{Peer, Region};
 
-/// The region's leader peer (its only peer: one store serves every region).
+/// The region's leader peer.
 pub fn leader_peer(region: &Region) -> metapb::Peer {
+    peer(region.leader())
+}
+
+fn peer(peer: Peer) -> metapb::Peer {
     metapb::Peer {
-        id: region.peer_id,
-        store_id: STORE_ID,
+        id: peer.id,
+        store_id: peer.store_id,
         role: metapb::PeerRole::Voter as i32,
         is_witness: false,
     }
@@ -27,7 +31,7 @@ pub fn region_meta(region: &Region) -> metapb::Region {
             conf_ver: region.epoch.conf_ver,
             version: region.epoch.version,
         }),
-        peers: vec![leader_peer(region)],
+        peers: region.peers.iter().copied().map(peer).collect(),
         ..metapb::Region::default()
     }
 }

@@ -156,7 +156,7 @@ async fn a_stale_epoch_is_answered_with_the_current_region() {
         assert_eq!(r.peers.len(), 1);
         assert_eq!(
             (r.peers[0].id, r.peers[0].store_id),
-            (region.peer_id, STORE_ID)
+            (region.leader().id, STORE_ID)
         );
     }
 }

@@ -67,6 +67,9 @@ pub enum Command {
     /// stdout; progress goes to stderr. A correctness failure (a lost or
     /// duplicated event, a gauge left above 0) exits with status 1.
     Bench(kvfeed_bench::BenchArgs),
+    /// Change a running server's region layout (split, merge, move a
+    /// leader) or print it, through its status address.
+    Admin(crate::cmd::admin::AdminArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use kvfeed_cdc::{FeedConfig, MIN_TS_INTERVAL_FLOOR};
-use kvfeed_storage::region::RegionMap;
+use kvfeed_storage::region::{RegionMap, STORE_ID};
 use serde::{Deserialize, Serialize};
 
 use crate::units::{ReadableDuration, ReadableSize};
@@ -210,7 +210,7 @@ impl Config {
                 );
             }
         }
-        self.region_map()?;
+        self.split_keys()?;
         if self.server.data_dir.as_os_str().is_empty() {
             return invalid("server.data-dir", "must not be empty".to_owned());
         }
@@ -249,8 +249,10 @@ impl Config {
     }
 
     /// The storage durability this configuration asks for.
-    /// The region layout: the default split plus `server.split-keys`.
-    pub fn region_map(&self) -> Result<RegionMap, ConfigError> {
+    /// The boundaries the server itself keeps: the default split plus
+    /// `server.split-keys` (encoded keys). A new data directory starts with
+    /// exactly these regions; an existing one is split at any it lacks.
+    pub fn split_keys(&self) -> Result<Vec<Vec<u8>>, ConfigError> {
         let mut keys = RegionMap::default_split_keys();
         for text in &self.server.split_keys {
             let key = parse_hex(text).ok_or_else(|| ConfigError::Invalid {
@@ -261,10 +263,12 @@ impl Config {
                 keys.push(key);
             }
         }
-        RegionMap::new(keys).map_err(|e| ConfigError::Invalid {
+        // Validates every key as a boundary (complete encodings, no repeats).
+        RegionMap::new(keys.clone(), &[STORE_ID]).map_err(|e| ConfigError::Invalid {
             key: "server.split-keys",
             reason: e.to_string(),
-        })
+        })?;
+        Ok(keys)
     }
 
     pub fn durability(&self) -> kvfeed_storage::store::Durability {
@@ -458,8 +462,8 @@ mod tests {
     #[test]
     fn split_keys_are_validated() {
         let ok = Config::parse("[server]\nsplit-keys = [\"6b00000000000000f9\"]").expect("parses");
-        let map = ok.region_map().expect("a valid encoding");
-        assert_eq!(map.regions().len(), 3);
+        let keys = ok.split_keys().expect("a valid encoding");
+        assert_eq!(keys.len(), 2);
         for bad in ["\"6b\"", "\"zz\"", "\"6b00000000000000f9ff\""] {
             let cfg = Config::parse(&format!("[server]\nsplit-keys = [{bad}]")).expect("parses");
             let err = cfg.validate().expect_err("invalid split key accepted");

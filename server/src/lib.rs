@@ -16,6 +16,7 @@
 //! - [`cmd`]: `put`, `get`, `delete`, `scan` and `watch`, on `kvfeed-client`.
 //! - [`logging`]: the tracing subscriber.
 
+mod admin;
 mod changedata;
 pub mod cli;
 pub mod cmd;

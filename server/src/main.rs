@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Scan(args) => kvfeed::cmd::kv::scan(args).map_err(Into::into),
         Command::Watch(args) => kvfeed::cmd::watch::run(args).map_err(Into::into),
         Command::Bench(args) => kvfeed_bench::run(args).map_err(Into::into),
+        Command::Admin(args) => kvfeed::cmd::admin::run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,7 +39,7 @@ use kvfeed_storage::engine::fjall::FjallEngine;
 use kvfeed_storage::engine::{Cf, Engine, WriteBatch};
 use kvfeed_storage::mvcc::TxnStore;
 use kvfeed_storage::raw::RawStore;
-use kvfeed_storage::region::RegionMap;
+use kvfeed_storage::region::{Regions, STORE_ID};
 use kvfeed_storage::store::{BatchSource, Store};
 use kvfeed_storage::tso::{SystemClock, Tso};
 
@@ -250,7 +250,7 @@ pub struct Node {
     tso: Arc<Tso>,
     txn: Arc<TxnStore>,
     raw: Arc<RawStore>,
-    regions: Arc<RegionMap>,
+    regions: Arc<Regions>,
     metrics: Metrics,
     shutdown: Shutdown,
     /// Set once by [`Node::start_feed`].
@@ -282,7 +282,7 @@ impl Node {
         endpoints: Endpoints,
     ) -> Result<Node, NodeError> {
         let dir = lock.dir().to_owned();
-        let regions = Arc::new(config.region_map()?);
+        let split_keys = config.split_keys()?;
         let engine_dir = dir.join(ENGINE_DIR);
         let storage = |context: String| {
             move |source| NodeError::Storage {
@@ -299,6 +299,10 @@ impl Node {
                 .map_err(storage("cannot open the store".to_owned()))?,
         );
         let cluster_id = load_or_create_cluster_id(&store, &dir)?;
+        let regions = Arc::new(
+            Regions::open(store.clone(), split_keys, &[STORE_ID])
+                .map_err(storage("cannot load the region layout".to_owned()))?,
+        );
         let tso = Arc::new(
             Tso::open(store.clone(), Arc::new(SystemClock))
                 .map_err(storage("cannot start the timestamp oracle".to_owned()))?,
@@ -314,6 +318,10 @@ impl Node {
         txn.concurrency_manager().update_max_ts(first_ts);
         let raw = Arc::new(RawStore::new(store.clone(), tso.clone()));
         let metrics = Metrics::new()?;
+        metrics.register(Box::new(
+            crate::admin::RegionMetrics::new(Arc::clone(&regions))
+                .map_err(MetricsError::Register)?,
+        ))?;
         tracing::info!(%cluster_id, %first_ts, data_dir = %dir.display(), "node opened");
         Ok(Node {
             config,
@@ -408,8 +416,8 @@ impl Node {
         &self.raw
     }
 
-    /// The region layout clients see.
-    pub fn regions(&self) -> &Arc<RegionMap> {
+    /// The live region layout clients see.
+    pub fn regions(&self) -> &Arc<Regions> {
         &self.regions
     }
 

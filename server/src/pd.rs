@@ -131,7 +131,8 @@ impl PdService {
                 ..GetRegionResponse::default()
             };
         }
-        let region = find(self.node.regions());
+        let map = self.node.regions().current();
+        let region = find(&map);
         tracing::trace!(method, region_id = region.map(|r| r.id.0), "region lookup");
         GetRegionResponse {
             header: self.header(),
@@ -382,13 +383,7 @@ impl Pd for PdService {
         Ok(Response::new(self.region_reply(
             req.header.as_ref(),
             "GetPrevRegion",
-            |map| {
-                let here = map.locate(&req.region_key);
-                let regions = map.regions();
-                let at = regions.iter().position(|r| r.id == here.id)?;
-                let prev = regions.get(at.checked_sub(1)?)?;
-                (prev.end_key == here.start_key).then_some(prev)
-            },
+            |map| map.neighbours(map.locate(&req.region_key).id).0,
         )))
     }
 
@@ -419,10 +414,8 @@ impl Pd for PdService {
         }
         // A limit of 0 or below means "no limit", as in PD.
         let limit = usize::try_from(req.limit).unwrap_or(0);
-        let regions = self
-            .node
-            .regions()
-            .overlapping(&req.start_key, &req.end_key, limit);
+        let map = self.node.regions().current();
+        let regions = map.overlapping(&req.start_key, &req.end_key, limit);
         Ok(Response::new(ScanRegionsResponse {
             header: self.header(),
             region_metas: regions.iter().map(|r| region_meta(r)).collect(),

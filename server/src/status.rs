@@ -114,10 +114,34 @@ enum Route {
     Async(AsyncHandler),
 }
 
-/// Exact-path GET routes.
+/// The method a route answers: reads are GET (and HEAD), changes POST, so
+/// a crawler or a prefetching browser never changes anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verb {
+    Get,
+    Post,
+}
+
+impl Verb {
+    fn allows(self, method: &Method) -> bool {
+        match self {
+            Verb::Get => method == Method::GET || method == Method::HEAD,
+            Verb::Post => method == Method::POST,
+        }
+    }
+
+    fn allow_header(self) -> &'static str {
+        match self {
+            Verb::Get => "GET, HEAD",
+            Verb::Post => "POST",
+        }
+    }
+}
+
+/// Exact-path routes, each for one [`Verb`].
 #[derive(Default, Clone)]
 pub struct StatusRoutes {
-    routes: BTreeMap<&'static str, Route>,
+    routes: BTreeMap<&'static str, (Verb, Route)>,
 }
 
 impl StatusRoutes {
@@ -132,7 +156,8 @@ impl StatusRoutes {
         path: &'static str,
         handler: impl Fn(&StatusRequest<'_>) -> Reply + Send + Sync + 'static,
     ) -> Self {
-        self.routes.insert(path, Route::Sync(Arc::new(handler)));
+        self.routes
+            .insert(path, (Verb::Get, Route::Sync(Arc::new(handler))));
         self
     }
 
@@ -143,7 +168,21 @@ impl StatusRoutes {
         path: &'static str,
         handler: impl Fn(&StatusRequest<'_>) -> ReplyFuture + Send + Sync + 'static,
     ) -> Self {
-        self.routes.insert(path, Route::Async(Arc::new(handler)));
+        self.routes
+            .insert(path, (Verb::Get, Route::Async(Arc::new(handler))));
+        self
+    }
+
+    /// Serves `handler` for `POST path`: an endpoint that changes state.
+    /// The handler waits like a [`StatusRoutes::get_async`] one and keeps
+    /// the same bound.
+    pub fn post_async(
+        mut self,
+        path: &'static str,
+        handler: impl Fn(&StatusRequest<'_>) -> ReplyFuture + Send + Sync + 'static,
+    ) -> Self {
+        self.routes
+            .insert(path, (Verb::Post, Route::Async(Arc::new(handler))));
         self
     }
 
@@ -154,18 +193,18 @@ impl StatusRoutes {
     }
 
     /// Dispatches one request: 404 for an unknown path, 405 for a method
-    /// other than GET / HEAD on a known one.
+    /// the path's route does not answer.
     pub async fn handle(
         &self,
         method: &Method,
         path: &str,
         query: Option<&str>,
     ) -> Response<Full<Bytes>> {
-        let Some(handler) = self.routes.get(path) else {
+        let Some((verb, handler)) = self.routes.get(path) else {
             return Reply::text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n"))
                 .into_response();
         };
-        if method != Method::GET && method != Method::HEAD {
+        if !verb.allows(method) {
             let mut response = Reply::text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not allowed on {path}\n"),
@@ -173,7 +212,7 @@ impl StatusRoutes {
             .into_response();
             response
                 .headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+                .insert(ALLOW, HeaderValue::from_static(verb.allow_header()));
             return response;
         }
         let request = StatusRequest { query };
@@ -198,6 +237,7 @@ pub fn routes(node: &Arc<Node>) -> StatusRoutes {
     } else {
         StatusRoutes::new()
     };
+    let routes = crate::admin::routes(routes, node);
     routes
         .get("/healthz", |_| Reply::text(StatusCode::OK, "ok\n"))
         .get("/metrics", move |_| match metrics_node.metrics().render() {

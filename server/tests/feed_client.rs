@@ -113,8 +113,64 @@ async fn wait_for(rx: &mut watch::Receiver<Seen>, what: &str, cond: impl Fn(&See
     assert!(waited, "{what}: not within {WAIT:?}; {seen:?}");
 }
 
-/// One scenario: `fault` injected while the writers commit.
-async fn survives(fault: &str) {
+/// What disturbs the feed while the writers commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Disturbance<'a> {
+    /// One injected fault (`/debug/fault/feed?inject=…`).
+    Fault(&'a str),
+    /// Splits and merges of the writers' regions, one every few
+    /// milliseconds, chosen by a seeded generator, until the writers finish.
+    Layout { seed: u64 },
+}
+
+/// Splits and merges regions inside `f/` until `done` turns true; returns
+/// how many changes were made.
+async fn reshape(server: &TestServer, seed: u64, done: watch::Receiver<bool>) -> u32 {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let status = server.status_addr().to_owned();
+    let mut changes = 0;
+    while !*done.borrow() {
+        let path = if rng.random_bool(0.6) {
+            let key = format!(
+                "f/{}/{}{}",
+                rng.random_range(0..WRITERS),
+                rng.random_range(0..KEYS),
+                rng.random_range(0..9)
+            );
+            let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("/admin/split?key={hex}")
+        } else {
+            let status = status.clone();
+            let (_, body) =
+                tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/regions"))
+                    .await
+                    .expect("/debug/regions");
+            let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let regions = view["regions"].as_array().cloned().unwrap_or_default();
+            // Any region but the last (which merges leftwards anyway).
+            let pick = rng.random_range(0..regions.len().saturating_sub(1).max(1));
+            let id = regions[pick]["id"].as_u64().expect("id");
+            format!("/admin/merge?region={id}")
+        };
+        let status = status.clone();
+        let (code, body) = tokio::task::spawn_blocking(move || {
+            kvfeed_bench::scrape::http_post(&status, &path, common::WAIT).expect("POST")
+        })
+        .await
+        .expect("admin");
+        // A split at an existing boundary is refused; that is fine.
+        assert!(code == 200 || code == 400, "{code}: {body}");
+        if code == 200 {
+            changes += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
+    }
+    changes
+}
+
+/// One scenario: `disturbance` while the writers commit.
+async fn survives(disturbance: Disturbance<'_>) {
     let (_tmp, server) = server();
     let cluster = Cluster::connect(&server.pd_endpoint())
         .await
@@ -160,18 +216,32 @@ async fn survives(fault: &str) {
             written
         }
     };
+    let (writing_done, writing) = watch::channel(false);
     let inject = async {
         wait_for(&mut rx, "the first rows", |s| s.rows.len() >= 10).await;
-        let status = server.status_addr().to_owned();
-        let path = format!("/debug/fault/feed?inject={fault}");
-        let (code, body) = tokio::task::spawn_blocking(move || common::http_get(&status, &path))
-            .await
-            .expect("inject");
-        assert_eq!(code, 200, "{body}");
+        match disturbance {
+            Disturbance::Fault(fault) => {
+                let status = server.status_addr().to_owned();
+                let path = format!("/debug/fault/feed?inject={fault}");
+                let (code, body) =
+                    tokio::task::spawn_blocking(move || common::http_get(&status, &path))
+                        .await
+                        .expect("inject");
+                assert_eq!(code, 200, "{body}");
+            }
+            Disturbance::Layout { seed } => {
+                let changes = reshape(&server, seed, writing).await;
+                assert!(changes >= 5, "only {changes} layout changes");
+            }
+        }
         wait_for(&mut rx, "the client noticed", |s| s.retries + s.lost > 0).await;
     };
-    let ((a, b, c), ()) =
-        tokio::join!(async { tokio::join!(write(0), write(1), write(2)) }, inject);
+    let writers = async {
+        let written = tokio::join!(write(0), write(1), write(2));
+        let _ = writing_done.send(true);
+        written
+    };
+    let ((a, b, c), ()) = tokio::join!(writers, inject);
     let expected: Vec<_> = [a, b, c].concat();
     let last = expected.iter().map(|(_, ts, _)| *ts).max().unwrap_or(0);
     wait_for(&mut rx, "resolved past the last commit", |s| {
@@ -190,18 +260,22 @@ async fn survives(fault: &str) {
         let previous = per_key.insert(key, *commit_ts).unwrap_or(0);
         assert!(*commit_ts > previous, "key {key:?} out of commit order");
     }
-    if fault == "drop_stream" {
-        assert!(seen.lost > 0, "{seen:?}");
-    } else {
-        assert!(seen.retries >= WRITERS, "every region retried: {seen:?}");
+    match disturbance {
+        Disturbance::Fault("drop_stream") => assert!(seen.lost > 0, "{seen:?}"),
+        Disturbance::Fault(_) => assert!(seen.retries >= WRITERS, "every region retried: {seen:?}"),
+        Disturbance::Layout { .. } => assert!(seen.retries > 0, "{seen:?}"),
     }
 }
 
 /// Bounds a scenario as a whole.
 async fn run(fault: &str) {
-    tokio::time::timeout(Duration::from_secs(120), survives(fault))
+    run_with(Disturbance::Fault(fault)).await;
+}
+
+async fn run_with(disturbance: Disturbance<'_>) {
+    tokio::time::timeout(Duration::from_secs(120), survives(disturbance))
         .await
-        .unwrap_or_else(|_| panic!("{fault}: the scenario did not finish in time"));
+        .unwrap_or_else(|_| panic!("{disturbance:?}: the scenario did not finish in time"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -227,4 +301,13 @@ async fn server_is_busy_is_survived_without_loss_or_repetition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dropped_stream_is_survived_without_loss_or_repetition() {
     run("drop_stream").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn splits_and_merges_are_survived_without_loss_or_repetition() {
+    let seed = std::env::var("KVFEED_NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
+    run_with(Disturbance::Layout { seed }).await;
 }

@@ -340,7 +340,8 @@ async fn routing_mistakes_are_region_errors_naming_the_region() {
         .epoch_not_match
         .map(|e| e.current_regions)
         .unwrap_or_default();
-    assert_eq!(current.len(), 1);
+    // The region itself, then its neighbour (the default layout has two).
+    assert_eq!(current.len(), 2);
     assert_eq!(current[0].id, first.id.0);
     assert_eq!(current[0].end_key, first.end_key);
     let epoch = current[0].region_epoch.unwrap_or_default();

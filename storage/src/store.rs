@@ -70,6 +70,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::engine::{Cf, Engine, EngineSnapshot, Mutation, WriteBatch};
 use crate::error::EngineSource;
+use crate::region::RegionChange;
 use crate::{Error, Result};
 
 /// The [`Cf::Meta`] key holding the last applied [`SeqNo`] (8 bytes, big
@@ -95,6 +96,9 @@ pub enum BatchSource {
     Gc,
     /// The store's own bookkeeping (TSO window, cluster id).
     Internal,
+    /// A change of the region layout (see [`crate::region::Regions`]); the
+    /// batch carries the change in [`ChangeBatch::regions`].
+    Regions,
 }
 
 /// A durable, applied batch as handed to observers.
@@ -106,6 +110,8 @@ pub struct ChangeBatch {
     pub source: BatchSource,
     /// The engine mutations exactly as applied (keys encoded).
     pub mutations: Vec<Mutation>,
+    /// The region layout change this batch persists, if it is one.
+    pub regions: Option<Arc<RegionChange>>,
 }
 
 /// Receives every applied batch, in sequence order, after it is durable.
@@ -159,6 +165,7 @@ type Slot = Arc<Mutex<Option<Result<SeqNo>>>>;
 struct Request {
     batch: WriteBatch,
     source: BatchSource,
+    regions: Option<Arc<RegionChange>>,
     slot: Slot,
 }
 
@@ -239,6 +246,31 @@ impl Store {
     /// and announces it to observers; returns its sequence number. Blocks the
     /// calling thread while the group it joined commits.
     pub fn apply(&self, batch: WriteBatch, source: BatchSource) -> Result<SeqNo> {
+        self.submit(batch, source, None)
+    }
+
+    /// Applies `batch`, which persists the layout change `change`, and hands
+    /// the change to observers with it ([`ChangeBatch::regions`]), in the
+    /// same place of the total order.
+    pub fn apply_region_change(
+        &self,
+        batch: WriteBatch,
+        change: Arc<RegionChange>,
+    ) -> Result<SeqNo> {
+        if batch.is_empty() {
+            return Err(Error::InvalidInput(
+                "a region change must persist something".into(),
+            ));
+        }
+        self.submit(batch, BatchSource::Regions, Some(change))
+    }
+
+    fn submit(
+        &self,
+        batch: WriteBatch,
+        source: BatchSource,
+        regions: Option<Arc<RegionChange>>,
+    ) -> Result<SeqNo> {
         if batch
             .mutations()
             .iter()
@@ -264,6 +296,7 @@ impl Store {
         queue.pending.push_back(Request {
             batch,
             source,
+            regions,
             slot: Arc::clone(&slot),
         });
         loop {
@@ -307,7 +340,7 @@ impl Store {
         let mut merged = WriteBatch::new();
         let mut parts = Vec::with_capacity(group.len());
         for req in group {
-            parts.push((req.batch.len(), req.source, req.slot));
+            parts.push((req.batch.len(), req.source, req.regions, req.slot));
             merged.extend(req.batch);
         }
         merged.put(Cf::Meta, APPLIED_SEQ_KEY, last.to_be_bytes());
@@ -331,7 +364,7 @@ impl Store {
                 ),
                 other => (format!("committing seq {first}..={last}"), Arc::new(other)),
             };
-            for (_, _, slot) in &parts {
+            for (_, _, _, slot) in &parts {
                 *slot.lock() = Some(Err(Error::Engine {
                     context: context.clone(),
                     source: Arc::clone(&source),
@@ -347,11 +380,12 @@ impl Store {
         // Split the merged mutations back into their batches, moving them.
         let mut mutations = merged.into_mutations().into_iter();
         let mut published = Vec::with_capacity(parts.len());
-        for (seq, (len, source, slot)) in (first..=last).zip(parts) {
+        for (seq, (len, source, regions, slot)) in (first..=last).zip(parts) {
             let batch = ChangeBatch {
                 seq: SeqNo(seq),
                 source,
                 mutations: mutations.by_ref().take(len).collect(),
+                regions,
             };
             published.push((Arc::new(batch), slot));
         }

@@ -8,7 +8,8 @@
 //! (whether a Register may become a subscription), [`init`] (catch-up
 //! scans: starting them and turning their messages into rows and
 //! INITIALIZED), [`rows`] (what an applied batch means as feed rows),
-//! [`router`] (which subscriptions get which rows), [`resolved_ts`] (resolved
+//! [`router`] (which subscriptions get which rows), [`layout`] (region
+//! splits, merges and leader moves), [`resolved_ts`] (resolved
 //! timestamps) and [`outbound`] (sizing, queueing, congestion).
 //!
 //! # Steps
@@ -51,6 +52,7 @@
 //! backlog is measured by `kvfeed_cdc_observed_queue_bytes`.
 
 mod init;
+mod layout;
 mod outbound;
 mod registry;
 mod resolved_ts;
@@ -355,15 +357,23 @@ impl Owner {
                 self.outbox.discard(conn);
                 self.registry.remove_conn(conn, reason);
             }
-            Control::Batch(observed) => router::route_batch(
-                &mut self.registry,
-                &self.regions,
-                &self.observer.store,
-                &mut self.locks,
-                &mut self.outbox,
-                &observed.batch,
-                self.config.scan_buffer_bytes,
-            ),
+            Control::Batch(observed) => match &observed.batch.regions {
+                Some(change) => layout::on_region_change(
+                    &mut self.regions,
+                    &mut self.registry,
+                    &mut self.outbox,
+                    change,
+                ),
+                None => router::route_batch(
+                    &mut self.registry,
+                    &self.regions,
+                    &self.observer.store,
+                    &mut self.locks,
+                    &mut self.outbox,
+                    &observed.batch,
+                    self.config.scan_buffer_bytes,
+                ),
+            },
             Control::MinTs(sample) => resolved_ts::on_min_ts(
                 &mut self.registry,
                 &mut self.resolved_pending,

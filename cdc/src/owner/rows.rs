@@ -415,6 +415,7 @@ mod tests {
             seq: SeqNo(1),
             source: BatchSource::Client,
             mutations,
+            regions: None,
         }
     }
 

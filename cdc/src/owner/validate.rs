@@ -128,8 +128,8 @@ impl Refusal {
                     current_regions: regions.get(*id).map(region_meta).into_iter().collect(),
                 });
             }
-            // The layout is fixed, so a region found during validation is
-            // still there; answering "not found" is the safe fallback.
+            // A region found during validation may have been merged away
+            // since (a scan refusal comes later): it is then not found.
             Refusal::RegionNotFound(id) | Refusal::EpochNotMatch(id) => {
                 error.region_not_found = Some(RegionNotFound { region_id: id.0 });
             }
@@ -242,7 +242,11 @@ mod tests {
 
     #[test]
     fn refusals_map_to_one_wire_error_each() {
-        let regions = RegionMap::new(RegionMap::default_split_keys()).expect("layout");
+        let regions = RegionMap::new(
+            RegionMap::default_split_keys(),
+            &[kvfeed_storage::region::STORE_ID],
+        )
+        .expect("layout");
         let known = regions.regions()[0].id;
         let cases = [
             Refusal::ClusterIdMismatch {

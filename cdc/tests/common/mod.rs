@@ -35,7 +35,7 @@ use kvfeed_storage::engine::Engine;
 use kvfeed_storage::engine::memory::MemoryEngine;
 use kvfeed_storage::mvcc::{MutationOp, PrewriteRequest, TxnMutation, TxnStore};
 use kvfeed_storage::raw::RawStore;
-use kvfeed_storage::region::{Region, RegionMap};
+use kvfeed_storage::region::{Region, RegionMap, Regions, STORE_ID};
 use kvfeed_storage::safepoint::SafePoints;
 use kvfeed_storage::store::{Durability, Store};
 use kvfeed_storage::tso::{Clock, ManualClock, Tso};
@@ -53,7 +53,7 @@ pub struct Env {
     pub tso: Arc<Tso>,
     pub txn: Arc<TxnStore>,
     pub raw: Arc<RawStore>,
-    pub regions: Arc<RegionMap>,
+    pub regions: Arc<Regions>,
     pub feed: Feed,
     /// `Arc::strong_count(&store)` before the feed took its references.
     pub store_refs_without_feed: usize,
@@ -78,7 +78,14 @@ pub fn env_before_feed(config: FeedConfig, before_feed: impl FnOnce(&Arc<Store>)
     let tso = Arc::new(Tso::open(Arc::clone(&store), dyn_clock).expect("tso"));
     let txn = Arc::new(TxnStore::new(Arc::clone(&store)));
     let raw = Arc::new(RawStore::new(Arc::clone(&store), Arc::clone(&tso)));
-    let regions = Arc::new(RegionMap::new(RegionMap::default_split_keys()).expect("layout"));
+    let regions = Arc::new(
+        Regions::open(
+            Arc::clone(&store),
+            RegionMap::default_split_keys(),
+            &[STORE_ID],
+        )
+        .expect("layout"),
+    );
     let store_refs_without_feed = Arc::strong_count(&store);
     let feed = Feed::start(FeedDeps {
         store: Arc::clone(&store),
@@ -109,12 +116,12 @@ impl Env {
 
     /// The region holding ordinary keys (raw and encoded).
     pub fn region_a(&self) -> Region {
-        self.regions.regions()[0].clone()
+        self.regions.current().regions()[0].clone()
     }
 
     /// The region above the default split key.
     pub fn region_b(&self) -> Region {
-        self.regions.regions()[1].clone()
+        self.regions.current().regions()[1].clone()
     }
 
     pub fn connect(&self) -> (Connection, Events) {

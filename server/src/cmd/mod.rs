@@ -1,4 +1,4 @@
-//! The client tools: `kvfeed put | get | delete | scan`.
+//! The client tools: `kvfeed put | get | delete | scan`, and `kvfeed admin`.
 //!
 //! Each tool parses its arguments ([`kv`]), connects with
 //! [`kvfeed_client::Cluster`], and writes its results to stdout in one of
@@ -9,6 +9,7 @@
 //! The tools run on a current-thread runtime: they make one request at a
 //! time, and a single thread starts faster than a pool.
 
+pub mod admin;
 pub mod format;
 pub mod kv;
 pub mod watch;

@@ -25,8 +25,10 @@
 //! retry forever.
 
 use kvfeed_proto::{errorpb, kvrpcpb};
-use kvfeed_storage::mvcc::{decode_bytes, encode_bytes};
-use kvfeed_storage::region::{Region, RegionEpoch, RegionError, RegionId, RegionMap, STORE_ID};
+use kvfeed_storage::mvcc::encode_bytes;
+use kvfeed_storage::region::{
+    Region, RegionEpoch, RegionError, RegionId, RegionMap, STORE_ID, raw_lower_bound,
+};
 
 use super::errors::{KvError, hex};
 use kvfeed_cdc::meta::region_meta;
@@ -74,6 +76,7 @@ has_context!(
     RawBatchScanRequest,
     RawGetKeyTtlRequest,
     RawCasRequest,
+    SplitRegionRequest,
 );
 
 /// How keys of a request compare with region boundaries.
@@ -93,19 +96,14 @@ impl KeySpace {
         }
     }
 
-    /// Back from boundary space. Only region boundaries and encodings made
-    /// by [`KeySpace::encode_for_region`] reach this, and the region map
-    /// admits only complete encodings, so failure means a broken layout.
-    fn decode_from_region(self, key: &[u8]) -> Result<Vec<u8>, KvError> {
+    /// Back from boundary space: the least key of this space at or above
+    /// `key`. For a transactional key that is the decoding of a complete
+    /// encoding; a boundary from a raw split (any bytes, as TiKV allows)
+    /// maps to where it falls among encodings.
+    fn decode_from_region(self, key: &[u8]) -> Vec<u8> {
         match self {
-            KeySpace::Raw => Ok(key.to_vec()),
-            KeySpace::Txn => match decode_bytes(key) {
-                Ok((raw, used)) if used == key.len() => Ok(raw),
-                _ => Err(KvError::Storage(kvfeed_storage::Error::corrupt(
-                    "region",
-                    format!("region boundary {} is not a complete encoding", hex(key)),
-                ))),
-            },
+            KeySpace::Raw => key.to_vec(),
+            KeySpace::Txn => raw_lower_bound(key),
         }
     }
 }
@@ -174,7 +172,8 @@ pub fn check(regions: &RegionMap, ctx: Option<&kvrpcpb::Context>) -> Result<Scop
     })
 }
 
-fn region_error(regions: &RegionMap, err: RegionError) -> KvError {
+/// The TiKV region error for `err`, with the layout's current regions.
+pub(crate) fn region_error(regions: &RegionMap, err: RegionError) -> KvError {
     let mut out = errorpb::Error {
         message: err.to_string(),
         ..Default::default()
@@ -184,8 +183,18 @@ fn region_error(regions: &RegionMap, err: RegionError) -> KvError {
             out.region_not_found = Some(errorpb::RegionNotFound { region_id: id.0 });
         }
         RegionError::EpochNotMatch { region, .. } => {
+            // The region as it is now, and its neighbours: after a split one
+            // of them is the part the client's view still attributes to
+            // this region (TiKV adds the split sibling for the same reason).
+            let (left, right) = regions.neighbours(region);
             out.epoch_not_match = Some(errorpb::EpochNotMatch {
-                current_regions: regions.get(region).map(region_meta).into_iter().collect(),
+                current_regions: regions
+                    .get(region)
+                    .into_iter()
+                    .chain(left)
+                    .chain(right)
+                    .map(region_meta)
+                    .collect(),
             });
         }
         RegionError::KeyNotInRegion { region, key } => {
@@ -207,6 +216,11 @@ fn region_error(regions: &RegionMap, err: RegionError) -> KvError {
 impl Scope {
     pub fn id(&self) -> RegionId {
         self.region.id
+    }
+
+    /// The region as it was when the request was checked.
+    pub fn region(&self) -> &Region {
+        &self.region
     }
 
     /// Refuses `key` (as the request carries it) if it lies outside the
@@ -287,11 +301,11 @@ impl Scope {
         let lower = if lower_b.is_empty() {
             Vec::new()
         } else {
-            space.decode_from_region(&lower_b)?
+            space.decode_from_region(&lower_b)
         };
         let upper = match upper_b {
             None => Vec::new(),
-            Some(u) => space.decode_from_region(&u)?,
+            Some(u) => space.decode_from_region(&u),
         };
         Ok(KeyRange { lower, upper })
     }
@@ -302,14 +316,14 @@ impl Scope {
         let r = &self.region;
         let conv = |k: &[u8]| {
             if k.is_empty() {
-                Ok(Vec::new())
+                Vec::new()
             } else {
                 space.decode_from_region(k)
             }
         };
         Ok(KeyRange {
-            lower: conv(&r.start_key)?,
-            upper: conv(&r.end_key)?,
+            lower: conv(&r.start_key),
+            upper: conv(&r.end_key),
         })
     }
 }
@@ -330,7 +344,8 @@ mod tests {
 
     fn layout() -> RegionMap {
         // Three regions: [-inf, enc(b)), [enc(b), enc(d)), [enc(d), +inf).
-        RegionMap::new(vec![encode_bytes(b"b"), encode_bytes(b"d")]).expect("valid layout")
+        RegionMap::new(vec![encode_bytes(b"b"), encode_bytes(b"d")], &[STORE_ID])
+            .expect("valid layout")
     }
 
     fn ctx(region: &Region) -> kvrpcpb::Context {
@@ -341,7 +356,7 @@ mod tests {
                 version: region.epoch.version,
             }),
             peer: Some(metapb::Peer {
-                id: region.peer_id,
+                id: region.leader().id,
                 store_id: STORE_ID,
                 ..Default::default()
             }),
@@ -382,7 +397,15 @@ mod tests {
             .epoch_not_match
             .map(|x| x.current_regions)
             .unwrap_or_default();
-        assert_eq!(current, vec![region_meta(&r1)]);
+        // The region first, then its neighbours (one may be a split sibling).
+        assert_eq!(
+            current,
+            vec![
+                region_meta(&r1),
+                region_meta(&m.regions()[0]),
+                region_meta(&m.regions()[2])
+            ]
+        );
         assert!(e.message.contains(&r1.id.to_string()), "{}", e.message);
 
         let mut c = ctx(&r1);

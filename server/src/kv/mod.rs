@@ -28,6 +28,7 @@ pub mod errors;
 pub mod limits;
 pub mod lock_resolution;
 pub mod raw;
+pub mod split;
 pub mod txn;
 
 use std::sync::Arc;
@@ -105,7 +106,7 @@ impl KvService {
         tracing::trace!(method, region_id, "kv request");
         let node = Arc::clone(&self.node);
         let joined = tokio::task::spawn_blocking(move || {
-            let scope = context::check(node.regions(), req.context())?;
+            let scope = context::check(&node.regions().current(), req.context())?;
             handler(&node, &scope, req)
         })
         .await;
@@ -336,6 +337,13 @@ impl Tikv for KvService {
             .await
     }
 
+    async fn split_region(
+        &self,
+        r: Request<kvrpcpb::SplitRegionRequest>,
+    ) -> Reply<kvrpcpb::SplitRegionResponse> {
+        self.handle("SplitRegion", r, split::split_region).await
+    }
+
     type BatchCommandsStream = batch::ResponseStream;
 
     async fn batch_commands(
@@ -366,7 +374,8 @@ mod tests {
     }
 
     fn first_region_ctx(node: &Node) -> Option<kvrpcpb::Context> {
-        let r = &node.regions().regions()[0];
+        let map = node.regions().current();
+        let r = &map.regions()[0];
         Some(kvrpcpb::Context {
             region_id: r.id.0,
             region_epoch: Some(metapb::RegionEpoch {
@@ -374,7 +383,7 @@ mod tests {
                 version: r.epoch.version,
             }),
             peer: Some(metapb::Peer {
-                id: r.peer_id,
+                id: r.leader().id,
                 store_id: STORE_ID,
                 ..Default::default()
             }),
@@ -403,7 +412,7 @@ mod tests {
             .expect_err("a panic is an error");
         assert_eq!(status.code(), tonic::Code::Internal);
         assert!(status.message().contains("RawGetForTest"), "{status:?}");
-        let region = node.regions().regions()[0].id.to_string();
+        let region = node.regions().current().regions()[0].id.to_string();
         assert!(status.message().contains(&region), "{status:?}");
 
         // The service still answers normal calls.

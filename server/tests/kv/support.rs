@@ -35,7 +35,7 @@ pub fn ctx(region: &Region) -> Option<kvrpcpb::Context> {
             version: region.epoch.version,
         }),
         peer: Some(metapb::Peer {
-            id: region.peer_id,
+            id: region.leader().id,
             store_id: STORE_ID,
             ..Default::default()
         }),
@@ -107,7 +107,8 @@ impl Kv {
             client: TikvClient::new(server.channel().await)
                 .max_encoding_message_size(usize::MAX)
                 .max_decoding_message_size(usize::MAX),
-            regions: RegionMap::new(RegionMap::default_split_keys()).expect("default layout"),
+            regions: RegionMap::new(RegionMap::default_split_keys(), &[STORE_ID])
+                .expect("default layout"),
             next_ts: AtomicU64::new(TimeStamp::compose(now_ms, 0).into_inner()),
         }
     }
