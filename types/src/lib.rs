@@ -12,6 +12,8 @@
 //! Invariant: nothing here does I/O or depends on another kvfeed crate, so
 //! every other crate may depend on this one.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod timestamp;
 pub mod units;
