@@ -23,7 +23,9 @@ use std::fmt;
 pub use codec::{CodecError, decode_bytes, encode_bytes};
 pub use timestamp::TimeStamp;
 
-/// A region's identifier.
+/// A region's identifier, as PD hands it out and every KV and feed request
+/// names it. It names a region, not a layout: the region's epoch says which
+/// version of its bounds a request was routed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RegionId(pub u64);
 

@@ -55,19 +55,21 @@
 //! giving up after [`REGION_ATTEMPTS`] (region errors) or
 //! [`RECONNECT_ATTEMPTS`] (lost streams, PD unreachable) tries in a row.
 //! Rows that come again after a re-registration are dropped (see the
-//! invariants of `state`): no committed change is lost or repeated.
+//! invariants of `state`): no committed change is lost or repeated (within
+//! the one bound given below).
 //!
 //! # What a consumer can rely on
 //!
 //! These hold on top of what the server promises per subscription (for
 //! kvfeed: every commit above the checkpoint exactly once, a key's rows in
-//! commit_ts order, honest resolved timestamps; see the server's README):
+//! commit_ts order, honest resolved timestamps; see "Our guarantee" in the
+//! repository's README):
 //! - **Order.** A key lives in one region at a time, and its rows come in
 //!   the order its subscription delivers them. Rows of different keys, and
 //!   of different regions, are interleaved as they arrive.
 //! - **Exactly once across re-registration.** A range is subscribed again
-//!   from its floor, the highest resolved ts it had received after its
-//!   INITIALIZED row, so nothing above the floor is missed. What the server
+//!   from its floor (the start ts, raised by every resolved ts received
+//!   after its INITIALIZED row), so nothing above the floor is missed. What the server
 //!   sends again is dropped: rows at or below the floor outright, rows above
 //!   it by their (commit_ts, key) pair, remembered from delivery until every
 //!   floor has passed it. That memory is capped at [`MAX_REMEMBERED`] pairs,
@@ -80,8 +82,9 @@
 //!   recovery holds the span's resolved ts still rather than lowering it.
 //!   It means "complete up to here" only because each floor comes from a
 //!   resolved ts the server sent after the subscription's catch-up.
-//! - **Bounded.** Every retry budget is finite: a feed that cannot recover
-//!   ends with a [`FeedError`] rather than hanging.
+//! - **Bounded recovery.** Every retry budget is finite: a feed that keeps
+//!   failing to recover ends with a [`FeedError`]. A stream that stays open
+//!   but silent is not a failure, though: the feed waits on it.
 
 mod request;
 mod state;
