@@ -168,8 +168,10 @@ impl Calls {
     }
 }
 
+/// The flags of `kvfeed bench churn`.
 #[derive(Debug, Clone, Args)]
 pub struct ChurnArgs {
+    /// The server under test.
     #[command(flatten)]
     pub target: TargetArgs,
 
@@ -209,15 +211,27 @@ pub struct ChurnArgs {
 
 /// Where a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Each stage leaves the server a different cleanup path to get right,
+/// which is why the benchmark spreads connections over all of them.
 pub enum Stage {
+    /// The call is opened and dropped before any request is sent.
     BeforeRequest,
+    /// The Registers are sent and the call dropped at once, without
+    /// reading anything: the server is left with scans it must abandon.
     AfterRegister,
+    /// The call is dropped after its first message, usually mid-scan.
     MidStream,
+    /// After INITIALIZED the request side is closed and the call read to
+    /// its end: the server must end it cleanly.
     HalfClose,
+    /// After INITIALIZED the call is dropped without closing.
     Drop,
 }
 
 impl Stage {
+    /// Every stage, in the order they happen in a call's life (and in which
+    /// per-stage figures are reported).
     pub const ALL: [Stage; 5] = [
         Stage::BeforeRequest,
         Stage::AfterRegister,
@@ -226,6 +240,8 @@ impl Stage {
         Stage::Drop,
     ];
 
+    /// The stage's name in `--stages` and in the report
+    /// (`before_request`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Stage::BeforeRequest => "before_request",
@@ -280,6 +296,9 @@ pub enum Ended {
     HalfCloseLeftOpen,
 }
 
+/// Runs `kvfeed bench churn`: warm-up, measured churn, then the leak check.
+/// A gauge that does not return to its value before the run is recorded
+/// in the report as a failure; an `Err` means the run could not be made.
 pub async fn run(args: &ChurnArgs) -> Result<Report, BenchError> {
     check_range("--clients", args.clients, 1, 4096)?;
     check_range("--preload", args.preload, 0, 1_000_000)?;

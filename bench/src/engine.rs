@@ -37,6 +37,7 @@ const NAME: &str = "engine";
 const BATCH: u64 = 1000;
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The flags of `kvfeed bench engine`.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
     /// Keys written by each write test (and then scanned).
@@ -143,6 +144,9 @@ pub fn scan_raw_family(snapshot: &dyn EngineSnapshot) -> Result<(u64, u64, Durat
     Ok((entries, bytes, started.elapsed()))
 }
 
+/// Runs `kvfeed bench engine` on the calling thread (the timed work is
+/// blocking I/O), building its own runtime for the `--grpc` part. A scan
+/// that does not see every key written is recorded as a failure.
 pub fn run(args: &EngineArgs) -> Result<Report, BenchError> {
     check_range("--keys", args.keys, 1, 10_000_000)?;
     check_range("--value-size", args.value_size, 1, 1 << 20)?;

@@ -182,6 +182,7 @@ pub fn create_request(prefix: &[u8], start_revision: i64) -> WatchRequest {
 pub struct WatchStream {
     /// Dropping it half-closes the call.
     pub requests: mpsc::Sender<WatchRequest>,
+    /// etcd's answers: the creation, then events and progress.
     pub responses: Streaming<WatchResponse>,
 }
 

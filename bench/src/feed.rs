@@ -42,8 +42,10 @@ use kvfeed_types::units::ReadableDuration;
 
 const NAME: &str = "feed";
 
+/// The flags of `kvfeed bench feed`.
 #[derive(Debug, Clone, Args)]
 pub struct FeedArgs {
+    /// The server under test.
     #[command(flatten)]
     pub target: TargetArgs,
 
@@ -110,6 +112,9 @@ impl FeedArgs {
     }
 }
 
+/// Runs `kvfeed bench feed` in the order the module docs give. Lost,
+/// duplicated or foreign rows, failed puts and feed errors are recorded in
+/// the report as failures; an `Err` means the run could not be made.
 pub async fn run(args: &FeedArgs) -> Result<Report, BenchError> {
     let (duration, drain_timeout) = args.check()?;
     if args.txn && args.target.target != TargetKind::Kvfeed {

@@ -35,9 +35,12 @@ const MAX_MESSAGES: usize = 100_000_000;
 /// What the client received.
 #[derive(Debug, Clone, Copy)]
 pub struct GrpcResult {
+    /// Messages received and decoded before the time was up.
     pub messages: u64,
     /// Encoded size of each message.
     pub message_bytes: usize,
+    /// Time spent reading: from the open call to the deadline (or the
+    /// stream's end); messages / elapsed is the rate.
     pub elapsed: Duration,
 }
 

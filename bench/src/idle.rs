@@ -39,6 +39,7 @@ const NAME: &str = "idle";
 const SETTLE: Duration = Duration::from_secs(30);
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
+/// The flags of `kvfeed bench idle`.
 #[derive(Debug, Clone, Args)]
 #[command(
     after_help = "Each connection uses a file descriptor in the bench and one in the \
@@ -46,6 +47,7 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
                         first, e.g. `ulimit -n 65536`."
 )]
 pub struct IdleArgs {
+    /// The server under test.
     #[command(flatten)]
     pub target: TargetArgs,
 
@@ -99,6 +101,8 @@ fn gauges(system: &System, watch: &WatchPlan) -> Gauges {
     }
 }
 
+/// Runs `kvfeed bench idle`: opens the connections, measures, closes them
+/// and checks the feed's gauges return to where they were.
 pub async fn run(args: &IdleArgs) -> Result<Report, BenchError> {
     check_range("--connections", args.connections, 1, 100_000)?;
     check_range("--batch", args.batch, 1, 1000)?;

@@ -24,15 +24,21 @@ use super::{secs, txn_load};
 
 const NAME: &str = "kv-scan";
 
+/// The flags of `kvfeed bench kv-scan`.
 #[derive(Debug, Clone, Args)]
 pub struct KvScanArgs {
+    /// The server under test.
     #[command(flatten)]
     pub target: TargetArgs,
 
+    /// How many keys to preload and read, and the read's time limit.
     #[command(flatten)]
     pub preload: PreloadArgs,
 }
 
+/// Runs `kvfeed bench kv-scan`: preloads both key spaces and reads each
+/// range once. A key out of place (missing, repeated or out of order), a
+/// value of the wrong size or a wrong count is recorded as a failure.
 pub async fn run(args: &KvScanArgs) -> Result<Report, BenchError> {
     let timeout = args.preload.check()?;
     let server = Server::connect(&args.target).await?;

@@ -27,6 +27,8 @@
 //! `idle` can drive etcd instead of kvfeed, for a comparison: [`target`]
 //! chooses, and the `etcd` module (feature `etcd`) speaks etcd's API.
 
+#![warn(missing_docs)]
+
 pub mod churn;
 pub mod engine;
 #[cfg(feature = "etcd")]
@@ -64,12 +66,16 @@ pub const DEFAULT_STATUS: &str = "127.0.0.1:20180";
 /// Longest run any benchmark accepts.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);
 
+/// The arguments of `kvfeed bench`: which benchmark, and its flags.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// The benchmark to run.
     #[command(subcommand)]
     pub command: BenchCommand,
 }
 
+/// One `kvfeed bench` subcommand per benchmark; the variant's doc is its
+/// `--help` text.
 #[derive(Debug, Clone, Subcommand)]
 pub enum BenchCommand {
     /// Write and watch at the same time: puts/s, events/s, put→event
@@ -132,31 +138,68 @@ pub struct TargetArgs {
 
 /// Why a benchmark could not run, or found a fault.
 #[derive(Debug, thiserror::Error)]
+///
+/// Every variant but [`BenchError::Failed`] means the benchmark could not
+/// run (or not to the end); `Failed` means it ran and found a fault, and
+/// its figures were printed before it.
 pub enum BenchError {
+    /// A cluster call (PD, KV, the feed client) failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// A flag is out of range or the arguments do not fit together; the
+    /// text says which and what is allowed.
     #[error("{0}")]
     Usage(String),
+    /// A benchmark's own connection (one HTTP/2 connection per feed stream)
+    /// could not be opened in time.
     #[error("cannot connect to {addr}: {reason}")]
-    Connect { addr: String, reason: String },
+    Connect {
+        /// The `host:port` dialled.
+        addr: String,
+        /// The transport's error chain, or the time limit that ran out.
+        reason: String,
+    },
+    /// The status server's `/metrics` could not be fetched or parsed, or
+    /// lacks a metric the benchmark needs.
     #[error("{reason}")]
-    Metrics { reason: String },
+    Metrics {
+        /// What went wrong, naming the address or the metric.
+        reason: String,
+    },
+    /// The change feed (or the load feeding it) misbehaved in a way that
+    /// stops the run: a stream ended or failed, a subscription was refused,
+    /// a deadline passed, a task panicked.
     #[error("change feed: {0}")]
     Feed(String),
+    /// The storage engine failed in the engine benchmark.
     #[error("engine: {0}")]
     Engine(#[from] kvfeed_storage::Error),
+    /// Opening connections hit the process's open-files limit, a setting
+    /// of the machine rather than a fault of the server.
     #[error(
         "the open-files limit was reached after {opened} connections ({reason}); raise it \
          with `ulimit -n` in the shell that runs the bench and in the one that runs the server"
     )]
-    OpenFiles { opened: usize, reason: String },
+    OpenFiles {
+        /// Connections opened before the limit was hit.
+        opened: usize,
+        /// The error that showed the limit.
+        reason: String,
+    },
+    /// The tokio runtime could not be built.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] io::Error),
+    /// Stdout could not be written (e.g. the reader went away).
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
+    /// The run completed but found correctness faults (lost or duplicated
+    /// events, gauges left above zero, ...): the process exits non-zero
+    /// however good the figures are.
     #[error("bench {bench} failed: {reasons}")]
     Failed {
+        /// The benchmark's name (`feed`, `churn`, ...).
         bench: &'static str,
+        /// Every recorded failure, joined with `; `.
         reasons: String,
     },
 }
@@ -164,6 +207,7 @@ pub enum BenchError {
 /// A connection to the server under test.
 #[derive(Clone)]
 pub struct Server {
+    /// PD, the oracle and the KV calls (writers, preloads, region lookups).
     pub cluster: Cluster,
     /// The store, where KV and the feed live.
     pub store: Arc<StoreConn>,

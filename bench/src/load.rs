@@ -60,9 +60,17 @@ pub fn unix_nanos() -> u64 {
 
 /// What a value says about its put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Encoded big-endian at the start of the value: `sent_ns` (8 bytes),
+/// `writer` (4), `seq` (8), [`STAMP_LEN`] bytes in all.
 pub struct Stamp {
+    /// When the put was sent, in unix nanoseconds; in open loop, when it
+    /// was *scheduled* (see the module docs). Latency is measured from it.
     pub sent_ns: u64,
+    /// Which writer task sent it, `0..writers`.
     pub writer: u32,
+    /// The put's number within its writer, from 0 up; with `writer` it
+    /// names the put uniquely within a run.
     pub seq: u64,
 }
 
@@ -78,6 +86,9 @@ impl Stamp {
         value
     }
 
+    /// Reads the stamp back from the start of a value; `None` when the
+    /// value is shorter than [`STAMP_LEN`] (it was not written by a
+    /// benchmark writer). Bytes after the stamp are ignored.
     pub fn parse(value: &[u8]) -> Option<Stamp> {
         let sent_ns = u64::from_be_bytes(value.get(0..8)?.try_into().ok()?);
         let writer = u32::from_be_bytes(value.get(8..12)?.try_into().ok()?);
@@ -260,12 +271,18 @@ pub fn preload_index(prefix: &[u8], key: &[u8]) -> Option<u64> {
 /// How the writers write.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
+    /// Writer tasks, each numbering its own puts.
     pub writers: u32,
     /// Total puts per second (open loop); `None`: closed loop.
     pub rate: Option<f64>,
+    /// How long puts are started; the last ones are then awaited.
     pub duration: Duration,
+    /// Bytes of each value, the stamp included (at least [`STAMP_LEN`]).
     pub value_size: usize,
+    /// Raw puts or single-key transactions.
     pub mode: KeyMode,
+    /// Every key written starts with it (see [`key`]), so a run's keys are
+    /// its own and a watcher can subscribe to exactly them.
     pub prefix: Vec<u8>,
 }
 
@@ -276,7 +293,10 @@ pub struct LoadResult {
     pub acked: SeqSet,
     /// Puts sent (acknowledged or failed).
     pub sent: u64,
+    /// Puts that failed (after their retries): sent but not acknowledged,
+    /// so a watcher may or may not see them.
     pub errors: u64,
+    /// The first failure's message, for the report.
     pub first_error: Option<String>,
     /// Open loop: scheduled puts not sent because too many were in flight.
     pub skipped: u64,
@@ -288,8 +308,11 @@ pub struct LoadResult {
 
 /// How the writers send a put.
 pub enum Backend {
+    /// RawPut on the store's channel, with a region cache.
     Raw(RawWriter),
+    /// One transaction per put (`Cluster::txn_put`), on a thread of its own.
     Txn(TxnExecutor),
+    /// `KV.Put` to etcd.
     #[cfg(feature = "etcd")]
     Etcd(super::etcd::EtcdWriter),
 }

@@ -28,6 +28,8 @@ pub struct Report {
 }
 
 impl Report {
+    /// An empty report for benchmark `bench`, whose name heads the table
+    /// and is the JSON's `"bench"` field.
     pub fn new(bench: &'static str) -> Report {
         let mut json = Map::new();
         json.insert("bench".to_owned(), Value::from(bench));
@@ -90,10 +92,12 @@ impl Report {
         self.item(key, label, shown, json);
     }
 
+    /// A string (a mode, a target), shown as it is.
     pub fn text(&mut self, key: &str, label: &str, value: &str) {
         self.item(key, label, value.to_owned(), Value::from(value));
     }
 
+    /// A yes/no figure: "yes"/"no" in the table, a JSON boolean.
     pub fn flag(&mut self, key: &str, label: &str, value: bool) {
         let shown = if value { "yes" } else { "no" };
         self.item(key, label, shown.to_owned(), Value::from(value));
@@ -109,6 +113,8 @@ impl Report {
         self.failures.push(why.into());
     }
 
+    /// The correctness failures recorded so far, in order; empty means the
+    /// run passed.
     pub fn failures(&self) -> &[String] {
         &self.failures
     }

@@ -46,11 +46,14 @@ use kvfeed_types::units::ReadableDuration;
 const NAME: &str = "scan";
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The flags of `kvfeed bench scan`.
 #[derive(Debug, Clone, Args)]
 pub struct ScanArgs {
+    /// The server under test.
     #[command(flatten)]
     pub target: TargetArgs,
 
+    /// How many keys to preload and catch up on, and the time limit.
     #[command(flatten)]
     pub preload: PreloadArgs,
 
@@ -70,6 +73,9 @@ pub struct ScanArgs {
 /// Keys per write while filling the comparison engine.
 const ENGINE_FILL_BATCH: u64 = 1024;
 
+/// Runs `kvfeed bench scan`: preloads, subscribes from checkpoint 0 and
+/// times the catch-up; a key missing or delivered twice is recorded as a
+/// failure.
 pub async fn run(args: &ScanArgs) -> Result<Report, BenchError> {
     let timeout = args.preload.check()?;
     let server = Server::connect(&args.target).await?;

@@ -22,9 +22,15 @@ use super::BenchError;
 pub const RSS: &str = "process_resident_memory_bytes";
 /// CPU time of the server, seconds.
 pub const CPU: &str = "process_cpu_seconds_total";
+/// Open feed connections (gauge): back to its value before a run, or the
+/// run leaked.
 pub const CONNECTIONS: &str = "kvfeed_cdc_connections";
+/// Live feed subscriptions (gauge); it falls when a congested consumer's
+/// subscriptions are dropped.
 pub const SUBSCRIPTIONS: &str = "kvfeed_cdc_subscriptions";
+/// Bytes of events queued for feed clients and not yet taken (gauge).
 pub const PENDING_BYTES: &str = "kvfeed_cdc_pending_bytes";
+/// Bytes read by catch-up scans since the server started (counter).
 pub const SCANNED_BYTES: &str = "kvfeed_cdc_scanned_bytes_total";
 /// How often a [`Sampler`] scrapes.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
@@ -68,6 +74,8 @@ impl Scrape {
         Scrape { values }
     }
 
+    /// The sample named `name` exactly as rendered (labels included, see
+    /// [`Scrape`]); `None` when the server does not export it.
     pub fn get(&self, name: &str) -> Option<f64> {
         self.values.get(name).copied()
     }
@@ -175,21 +183,29 @@ fn status_and_body(
 pub struct Point {
     /// Since the sampler started.
     pub at: Duration,
+    /// Server resident memory, bytes ([`RSS`]).
     pub rss: Option<f64>,
+    /// Server CPU time so far, seconds ([`CPU`]).
     pub cpu: Option<f64>,
+    /// Live feed subscriptions ([`SUBSCRIPTIONS`]); `None` on etcd.
     pub subscriptions: Option<f64>,
+    /// Open feed connections ([`CONNECTIONS`]); `None` on etcd.
     pub connections: Option<f64>,
 }
 
 /// What a [`Sampler`] saw.
 #[derive(Debug, Clone, Default)]
 pub struct Samples {
+    /// The samples in time order, at most one an interval and at most an
+    /// hour's worth (later ones are dropped to bound memory).
     pub points: Vec<Point>,
     /// Scrapes that failed (the figures are then from fewer samples).
     pub errors: u64,
 }
 
 impl Samples {
+    /// The highest server RSS sampled, bytes; `None` without a sample.
+    /// A peak between two samples is missed, so it is a lower bound.
     pub fn peak_rss(&self) -> Option<f64> {
         self.points.iter().filter_map(|p| p.rss).reduce(f64::max)
     }
@@ -205,6 +221,9 @@ pub struct Sampler {
 const MAX_POINTS: usize = 4 * 3600;
 
 impl Sampler {
+    /// Starts sampling the status server at `addr` (`host:port`) on a new
+    /// task; the first sample is taken at once. Must be called inside a
+    /// tokio runtime.
     pub fn start(addr: &str) -> Sampler {
         let addr = addr.to_owned();
         let (stop, mut stopped) = watch::channel(false);

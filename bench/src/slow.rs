@@ -40,8 +40,10 @@ const NAME: &str = "slow";
 /// How long the slow consumer may take to read what was queued for it.
 const SLOW_DRAIN: Duration = Duration::from_secs(60);
 
+/// The flags of `kvfeed bench slow`.
 #[derive(Debug, Clone, Args)]
 pub struct SlowArgs {
+    /// The server under test.
     #[command(flatten)]
     pub target: TargetArgs,
 
@@ -63,6 +65,10 @@ pub struct SlowArgs {
     pub drain_timeout: ReadableDuration,
 }
 
+/// Runs `kvfeed bench slow`: stalls one consumer while writers write.
+/// Failed puts, and a fast consumer that lost or repeated a put or got a
+/// feed error, are recorded as failures; whether and when the stalled one
+/// was told `congested` is reported, not judged.
 pub async fn run(args: &SlowArgs) -> Result<Report, BenchError> {
     check_range("--writers", args.writers, 1, 1024)?;
     check_range("--value-size", args.value_size, STAMP_LEN, 1 << 20)?;

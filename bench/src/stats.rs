@@ -43,6 +43,9 @@ impl Histogram {
         self.0.as_mut()
     }
 
+    /// Records one value (a latency in nanoseconds, in the benchmarks).
+    /// A value beyond the histogram's reach is clamped to its top, but the
+    /// exact maximum still sees it.
     pub fn record(&mut self, value: u64) {
         self.1 = self.1.max(value);
         if let Some(h) = self.inner()
@@ -53,6 +56,8 @@ impl Histogram {
         }
     }
 
+    /// Adds every value of `other` (e.g. one watcher's into the total), so
+    /// quantiles are over both sets, not an average of two.
     pub fn merge(&mut self, other: &Histogram) {
         let Some(theirs) = &other.0 else {
             return;
@@ -69,10 +74,13 @@ impl Histogram {
         }
     }
 
+    /// Values recorded.
     pub fn count(&self) -> u64 {
         self.0.as_ref().map_or(0, |h| h.len())
     }
 
+    /// The largest value recorded, exactly (not rounded to the
+    /// histogram's precision); `None` when nothing was recorded.
     pub fn max(&self) -> Option<u64> {
         (self.count() > 0).then_some(self.1)
     }
@@ -94,7 +102,9 @@ pub const MAX_SEQ: u64 = 1 << 26;
 /// What [`SeqSet::insert`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Insert {
+    /// The pair was not in the set and now is.
     New,
+    /// The pair was already in the set: the same put arrived again.
     Duplicate,
     /// Writer or sequence number out of range: not one of ours.
     Foreign,
@@ -116,6 +126,10 @@ impl SeqSet {
         }
     }
 
+    /// Adds (writer, seq) and says whether it is new. Pairs outside the
+    /// writers the set was made for, or with `seq ≥` [`MAX_SEQ`], are
+    /// refused as [`Insert::Foreign`] and not stored, so a stray value
+    /// cannot grow the set.
     pub fn insert(&mut self, writer: u32, seq: u64) -> Insert {
         let Some(words) = self.writers.get_mut(writer as usize) else {
             return Insert::Foreign;
@@ -136,6 +150,7 @@ impl SeqSet {
         Insert::New
     }
 
+    /// Whether (writer, seq) is in the set.
     pub fn contains(&self, writer: u32, seq: u64) -> bool {
         let Some(words) = self.writers.get(writer as usize) else {
             return false;
@@ -145,10 +160,12 @@ impl SeqSet {
             .is_some_and(|w| w & (1 << (seq % 64)) != 0)
     }
 
+    /// Pairs in the set.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// Whether the set holds no pair.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -37,18 +37,26 @@ const REQUEST_QUEUE: usize = 64;
 /// One subscription: a region, and the part of the range inside it.
 #[derive(Debug, Clone)]
 pub struct Sub {
+    /// 1, 2, ... in region order: unique within the plan, so every
+    /// subscription of one stream has its own.
     pub request_id: u64,
+    /// The region as PD described it when the plan was made; a layout
+    /// change since is reported by the server as `epoch_not_match`.
     pub region: RegionInfo,
-    /// PD's key space (encoded for transactions).
+    /// Inclusive start, in PD's key space (encoded for transactions).
     pub start: Vec<u8>,
+    /// Exclusive end, in PD's key space; empty = unbounded.
     pub end: Vec<u8>,
 }
 
 /// The subscriptions that together cover one key range.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// The cluster id PD reported, sent in every Register's header.
     pub cluster_id: u64,
+    /// The key space subscribed (the Register's `kv_api`).
     pub mode: KeyMode,
+    /// One per region overlapping the range, in key order; never empty.
     pub subs: Vec<Sub>,
 }
 
@@ -129,6 +137,7 @@ pub async fn connect(addr: &str) -> Result<Channel, BenchError> {
 pub struct FeedStream {
     /// Dropping it half-closes the request side.
     pub requests: mpsc::Sender<ChangeDataRequest>,
+    /// What the server sends on the call.
     pub events: Streaming<ChangeDataEvent>,
 }
 
@@ -157,6 +166,8 @@ impl FeedStream {
         Ok(FeedStream { requests, events })
     }
 
+    /// Queues `requests` on the call in order, waiting while the queue
+    /// ahead of the transport is full; fails once the call is gone.
     pub async fn send_all(&self, requests: Vec<ChangeDataRequest>) -> Result<(), BenchError> {
         for request in requests {
             self.requests
@@ -182,16 +193,23 @@ impl FeedStream {
 /// The parts of a message, in order.
 #[derive(Debug)]
 pub enum Item {
+    /// A row of any type (INITIALIZED, PREWRITE, COMMIT, ...), as sent.
     Row {
+        /// The subscription it belongs to.
         request_id: u64,
+        /// The row.
         row: Row,
     },
+    /// A subscription's error; nothing more comes for it.
     Error {
+        /// The subscription refused or ended.
         request_id: u64,
+        /// The error as sent; [`describe`] puts it in words.
         error: cdcpb::Error,
     },
     /// A resolved ts (batched or per region).
     Resolved {
+        /// The timestamp; which regions it covers is not kept.
         ts: u64,
     },
 }

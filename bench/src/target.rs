@@ -34,7 +34,10 @@ pub enum TargetKind {
     Kvfeed,
     /// An etcd member's client URL, `HOST:PORT` (gRPC and `/metrics`
     /// share it).
-    Etcd { addr: String },
+    Etcd {
+        /// `HOST:PORT`, without the scheme or a trailing `/`.
+        addr: String,
+    },
 }
 
 /// Parses `kvfeed` or `etcd://HOST:PORT`.
@@ -64,7 +67,9 @@ pub fn parse_target(text: &str) -> Result<TargetKind, String> {
 
 /// A connected system under test.
 pub enum System {
+    /// A kvfeed server: PD, its store and its status server.
     Kvfeed(Server),
+    /// An etcd member, reached on its client URL.
     #[cfg(feature = "etcd")]
     Etcd(super::etcd::Etcd),
 }
@@ -107,6 +112,8 @@ impl System {
         }
     }
 
+    /// Whether the target is kvfeed, which has checks etcd lacks (the
+    /// feed's gauges, resolved ts, `congested`).
     pub fn is_kvfeed(&self) -> bool {
         matches!(self, System::Kvfeed(_))
     }

@@ -47,9 +47,12 @@ pub struct Target {
 /// What a watcher saw.
 #[derive(Debug, Default)]
 pub struct Seen {
+    /// The distinct puts of this run received, by (writer, seq); compared
+    /// with the acknowledged set afterwards to find losses.
     pub puts: SeqSet,
     /// Data rows received (distinct puts and duplicates).
     pub rows: u64,
+    /// Rows of a put already received: each one breaks exactly-once.
     pub duplicates: u64,
     /// Rows that are not a put of this run.
     pub foreign: u64,
@@ -97,13 +100,21 @@ impl Seen {
 pub enum WatchPlan {
     /// An EventFeed stream subscribed to every region of `plan`.
     Kvfeed {
+        /// The store's `host:port`, dialled on a connection of its own.
         addr: String,
+        /// The subscriptions covering the watched range, shared by watchers.
         plan: Arc<Plan>,
+        /// Every subscription's checkpoint_ts: rows committed after it come.
         checkpoint: u64,
     },
     /// A Watch stream with one watch of every key under `prefix`.
     #[cfg(feature = "etcd")]
-    Etcd { addr: String, prefix: Vec<u8> },
+    Etcd {
+        /// etcd's client URL, `host:port`.
+        addr: String,
+        /// The key prefix watched.
+        prefix: Vec<u8>,
+    },
 }
 
 impl WatchPlan {

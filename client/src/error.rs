@@ -20,45 +20,75 @@ use crate::text::escape;
 /// A client-side failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// An address the client cannot use: not `host:port`, a scheme other
+    /// than `http://`, or a port that is not a number. Found before any
+    /// connection is attempted.
     #[error("invalid address {addr:?}: {reason}")]
-    InvalidAddress { addr: String, reason: String },
+    InvalidAddress {
+        /// The address as given.
+        addr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TCP connection or the HTTP/2 handshake to an address failed
+    /// (refused, unreachable, or past the connect timeout).
     #[error("cannot connect to {addr}")]
     Connect {
+        /// The `host:port` dialled.
         addr: String,
+        /// The transport's own error, kept as the source for error chains.
         #[source]
         source: tonic::transport::Error,
     },
+    /// A call, or the whole connect sequence, outlived its limit from
+    /// [`ConnectOptions`](crate::ConnectOptions).
     #[error("{what} at {addr} did not answer within {after:?}")]
     Timeout {
+        /// What was waited for: the RPC method, or `"PD"` for the connect
+        /// sequence.
         what: &'static str,
+        /// The `host:port` that did not answer in time.
         addr: String,
+        /// The limit that ran out.
         after: Duration,
     },
     /// A call failed with a gRPC status (including a broken connection).
     #[error("{method} failed: {message} ({code:?})")]
     Rpc {
+        /// The RPC method that failed.
         method: &'static str,
+        /// The status code the server (or the transport) gave.
         code: tonic::Code,
+        /// The status message, followed by its source chain (see
+        /// [`ClientError::rpc`]).
         message: String,
     },
     /// PD answered with an error in its response header.
     #[error("PD {method} failed: {message}")]
     Pd {
+        /// The PD method that failed.
         method: &'static str,
+        /// PD's error type name and message, `"TYPE: message"`.
         message: String,
     },
     /// A response lacks something the protocol promises.
     #[error("malformed {method} response: {reason}")]
     BadResponse {
+        /// The method whose response was malformed.
         method: &'static str,
+        /// What was missing or out of range.
         reason: String,
     },
+    /// The request reached the wrong region, a stale epoch or a busy
+    /// server; see [`RegionError`] for which ones a retry can fix.
     #[error(transparent)]
     Region(#[from] RegionError),
     /// A raw command's own error string.
     #[error("{method} failed: {message}")]
     Raw {
+        /// The raw command that failed.
         method: &'static str,
+        /// The server's error text, verbatim.
         message: String,
     },
     /// A live lock of another transaction is in the way.
@@ -67,30 +97,46 @@ pub enum ClientError {
     /// The commit ts was below the lock's min commit ts; a newer one works.
     #[error("commit ts {attempted} is below the lock's min commit ts {min_commit_ts}")]
     CommitTsExpired {
+        /// The commit ts the commit asked for.
         attempted: TimeStamp,
+        /// The lowest commit ts the lock now accepts.
         min_commit_ts: TimeStamp,
     },
+    /// Another transaction committed the key after this one started, so
+    /// this one cannot commit: it must start again with a new start ts.
     #[error(
         "write conflict on key {}: transaction {start_ts} lost to transaction \
          {conflict_ts} committed at {conflict_commit_ts}",
         escape(key)
     )]
     WriteConflict {
+        /// The user key both transactions wrote.
         key: Vec<u8>,
+        /// The start ts of the transaction that lost.
         start_ts: TimeStamp,
+        /// The start ts of the transaction that won.
         conflict_ts: TimeStamp,
+        /// The commit ts of the transaction that won, above `start_ts`.
         conflict_commit_ts: TimeStamp,
     },
     /// Any other key error, described.
     #[error("{method}: {message}")]
     Key {
+        /// The command that got the key error.
         method: &'static str,
+        /// The key error's description.
         message: String,
     },
+    /// A bounded retry loop ([`Backoff`](crate::retry::Backoff)) spent its
+    /// budget while the failure persisted.
     #[error("{what} still failing after {attempts} attempts: {last}")]
     RetriesExhausted {
+        /// What was being retried: the RPC method, or a phase such as
+        /// `"transaction"`, `"commit"` or `"lock resolution"`.
         what: &'static str,
+        /// Attempts made, counting the first.
         attempts: u32,
+        /// The error of the last attempt.
         last: Box<ClientError>,
     },
 }
@@ -132,11 +178,15 @@ impl ClientError {
 /// A lock left by a transaction, as a key error reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lock {
+    /// The locked user key.
     pub key: Vec<u8>,
     /// The transaction's primary key, whose state decides the transaction.
     pub primary: Vec<u8>,
     /// The transaction's start ts.
     pub lock_ts: TimeStamp,
+    /// The lock's time to live in milliseconds, as its transaction set it
+    /// (or as CheckTxnStatus last reported it): until it has passed, the
+    /// lock is live and is not resolved.
     pub ttl_ms: u64,
 }
 
@@ -167,20 +217,59 @@ impl std::fmt::Display for Lock {
 /// A region error from the KV service, one variant per reaction.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionError {
+    /// The store is not the region's leader (any more). Retried at once:
+    /// PD already knows the new leader.
     #[error("region {region} has moved its leader")]
-    NotLeader { region: RegionId },
+    NotLeader {
+        /// The region the request was sent to.
+        region: RegionId,
+    },
+    /// The request's region epoch is stale: the region was split or merged
+    /// since PD was asked. Retried after asking PD again.
     #[error("region {region} epoch does not match (the region layout changed)")]
-    EpochNotMatch { region: RegionId },
+    EpochNotMatch {
+        /// The region the request was sent to.
+        region: RegionId,
+    },
+    /// The store does not know the region (it moved, or was merged away).
+    /// Retried after asking PD again.
     #[error("region {region} not found")]
-    RegionNotFound { region: RegionId },
+    RegionNotFound {
+        /// The region the request was sent to.
+        region: RegionId,
+    },
+    /// A key of the request lies outside the region's range, which happens
+    /// when the layout changed between the PD lookup and the request.
+    /// Retried after asking PD again.
     #[error("key {} is not in region {region}", escape(key))]
-    KeyNotInRegion { region: RegionId, key: Vec<u8> },
+    KeyNotInRegion {
+        /// The region the request was sent to.
+        region: RegionId,
+        /// The key the store refused, as the store reported it.
+        key: Vec<u8>,
+    },
+    /// The command was overtaken by a change of the region; retried.
     #[error("stale command in region {region}")]
-    StaleCommand { region: RegionId },
+    StaleCommand {
+        /// The region the request was sent to.
+        region: RegionId,
+    },
+    /// The store refused the request for load. Not retried: whether to
+    /// try again later is the user's decision.
     #[error("server is busy: {reason}")]
-    ServerIsBusy { reason: String },
+    ServerIsBusy {
+        /// The store's explanation.
+        reason: String,
+    },
+    /// A region error of a kind the client does not distinguish; not
+    /// retried.
     #[error("region {region} error: {message}")]
-    Other { region: RegionId, message: String },
+    Other {
+        /// The region the request was sent to.
+        region: RegionId,
+        /// The error's message field.
+        message: String,
+    },
 }
 
 impl RegionError {

@@ -22,10 +22,18 @@
 //! - Every PD response's header is checked: a missing header or a header
 //!   error is reported, never ignored.
 //!
+//! The change feed ([`feed`]) follows a key range across however many
+//! regions hold it, as one stream of committed changes: it re-subscribes
+//! after region errors and lost streams from the last resolved ts, drops
+//! what the server sends again, and never lets the range's resolved ts move
+//! back. Its module docs state exactly what a consumer can rely on.
+//!
 //! Modules: [`error`] (typed errors), [`region`] (regions and the raw vs
 //! transactional key spaces), [`retry`] (backoff), [`raw`] and [`txn`] (the
 //! two APIs), [`feed`] (the change-feed consumer), [`scan`] (range scans across regions), [`text`] (byte
 //! strings in messages).
+
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod feed;
@@ -106,6 +114,7 @@ struct TsoStream {
 /// A channel to one store, where the KV service and the change feed live.
 #[derive(Debug)]
 pub struct StoreConn {
+    /// The store's id in PD, as a region's leader peer names it.
     pub id: u64,
     /// `host:port` as advertised by PD.
     pub address: String,

@@ -69,13 +69,18 @@ impl KeyMode {
 /// A region and where to send its requests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegionInfo {
+    /// The region's id, which every KV request names in its context.
     pub id: RegionId,
     /// Inclusive lower bound in PD's key space; empty means unbounded.
     pub start_key: Vec<u8>,
     /// Exclusive upper bound in PD's key space; empty means unbounded.
     pub end_key: Vec<u8>,
+    /// The layout version the request must carry: a store refuses a
+    /// request with a stale epoch (`epoch_not_match`), which is how a split
+    /// or merge since the lookup is noticed.
     pub epoch: metapb::RegionEpoch,
-    /// The peer that serves requests (the leader).
+    /// The peer that serves requests: the leader PD named, or the region's
+    /// first peer when PD named none.
     pub leader: metapb::Peer,
 }
 

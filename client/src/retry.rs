@@ -35,6 +35,9 @@ impl Backoff {
         Backoff::new(5, Duration::from_millis(10), Duration::from_millis(100))
     }
 
+    /// A budget of `max_attempts` attempts in all (the first try counts; 0
+    /// is taken as 1), waiting `first_delay` before the second and doubling
+    /// each wait up to `max_delay`.
     pub fn new(max_attempts: u32, first_delay: Duration, max_delay: Duration) -> Backoff {
         Backoff {
             attempts: 1,

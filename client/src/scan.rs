@@ -25,7 +25,9 @@ pub const PAGE_SIZE: u32 = 256;
 /// A key and its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pair {
+    /// The user key (never the encoded form, in either key space).
     pub key: Vec<u8>,
+    /// The value stored under it.
     pub value: Vec<u8>,
 }
 

@@ -32,11 +32,22 @@ pub const LOCK_TTL_MS: u64 = 3_000;
 /// One key's change in a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    /// Set `key` to `value`.
+    Put {
+        /// The user key.
+        key: Vec<u8>,
+        /// The new value.
+        value: Vec<u8>,
+    },
+    /// Delete `key`: a reader at a later timestamp finds nothing.
+    Delete {
+        /// The user key.
+        key: Vec<u8>,
+    },
 }
 
 impl Mutation {
+    /// The user key the mutation writes; a single-key transaction's primary.
     pub fn key(&self) -> &[u8] {
         match self {
             Mutation::Put { key, .. } | Mutation::Delete { key } => key,
@@ -63,7 +74,11 @@ impl Mutation {
 /// The timestamps of a committed write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
+    /// The transaction's start ts: its snapshot, and the version the lock
+    /// carried while it was prewritten.
     pub start_ts: TimeStamp,
+    /// The commit ts, above `start_ts`: the version readers and the change
+    /// feed see the write at.
     pub commit_ts: TimeStamp,
 }
 

@@ -28,12 +28,31 @@ const MARKER: u8 = 0xFF;
 /// Why a byte string is not a canonical memcomparable encoding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
+    /// The input ended inside a group: fewer than nine bytes (eight data
+    /// bytes and a marker) were left, and no earlier group ended the key.
     #[error("memcomparable key truncated at byte {offset} of {len}")]
-    Truncated { offset: usize, len: usize },
+    Truncated {
+        /// Where the incomplete group starts in the input.
+        offset: usize,
+        /// The input's whole length in bytes.
+        len: usize,
+    },
+    /// A marker byte below `0xF7`: it would claim more than eight padding
+    /// bytes, which no encoder writes.
     #[error("memcomparable key has invalid marker {marker:#04x} at byte {offset}")]
-    InvalidMarker { marker: u8, offset: usize },
+    InvalidMarker {
+        /// The marker byte found.
+        marker: u8,
+        /// Where the marker sits in the input.
+        offset: usize,
+    },
+    /// The last group's padding is not all zeros, so the input is not the
+    /// canonical encoding of any key (two inputs would decode alike).
     #[error("memcomparable key has non-zero padding before byte {offset}")]
-    NonZeroPadding { offset: usize },
+    NonZeroPadding {
+        /// Where the group's marker sits; the padding is just before it.
+        offset: usize,
+    },
 }
 
 /// Memcomparable-encodes `key`.

@@ -12,6 +12,8 @@
 //! Invariant: nothing here does I/O or depends on another kvfeed crate, so
 //! every other crate may depend on this one.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod timestamp;
 pub mod units;
@@ -21,7 +23,9 @@ use std::fmt;
 pub use codec::{CodecError, decode_bytes, encode_bytes};
 pub use timestamp::TimeStamp;
 
-/// A region's identifier.
+/// A region's identifier, as PD hands it out and every KV and feed request
+/// names it. It names a region, not a layout: the region's epoch says which
+/// version of its bounds a request was routed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RegionId(pub u64);
 

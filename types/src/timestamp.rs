@@ -1,4 +1,12 @@
 //! Timestamps as TiKV and PD define them: `physical_ms << 18 | logical`.
+//!
+//! The high 46 bits are wall-clock milliseconds since the Unix epoch, the
+//! low [`LOGICAL_BITS`] a counter that orders the timestamps handed out
+//! within one millisecond. Comparing two timestamps as plain `u64`s
+//! therefore compares them in time first, then in issue order, which is
+//! what every `start_ts` / `commit_ts` / resolved-ts comparison relies on.
+//! The oracle (PD, or kvfeed's own) is what makes them unique and
+//! increasing; this module only composes and splits them.
 
 use std::fmt;
 
@@ -13,29 +21,46 @@ pub const MAX_LOGICAL: u64 = (1 << LOGICAL_BITS) - 1;
 pub struct TimeStamp(u64);
 
 impl TimeStamp {
+    /// No timestamp: below every timestamp the oracle hands out, so a
+    /// checkpoint of zero means "from the beginning".
     pub const ZERO: TimeStamp = TimeStamp(0);
+    /// Above every timestamp the oracle can hand out; a bound that
+    /// includes every version (e.g. a read at "latest").
     pub const MAX: TimeStamp = TimeStamp(u64::MAX);
 
+    /// Wraps a timestamp as it travels on the wire (the protocol's `u64`).
     pub const fn new(ts: u64) -> Self {
         TimeStamp(ts)
     }
 
+    /// Builds a timestamp from wall-clock milliseconds since the Unix epoch
+    /// and a logical counter. Bits of `logical` above [`MAX_LOGICAL`] are
+    /// dropped (they would spill into the physical part), as are the top
+    /// [`LOGICAL_BITS`] bits of `physical_ms`.
     pub const fn compose(physical_ms: u64, logical: u64) -> Self {
         TimeStamp((physical_ms << LOGICAL_BITS) | (logical & MAX_LOGICAL))
     }
 
+    /// The timestamp as the protocol's `u64`, for messages and for
+    /// encoding into keys.
     pub const fn into_inner(self) -> u64 {
         self.0
     }
 
+    /// The wall-clock part: milliseconds since the Unix epoch at which the
+    /// oracle issued it (what a human-readable time is made from).
     pub const fn physical(self) -> u64 {
         self.0 >> LOGICAL_BITS
     }
 
+    /// The logical part, `0..=MAX_LOGICAL`: the order of issue within one
+    /// millisecond.
     pub const fn logical(self) -> u64 {
         self.0 & MAX_LOGICAL
     }
 
+    /// Whether this is [`TimeStamp::ZERO`], the protocol's "none" (e.g. the
+    /// commit_ts of a rollback).
     pub const fn is_zero(self) -> bool {
         self.0 == 0
     }

@@ -22,10 +22,22 @@ use serde::{Deserialize, Serialize, Serializer};
 /// Why a size or duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitError {
+    /// A [`ReadableSize`] could not be parsed.
     #[error("invalid size {value:?}: {reason} (expected e.g. \"512MB\", \"1GiB\", \"0\")")]
-    Size { value: String, reason: &'static str },
+    Size {
+        /// The text as given, quoted in the message so the user can find it.
+        value: String,
+        /// What is wrong with it (missing number, unknown unit, ...).
+        reason: &'static str,
+    },
+    /// A [`ReadableDuration`] could not be parsed.
     #[error("invalid duration {value:?}: {reason} (expected e.g. \"10ms\", \"1s\", \"1m30s\")")]
-    Duration { value: String, reason: &'static str },
+    Duration {
+        /// The text as given, quoted in the message so the user can find it.
+        value: String,
+        /// What is wrong with it (missing unit, overflow, ...).
+        reason: &'static str,
+    },
 }
 
 const KIB: u64 = 1 << 10;
@@ -39,14 +51,19 @@ const PIB: u64 = 1 << 50;
 pub struct ReadableSize(pub u64);
 
 impl ReadableSize {
+    /// A size of `n` bytes.
     pub const fn bytes(n: u64) -> Self {
         ReadableSize(n)
     }
 
+    /// A size of `n` MiB (`n · 2²⁰` bytes), for defaults written in code.
+    /// `n` must be below 2⁴⁴: a larger one overflows, which fails the build
+    /// in a `const` and panics in a debug build otherwise.
     pub const fn mib(n: u64) -> Self {
         ReadableSize(n * MIB)
     }
 
+    /// The size in bytes.
     pub const fn as_bytes(self) -> u64 {
         self.0
     }
@@ -139,14 +156,17 @@ impl<'de> Deserialize<'de> for ReadableSize {
 pub struct ReadableDuration(pub Duration);
 
 impl ReadableDuration {
+    /// A duration of `ms` milliseconds.
     pub const fn millis(ms: u64) -> Self {
         ReadableDuration(Duration::from_millis(ms))
     }
 
+    /// A duration of `s` seconds.
     pub const fn secs(s: u64) -> Self {
         ReadableDuration(Duration::from_secs(s))
     }
 
+    /// The duration, for timers and deadlines.
     pub const fn as_duration(self) -> Duration {
         self.0
     }

@@ -20,6 +20,33 @@
 //! - [`FeedEvent::RegionRetry`] and [`FeedEvent::StreamLost`]: recovery in
 //!   progress, for the consumer to report if it likes.
 //!
+//! Following a prefix from now on:
+//!
+//! ```no_run
+//! use kvfeed_client::feed::{Feed, FeedEvent, FeedSpec};
+//! use kvfeed_client::{Cluster, KeyMode};
+//!
+//! # async fn follow() -> Result<(), Box<dyn std::error::Error>> {
+//! let cluster = Cluster::connect("127.0.0.1:20160").await?;
+//! let spec = FeedSpec {
+//!     mode: KeyMode::Txn,
+//!     start: b"user/".to_vec(),
+//!     end: b"user0".to_vec(), // '0' follows '/': every key under user/
+//!     start_ts: cluster.tso().await?,
+//! };
+//! let mut feed = Feed::open(&cluster, &spec);
+//! loop {
+//!     match feed.next().await? {
+//!         FeedEvent::Row(row) => println!("{:?} {:?} at {}", row.op, row.key, row.commit_ts),
+//!         // Everything committed at or below `ts` has been printed: a
+//!         // place to resume from after a restart.
+//!         FeedEvent::ResolvedTs(ts) => eprintln!("resolved {ts}"),
+//!         _ => {}
+//!     }
+//! }
+//! # }
+//! ```
+//!
 //! Recovery, as TiCDC's kv client does it, all bounded: a retryable region
 //! error (`epoch_not_match`, `region_not_found`, `not_leader`,
 //! `server_is_busy`, `congested`) ends one subscription, and a lost stream
@@ -28,7 +55,36 @@
 //! giving up after [`REGION_ATTEMPTS`] (region errors) or
 //! [`RECONNECT_ATTEMPTS`] (lost streams, PD unreachable) tries in a row.
 //! Rows that come again after a re-registration are dropped (see the
-//! invariants of `state`): no committed change is lost or repeated.
+//! invariants of `state`): no committed change is lost or repeated (within
+//! the one bound given below).
+//!
+//! # What a consumer can rely on
+//!
+//! These hold on top of what the server promises per subscription (for
+//! kvfeed: every commit above the checkpoint exactly once, a key's rows in
+//! commit_ts order, honest resolved timestamps; see "Our guarantee" in the
+//! repository's README):
+//! - **Order.** A key lives in one region at a time, and its rows come in
+//!   the order its subscription delivers them. Rows of different keys, and
+//!   of different regions, are interleaved as they arrive.
+//! - **Exactly once across re-registration.** A range is subscribed again
+//!   from its floor (the start ts, raised by every resolved ts received
+//!   after its INITIALIZED row), so nothing above the floor is missed. What the server
+//!   sends again is dropped: rows at or below the floor outright, rows above
+//!   it by their (commit_ts, key) pair, remembered from delivery until every
+//!   floor has passed it. That memory is capped at [`MAX_REMEMBERED`] pairs,
+//!   lowest commit_ts forgotten first: only when more changes than that lie
+//!   above the lowest floor at a re-registration can one of the oldest be
+//!   delivered twice.
+//! - **Resolved ts never moves back.** [`FeedEvent::ResolvedTs`] is the
+//!   minimum floor over every subscribed and parked range and is handed
+//!   out only when it rises; a re-registration keeps its range's floor, so
+//!   recovery holds the span's resolved ts still rather than lowering it.
+//!   It means "complete up to here" only because each floor comes from a
+//!   resolved ts the server sent after the subscription's catch-up.
+//! - **Bounded recovery.** Every retry budget is finite: a feed that keeps
+//!   failing to recover ends with a [`FeedError`]. A stream that stays open
+//!   but silent is not a failure, though: the feed waits on it.
 
 mod request;
 mod state;
@@ -56,11 +112,16 @@ pub use state::MAX_REMEMBERED;
 use crate::{ClientError, Cluster, KeyMode};
 use state::{Parked, State};
 
-/// Tries in a row to re-subscribe one range after region errors.
+/// Tries in a row to re-subscribe one range after region errors; the
+/// counter restarts when a subscription reaches INITIALIZED. Waits between
+/// them start at 10 ms and double up to 1 s.
 pub const REGION_ATTEMPTS: u32 = 10;
-/// Tries in a row to reach a store again after its stream was lost.
+/// Tries in a row to reach a store again after its stream was lost (or
+/// PD could not be asked where its ranges went); waits start at 100 ms and
+/// double up to 2 s, time enough for a server to restart.
 pub const RECONNECT_ATTEMPTS: u32 = 10;
-/// The largest event accepted: the server's own cap.
+/// The largest `ChangeDataEvent` accepted, in bytes (the gRPC decoding
+/// limit); kvfeed's server batches well below it.
 pub const MAX_EVENT_SIZE: usize = 32 * 1024 * 1024;
 /// Register requests queued per stream ahead of the transport.
 const REQUEST_QUEUE: usize = 64;
@@ -68,59 +129,92 @@ const REQUEST_QUEUE: usize = 64;
 /// What to follow.
 #[derive(Debug, Clone)]
 pub struct FeedSpec {
+    /// Which key space: transactional changes (`kv_api` TiDB) or raw writes
+    /// (`kv_api` RawKV). One feed follows one of them.
     pub mode: KeyMode,
-    /// User keys; empty `end` = unbounded.
+    /// Inclusive lower bound, a user key; empty = from the first key.
     pub start: Vec<u8>,
+    /// Exclusive upper bound, a user key; empty = unbounded.
     pub end: Vec<u8>,
-    /// Changes committed after it are delivered.
+    /// Changes committed after it are delivered (strictly above: a commit
+    /// at exactly `start_ts` is not). A fresh timestamp from the oracle
+    /// means "from now on"; an older one replays what was committed since
+    /// (the catch-up). kvfeed refuses a start below its GC safe point with
+    /// `compatibility`, which ends the feed with [`FeedError::Refused`].
     pub start_ts: TimeStamp,
 }
 
 /// A change's kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// The key was set; [`Row::value`] holds the new value.
     Put,
+    /// The key was deleted; [`Row::value`] is empty.
     Delete,
 }
 
 /// One committed change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
+    /// The writing transaction's start ts, as the server reported it.
     pub start_ts: TimeStamp,
+    /// The version the change became visible at; a key's rows come in
+    /// increasing commit_ts.
     pub commit_ts: TimeStamp,
+    /// Set or delete.
     pub op: Op,
+    /// The user key (not the memcomparable form).
     pub key: Bytes,
-    /// Empty for a delete.
+    /// The value written: for a two-phase commit, the COMMIT row's value or,
+    /// when that is empty, the one staged by its PREWRITE. Empty for a
+    /// delete.
     pub value: Bytes,
-    /// The value before the change, when the server sent it.
+    /// The value before the change, when the server sent it. This client
+    /// does not ask for old values (its Register requests leave `extra_op`
+    /// unset), so against kvfeed it is empty.
     pub old_value: Bytes,
 }
 
 /// One item of the feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedEvent {
+    /// A committed change; see [`Row`].
     Row(Row),
     /// Everything committed at or below it has been delivered.
     ResolvedTs(TimeStamp),
-    /// Change rows of the catch-up received (wire size in bytes).
+    /// Change rows received while the catch-up lasts, one item per
+    /// received batch. It lasts until every range has been initialized
+    /// once, so the counts include live rows of regions already done and
+    /// PREWRITE / ROLLBACK rows that yield no [`FeedEvent::Row`]. For
+    /// progress reports, not for accounting.
     CatchUp {
+        /// Rows in the batch, INITIALIZED rows not counted.
         rows: u64,
+        /// Their protobuf-encoded size in bytes.
         bytes: u64,
     },
-    /// A region finished its catch-up; all are done when the counts match.
+    /// A subscription finished its catch-up (its INITIALIZED row arrived).
+    /// Also sent when a range subscribed again after recovery finishes.
     Initialized {
+        /// Subscriptions initialized so far.
         regions_done: usize,
+        /// Subscriptions plus ranges waiting to be subscribed; the catch-up
+        /// is over when it equals `regions_done`.
         regions_total: usize,
     },
     /// A region refused its subscription for a while; its range is being
     /// looked up and subscribed again.
     RegionRetry {
+        /// The region that sent the error.
         region: u64,
+        /// The error in words (e.g. `epoch_not_match (2 current regions)`).
         reason: String,
     },
     /// The stream of a store was lost; its ranges are being subscribed again.
     StreamLost {
+        /// The store whose stream ended.
         store: u64,
+        /// Why: the gRPC status, or the server ending the stream.
         reason: String,
     },
 }
@@ -128,20 +222,49 @@ pub enum FeedEvent {
 /// Why a feed stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
+    /// A cluster call failed; the feed's own PD lookups and store
+    /// connections are retried instead (they end in
+    /// [`FeedError::Disconnected`]), so this comes from callers' `?`.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The server answered a subscription with an error that subscribing
+    /// again cannot fix (`cluster_id_mismatch`, `compatibility`,
+    /// `duplicate_request`, or one this client does not know).
     #[error("the server refused to watch region {region}: {reason}")]
-    Refused { region: u64, reason: String },
+    Refused {
+        /// The region whose subscription was refused.
+        region: u64,
+        /// The error in words.
+        reason: String,
+    },
+    /// A range kept getting retryable region errors, without reaching
+    /// INITIALIZED in between, for [`REGION_ATTEMPTS`] tries.
     #[error("region {region}: still {reason} after {attempts} attempts to subscribe")]
     RegionRetries {
+        /// The region of the last error.
         region: u64,
+        /// The last error in words.
         reason: String,
+        /// Tries made in a row.
         attempts: u32,
     },
+    /// The server does not serve the feed to this client: a stream was
+    /// refused with a status no retry changes (UNIMPLEMENTED on both
+    /// `EventFeedV2` and `EventFeed`, INVALID_ARGUMENT, PERMISSION_DENIED,
+    /// ...). The text names the call and the status.
     #[error("the change feed is unavailable: {0}")]
     Unsupported(String),
+    /// Streams kept being lost, or PD kept being unreachable, for
+    /// [`RECONNECT_ATTEMPTS`] tries in a row.
     #[error("lost the change feed stream ({last}); gave up after {attempts} attempts to reconnect")]
-    Disconnected { last: String, attempts: u32 },
+    Disconnected {
+        /// The last reason a stream or a lookup failed.
+        last: String,
+        /// Tries made in a row.
+        attempts: u32,
+    },
+    /// PD reported no region for a range being subscribed, or nothing is
+    /// left to follow: there is no stream to read and no range to retry.
     #[error("no region covers the watched range")]
     NoRegions,
 }
@@ -171,6 +294,12 @@ impl Cause {
 type Responses = Pin<Box<dyn Stream<Item = Option<Result<ChangeDataEvent, tonic::Status>>> + Send>>;
 
 /// A running feed. Dropping it closes every stream.
+///
+/// Nothing happens in the background: streams are opened, read and
+/// recovered only inside [`Feed::next`], so a consumer that stops calling
+/// it stops reading (and a server with a memory quota, like kvfeed, will
+/// in time report it `congested`, which the feed recovers from like any
+/// retryable region error).
 pub struct Feed {
     cluster: Cluster,
     state: State,
@@ -202,7 +331,15 @@ impl Feed {
         }
     }
 
-    /// The next item, or the error that ended the feed.
+    /// The next item, or the error that ended the feed. After an error part
+    /// of the range is no longer followed, so the feed must not be used
+    /// further; a new one opened from the last [`FeedEvent::ResolvedTs`]
+    /// seen goes on without loss (rows above it already seen come again:
+    /// the new feed does not know them).
+    ///
+    /// Not cancellation-safe: a future dropped while it looks ranges up in
+    /// PD or sends their Register requests forgets those ranges. Drop the
+    /// whole feed rather than an unfinished call.
     pub async fn next(&mut self) -> Result<FeedEvent, FeedError> {
         loop {
             if let Some(item) = self.state.out.pop_front() {

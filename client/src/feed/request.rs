@@ -32,14 +32,24 @@ pub fn kv_api(mode: KeyMode) -> KvApi {
 /// range inside it.
 #[derive(Debug, Clone)]
 pub struct Registration<'a> {
+    /// The cluster id PD reported; the server checks it because the
+    /// request announces [`TICDC_VERSION`].
     pub cluster_id: u64,
+    /// Names the subscription on its stream: events and errors come back
+    /// tagged with it. Must be unique per (stream, region); a repeat is
+    /// refused with `duplicate_request`.
     pub request_id: u64,
+    /// The region subscribed: its id and epoch go into the request.
     pub region: &'a RegionInfo,
-    /// `[start, end)` in PD's key space, inside the region.
+    /// Inclusive start of the subscribed range in PD's key space, inside
+    /// the region.
     pub start: &'a [u8],
+    /// Exclusive end of the subscribed range in PD's key space; empty =
+    /// unbounded, which only a range in the last region can be.
     pub end: &'a [u8],
     /// Changes committed after it are delivered.
     pub checkpoint_ts: u64,
+    /// The key space, sent as the request's `kv_api`.
     pub mode: KeyMode,
 }
 

@@ -32,7 +32,10 @@ use super::{Cause, FeedError, FeedEvent, Op, Row};
 use crate::region::clip;
 use crate::{KeyMode, RegionInfo};
 
-/// Delivered (commit_ts, key) pairs kept for de-duplication.
+/// Delivered (commit_ts, key) pairs kept for de-duplication. A pair is
+/// forgotten once every floor has reached its commit_ts, or, past this
+/// many, lowest commit_ts first; the bound caps the feed's memory at about
+/// this many keys however long resolved ts stalls.
 pub const MAX_REMEMBERED: usize = 100_000;
 
 /// One registered subscription.
