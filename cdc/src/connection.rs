@@ -105,6 +105,9 @@ pub struct ConnInfo {
     pub peer: String,
     /// Features from the `features` metadata ([`Features::parse`]).
     pub features: Features,
+    /// The store whose address the client connected to: only regions that
+    /// store leads can be subscribed on the connection.
+    pub store_id: u64,
 }
 
 /// Sends the connection's deregistration when dropped; see the module docs.

@@ -208,7 +208,12 @@ impl Feed {
             return Err(FeedError::ShuttingDown);
         }
         let id = ConnId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
-        let span = tracing::info_span!("cdc_conn", conn_id = id.0, peer = %info.peer);
+        let span = tracing::info_span!(
+            "cdc_conn",
+            conn_id = id.0,
+            peer = %info.peer,
+            store_id = info.store_id
+        );
         let pending = Arc::new(PendingBytes::new(
             &self.inner.metrics,
             Arc::clone(&self.inner.quota),
@@ -224,6 +229,7 @@ impl Feed {
                 id,
                 peer: info.peer,
                 features: info.features,
+                store_id: info.store_id,
                 sink,
                 pending: Arc::clone(&pending),
                 ended: ended_tx,

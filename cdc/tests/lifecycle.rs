@@ -177,6 +177,7 @@ async fn feed_shutdown_ends_every_stream_and_releases_the_store() {
         env.feed.connect(ConnInfo {
             peer: "late".to_owned(),
             features: Features::default(),
+            store_id: kvfeed_storage::region::STORE_ID,
         }),
         Err(FeedError::ShuttingDown)
     ));
@@ -332,6 +333,7 @@ async fn churn_of_a_thousand_connections_leaves_nothing_behind() {
                 .connect(ConnInfo {
                     peer: format!("client-{n}"),
                     features: Features::default(),
+                    store_id: kvfeed_storage::region::STORE_ID,
                 })
                 .expect("connect");
             let mut events = Events::new(stream);

@@ -74,18 +74,22 @@ pub const MAX_REQUEST_SIZE: usize = 8 * 1024 * 1024;
 /// stream, so the cap sits above the largest possible row.
 pub const MAX_EVENT_SIZE: usize = 32 * 1024 * 1024;
 
-/// The service, ready to be added to the router, with its size limits.
-pub fn service(node: &Arc<Node>) -> ChangeDataServer<FeedService> {
+/// The service of store `store_id`, ready to be added to the router, with
+/// its size limits.
+pub fn service(node: &Arc<Node>, store_id: u64) -> ChangeDataServer<FeedService> {
     ChangeDataServer::new(FeedService {
         node: Arc::clone(node),
+        store_id,
     })
     .max_decoding_message_size(MAX_REQUEST_SIZE)
     .max_encoding_message_size(MAX_EVENT_SIZE)
 }
 
-/// Serves `cdcpb.ChangeData` from the node's feed.
+/// Serves `cdcpb.ChangeData` from the node's feed, as one store: only the
+/// regions it leads can be subscribed through it.
 pub struct FeedService {
     node: Arc<Node>,
+    store_id: u64,
 }
 
 #[tonic::async_trait]
@@ -127,6 +131,7 @@ impl FeedService {
             .connect(ConnInfo {
                 peer: peer.clone(),
                 features,
+                store_id: self.store_id,
             })
             .map_err(|err| match err {
                 FeedError::ShuttingDown => Status::unavailable("the server is shutting down"),

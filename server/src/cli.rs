@@ -94,6 +94,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub status_addr: Option<String>,
 
+    /// Store endpoints to serve, each on its own port from --addr's upward
+    /// (a test aid: consumers meet a cluster's routing failures) [default: 1]
+    #[arg(long, value_name = "N")]
+    pub stores: Option<u64>,
+
     /// Test-only: lets `/debug/fault/feed` inject feed faults.
     #[arg(long, hide = true)]
     pub fault_injection: bool,
@@ -122,6 +127,9 @@ impl ServeArgs {
         }
         if let Some(addr) = &self.status_addr {
             server.status_addr.clone_from(addr);
+        }
+        if let Some(stores) = self.stores {
+            server.stores = stores;
         }
         server.fault_injection |= self.fault_injection;
     }

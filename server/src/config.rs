@@ -73,6 +73,16 @@ pub struct ServerConfig {
     /// an invalid boundary is refused at start, never "repaired". Default
     /// empty.
     pub split_keys: Vec<String>,
+    /// `stores`: how many store endpoints this process serves, each with
+    /// its own gRPC address and store id (1, 2, …) in PD, over the one
+    /// engine. Store 1 listens on `addr`, store `k` on `addr`'s port plus
+    /// `k - 1` (any free port when `addr` asks for port 0). Region leaders
+    /// are spread over them; a request reaching a store that does not lead
+    /// its region gets TiKV's `not_leader`. Nothing is replicated: this
+    /// exists so consumers meet the routing failures of a cluster. A data
+    /// directory keeps the number it was created with. Default 1, at most
+    /// 16.
+    pub stores: u64,
     /// Test-only: serve `/debug/fault/feed` (see [`crate::faults`]). Set by
     /// the hidden `--fault-injection` flag, never read from the file.
     #[serde(skip)]
@@ -87,10 +97,14 @@ impl Default for ServerConfig {
             advertise_addr: String::new(),
             data_dir: PathBuf::from("./kvfeed-data"),
             split_keys: Vec::new(),
+            stores: 1,
             fault_injection: false,
         }
     }
 }
+
+/// Most store endpoints one process serves (`server.stores`).
+pub const MAX_STORES: u64 = 16;
 
 /// `[storage]` section.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +198,26 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         check_addr("server.addr", &self.server.addr)?;
+        if !(1..=MAX_STORES).contains(&self.server.stores) {
+            return invalid(
+                "server.stores",
+                format!("must be 1 to {MAX_STORES}, not {}", self.server.stores),
+            );
+        }
+        if self.server.stores > 1 {
+            let (_, port) = split_host_port(&self.server.addr).unwrap_or_default();
+            let port: u64 = port.parse().unwrap_or(0);
+            if port != 0 && port + self.server.stores - 1 > u64::from(u16::MAX) {
+                return invalid(
+                    "server.stores",
+                    format!(
+                        "{} stores need ports {port}..{} above server.addr's, past 65535",
+                        self.server.stores,
+                        port + self.server.stores - 1
+                    ),
+                );
+            }
+        }
         check_addr("server.status-addr", &self.server.status_addr)?;
         if !self.server.advertise_addr.is_empty() {
             check_addr("server.advertise-addr", &self.server.advertise_addr)?;

@@ -22,6 +22,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 
+use crate::kv::KvService;
 use crate::metrics::MetricsError;
 use crate::node::Node;
 use crate::shutdown::ShutdownSignal;
@@ -35,14 +36,16 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The gRPC router with every service of `node` attached. Fails if a
 /// service's metrics cannot be registered in the node's registry. Must be
 /// called inside a Tokio runtime (the health service keeps a task).
-pub fn grpc_router(node: &Arc<Node>) -> Result<Router, MetricsError> {
-    // Services are added here, e.g.
-    // `routes.add_service(PdServer::new(PdService::new(Arc::clone(node))));`
-    let _ = node;
+///
+/// `store_id` is the store this endpoint serves: the KV and ChangeData
+/// services answer for the regions it leads. PD answers the same on every
+/// endpoint.
+pub fn grpc_router(node: &Arc<Node>, kv: KvService) -> Result<Router, MetricsError> {
+    let store_id = kv.store_id();
     let mut routes = Routes::builder();
-    routes.add_service(crate::kv::service(node)?);
+    routes.add_service(crate::kv::service(kv));
     routes.add_service(crate::pd::service(node));
-    routes.add_service(crate::changedata::service(node));
+    routes.add_service(crate::changedata::service(node, store_id));
     routes.add_service(crate::health::service(node));
     Ok(Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))

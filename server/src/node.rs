@@ -216,27 +216,73 @@ impl Drop for DataDirLock {
 /// Where the node can be reached, known once the listeners are bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoints {
-    /// The bound gRPC address (the real port when port 0 was asked for).
+    /// The bound gRPC address of store 1, where PD is found (the real port
+    /// when port 0 was asked for).
     pub addr: SocketAddr,
     /// The bound HTTP status address.
     pub status_addr: SocketAddr,
-    /// The gRPC address handed to clients: `server.advertise-addr`, or
-    /// `addr` when that is empty.
+    /// Store 1's gRPC address handed to clients: `server.advertise-addr`,
+    /// or `addr` when that is empty.
+    pub advertise_addr: String,
+    /// Every store endpoint, store 1 first.
+    pub stores: Vec<StoreEndpoint>,
+}
+
+/// One store's gRPC endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreEndpoint {
+    /// The store's id in PD (1, 2, …).
+    pub id: u64,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The address handed to clients: the advertised host with this
+    /// store's port, or the bound address.
     pub advertise_addr: String,
 }
 
 impl Endpoints {
-    pub fn new(config: &Config, addr: SocketAddr, status_addr: SocketAddr) -> Endpoints {
-        let advertise_addr = if config.server.advertise_addr.is_empty() {
-            addr.to_string()
-        } else {
-            config.server.advertise_addr.clone()
-        };
+    /// `addrs` are the bound gRPC addresses of stores 1, 2, … (at least
+    /// one).
+    pub fn new(config: &Config, addrs: &[SocketAddr], status_addr: SocketAddr) -> Endpoints {
+        let advertised_host = config
+            .server
+            .advertise_addr
+            .rsplit_once(':')
+            .map(|(host, _)| host.to_owned());
+        let stores: Vec<StoreEndpoint> = addrs
+            .iter()
+            .zip(1u64..)
+            .map(|(addr, id)| StoreEndpoint {
+                id,
+                addr: *addr,
+                advertise_addr: match (&advertised_host, id) {
+                    (Some(_), 1) => config.server.advertise_addr.clone(),
+                    (Some(host), _) => format!("{host}:{}", addr.port()),
+                    (None, _) => addr.to_string(),
+                },
+            })
+            .collect();
+        let first = stores.first().cloned().unwrap_or(StoreEndpoint {
+            id: STORE_ID,
+            addr: status_addr,
+            advertise_addr: status_addr.to_string(),
+        });
         Endpoints {
-            addr,
+            addr: first.addr,
             status_addr,
-            advertise_addr,
+            advertise_addr: first.advertise_addr,
+            stores,
         }
+    }
+
+    /// The endpoint of store `id`.
+    pub fn store(&self, id: u64) -> Option<&StoreEndpoint> {
+        self.stores.iter().find(|s| s.id == id)
+    }
+
+    /// The ids of every store served.
+    pub fn store_ids(&self) -> Vec<u64> {
+        self.stores.iter().map(|s| s.id).collect()
     }
 }
 
@@ -300,7 +346,7 @@ impl Node {
         );
         let cluster_id = load_or_create_cluster_id(&store, &dir)?;
         let regions = Arc::new(
-            Regions::open(store.clone(), split_keys, &[STORE_ID])
+            Regions::open(store.clone(), split_keys, &endpoints.store_ids())
                 .map_err(storage("cannot load the region layout".to_owned()))?,
         );
         let tso = Arc::new(
@@ -501,7 +547,7 @@ mod tests {
 
     fn endpoints() -> Endpoints {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-        Endpoints::new(&Config::default(), any, any)
+        Endpoints::new(&Config::default(), &[any], any)
     }
 
     fn open(dir: &Path) -> Result<Node, NodeError> {
@@ -587,13 +633,21 @@ mod tests {
         let status: SocketAddr = ([127, 0, 0, 1], 41_001).into();
         let mut config = Config::default();
         assert_eq!(
-            Endpoints::new(&config, addr, status).advertise_addr,
+            Endpoints::new(&config, &[addr], status).advertise_addr,
             "127.0.0.1:41000"
         );
         config.server.advertise_addr = "kv.example:20160".to_owned();
         assert_eq!(
-            Endpoints::new(&config, addr, status).advertise_addr,
+            Endpoints::new(&config, &[addr], status).advertise_addr,
             "kv.example:20160"
         );
+        // Further stores advertise the same host with their own port.
+        let second: SocketAddr = ([127, 0, 0, 1], 41_007).into();
+        let both = Endpoints::new(&config, &[addr, second], status);
+        assert_eq!(
+            both.store(2).map(|s| s.advertise_addr.as_str()),
+            Some("kv.example:41007")
+        );
+        assert_eq!(both.store_ids(), vec![1, 2]);
     }
 }

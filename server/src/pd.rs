@@ -1,9 +1,11 @@
 //! The placement driver (`pdpb.PD`) service: what TiKV clients ask PD, answered
 //! for a cluster of one node.
 //!
-//! The node is its own PD: one member (the leader, reachable at the advertised
-//! gRPC address), one store ([`STORE_ID`]) and the fixed region layout of
-//! [`RegionMap`](kvfeed_storage::region::RegionMap). Clients such as `tikv-client` and TiCDC connect here first,
+//! The node is its own PD: one member (the leader, reachable at store 1's
+//! advertised gRPC address), the stores it serves (one, or `server.stores`)
+//! and the live region layout
+//! ([`Regions`](kvfeed_storage::region::Regions)), with each region's
+//! leader peer. Clients such as `tikv-client` and TiCDC connect here first,
 //! learn the cluster id from `GetMembers`, take timestamps from the `Tso`
 //! stream and route requests with `GetRegion` / `GetStore`.
 //!
@@ -43,7 +45,7 @@ use kvfeed_proto::pdpb::{
     UpdateGcSafePointResponse, UpdateServiceGcSafePointRequest, UpdateServiceGcSafePointResponse,
 };
 use kvfeed_storage::TimeStamp;
-use kvfeed_storage::region::{Region, RegionId, RegionMap, STORE_ID};
+use kvfeed_storage::region::{Region, RegionId, RegionMap};
 use kvfeed_storage::safepoint::{SafePointError, SafePoints, ServiceId};
 use kvfeed_storage::tso::Tso;
 use tokio::sync::mpsc;
@@ -169,22 +171,24 @@ impl PdService {
         }
     }
 
-    fn store(&self) -> metapb::Store {
+    /// Store `id` as PD describes it, if this node serves it.
+    fn store(&self, id: u64) -> Option<metapb::Store> {
         let endpoints = self.node.endpoints();
-        metapb::Store {
-            id: STORE_ID,
-            address: endpoints.advertise_addr.clone(),
+        let store = endpoints.store(id)?;
+        Some(metapb::Store {
+            id,
+            address: store.advertise_addr.clone(),
             state: metapb::StoreState::Up as i32,
             labels: Vec::new(),
             version: TIKV_COMPATIBLE_VERSION.to_owned(),
-            peer_address: endpoints.advertise_addr.clone(),
-            status_address: status_address(&endpoints.advertise_addr, endpoints.status_addr),
+            peer_address: store.advertise_addr.clone(),
+            status_address: status_address(&store.advertise_addr, endpoints.status_addr),
             start_timestamp: self.started_at_secs,
             // The node is alive whenever it answers, so "now" is accurate.
             last_heartbeat: unix_now().as_nanos().try_into().unwrap_or(i64::MAX),
             node_state: metapb::NodeState::Serving as i32,
             ..metapb::Store::default()
-        }
+        })
     }
 
     /// Runs a safe point operation on the blocking pool (it may fsync).
@@ -324,19 +328,21 @@ impl Pd for PdService {
         let req = request.into_inner();
         let header = match self.reject(request_cluster_id(req.header.as_ref()), "GetStore") {
             Some(header) => header,
-            None if req.store_id == STORE_ID => {
-                return Ok(Response::new(GetStoreResponse {
-                    header: self.header(),
-                    store: Some(self.store()),
-                }));
-            }
-            None => {
-                tracing::debug!(store_id = req.store_id, "GetStore for an unknown store");
-                self.error_header(
-                    ErrorType::Unknown,
-                    format!("invalid store ID {}, not found", req.store_id),
-                )
-            }
+            None => match self.store(req.store_id) {
+                Some(store) => {
+                    return Ok(Response::new(GetStoreResponse {
+                        header: self.header(),
+                        store: Some(store),
+                    }));
+                }
+                None => {
+                    tracing::debug!(store_id = req.store_id, "GetStore for an unknown store");
+                    self.error_header(
+                        ErrorType::Unknown,
+                        format!("invalid store ID {}, not found", req.store_id),
+                    )
+                }
+            },
         };
         Ok(Response::new(GetStoreResponse {
             header,
@@ -357,7 +363,13 @@ impl Pd for PdService {
         }
         Ok(Response::new(GetAllStoresResponse {
             header: self.header(),
-            stores: vec![self.store()],
+            stores: self
+                .node
+                .endpoints()
+                .store_ids()
+                .into_iter()
+                .filter_map(|id| self.store(id))
+                .collect(),
         }))
     }
 

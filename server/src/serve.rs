@@ -191,13 +191,16 @@ struct Started {
 async fn start(config: Config) -> Result<Started, ServeError> {
     let data_dir = config.server.data_dir.clone();
     let lock = blocking(move || DataDirLock::acquire(&data_dir)).await??;
-    let grpc_listener = bind("gRPC", &config.server.addr).await?;
+    let mut grpc_listeners = Vec::new();
+    for addr in store_addrs(&config.server.addr, config.server.stores) {
+        grpc_listeners.push(bind("gRPC", &addr).await?);
+    }
     let status_listener = bind("status", &config.server.status_addr).await?;
-    let endpoints = Endpoints::new(
-        &config,
-        local_addr("gRPC", &grpc_listener)?,
-        local_addr("status", &status_listener)?,
-    );
+    let addrs = grpc_listeners
+        .iter()
+        .map(|l| local_addr("gRPC", l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let endpoints = Endpoints::new(&config, &addrs, local_addr("status", &status_listener)?);
     let node = Arc::new(blocking(move || Node::open(config, lock, endpoints)).await??);
     // Before the router: the ChangeData service serves from the running feed.
     node.start_feed()?;
@@ -206,12 +209,26 @@ async fn start(config: Config) -> Result<Started, ServeError> {
     gc::GcWorker::for_node(&node)
         .map_err(NodeError::from)?
         .spawn(node.shutdown().subscribe());
-    let router = grpc::grpc_router(&node).map_err(NodeError::from)?;
-    let grpc_task = tokio::spawn(grpc::serve(
-        router,
-        grpc_listener,
-        node.shutdown().subscribe(),
-    ));
+    // One server per store endpoint; the task ends when all have (or the
+    // first fails).
+    let kv = crate::kv::KvService::new(Arc::clone(&node)).map_err(NodeError::from)?;
+    let mut servers = tokio::task::JoinSet::new();
+    for (listener, store) in grpc_listeners.into_iter().zip(node.endpoints().store_ids()) {
+        let router = grpc::grpc_router(&node, kv.for_store(store)).map_err(NodeError::from)?;
+        servers.spawn(grpc::serve(router, listener, node.shutdown().subscribe()));
+    }
+    let grpc_task = tokio::spawn(async move {
+        while let Some(ended) = servers.join_next().await {
+            match ended {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(err),
+                // A server task that panicked: surface it as this task's.
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    });
     let status_task = tokio::spawn(status::serve(
         status_listener,
         status::routes(&node),
@@ -219,12 +236,25 @@ async fn start(config: Config) -> Result<Started, ServeError> {
     ));
 
     let endpoints = node.endpoints();
-    let line = startup_line(
+    let mut line = startup_line(
         endpoints.addr,
         endpoints.status_addr,
         node.cluster_id(),
         node.data_dir(),
     );
+    if endpoints.stores.len() > 1 {
+        // Before data_dir, which runs to the end of the line.
+        let stores: Vec<String> = endpoints
+            .stores
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect();
+        line = line.replacen(
+            " data_dir=",
+            &format!(" stores={} data_dir=", stores.join(",")),
+            1,
+        );
+    }
     announce(&line);
     tracing::info!(
         addr = %endpoints.addr,
@@ -278,6 +308,23 @@ fn close(node: Arc<Node>) {
             "node still referenced at exit"
         ),
     }
+}
+
+/// The listen addresses of stores 1..=`stores`: `addr`, then its port
+/// counting up (every store on a free port when `addr` asks for port 0).
+/// The configuration was validated, so the ports fit.
+fn store_addrs(addr: &str, stores: u64) -> Vec<String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return vec![addr.to_owned()];
+    };
+    let port: u64 = port.parse().unwrap_or(0);
+    (0..stores.max(1))
+        .map(|k| match (k, port) {
+            (0, _) => addr.to_owned(),
+            (_, 0) => format!("{host}:0"),
+            (k, port) => format!("{host}:{}", port + k),
+        })
+        .collect()
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, ServeError> {

@@ -41,8 +41,9 @@ struct Seen {
 }
 
 /// A server with regions split at `f/1` and `f/2` (one per writer) and
-/// fault injection on, with a short resolved-ts interval.
-fn server() -> (tempfile::TempDir, TestServer) {
+/// fault injection on, with a short resolved-ts interval, serving `stores`
+/// store endpoints.
+fn server_with_stores(stores: u32) -> (tempfile::TempDir, TestServer) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = tmp.path().join("kvfeed.toml");
     let hex = |key: &[u8]| {
@@ -60,7 +61,13 @@ fn server() -> (tempfile::TempDir, TestServer) {
     let config = config.display().to_string();
     let server = TestServer::start_in_with(
         &tmp.path().join("data"),
-        &["--config", &config, "--fault-injection"],
+        &[
+            "--config",
+            &config,
+            "--fault-injection",
+            "--stores",
+            &stores.to_string(),
+        ],
     );
     (tmp, server)
 }
@@ -118,20 +125,34 @@ async fn wait_for(rx: &mut watch::Receiver<Seen>, what: &str, cond: impl Fn(&See
 enum Disturbance<'a> {
     /// One injected fault (`/debug/fault/feed?inject=…`).
     Fault(&'a str),
-    /// Splits and merges of the writers' regions, one every few
-    /// milliseconds, chosen by a seeded generator, until the writers finish.
-    Layout { seed: u64 },
+    /// Splits and merges of the writers' regions (and leader moves between
+    /// `stores`), one every few milliseconds, chosen by a seeded generator,
+    /// until the writers finish.
+    Layout { seed: u64, stores: u32 },
 }
 
-/// Splits and merges regions inside `f/` until `done` turns true; returns
-/// how many changes were made.
-async fn reshape(server: &TestServer, seed: u64, done: watch::Receiver<bool>) -> u32 {
+/// Splits and merges regions inside `f/` (and moves leaders between
+/// `stores`) until `done` turns true; returns how many changes were made.
+async fn reshape(server: &TestServer, seed: u64, stores: u32, done: watch::Receiver<bool>) -> u32 {
     use rand::{RngExt, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let status = server.status_addr().to_owned();
     let mut changes = 0;
     while !*done.borrow() {
-        let path = if rng.random_bool(0.6) {
+        let path = if stores > 1 && rng.random_bool(0.3) {
+            let status = status.clone();
+            let (_, body) =
+                tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/regions"))
+                    .await
+                    .expect("/debug/regions");
+            let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let regions = view["regions"].as_array().cloned().unwrap_or_default();
+            let id = regions[rng.random_range(0..regions.len())]["id"]
+                .as_u64()
+                .expect("id");
+            let store = rng.random_range(1..=stores);
+            format!("/admin/transfer-leader?region={id}&store={store}")
+        } else if rng.random_bool(0.6) {
             let key = format!(
                 "f/{}/{}{}",
                 rng.random_range(0..WRITERS),
@@ -171,7 +192,11 @@ async fn reshape(server: &TestServer, seed: u64, done: watch::Receiver<bool>) ->
 
 /// One scenario: `disturbance` while the writers commit.
 async fn survives(disturbance: Disturbance<'_>) {
-    let (_tmp, server) = server();
+    let stores = match disturbance {
+        Disturbance::Layout { stores, .. } => stores,
+        Disturbance::Fault(_) => 1,
+    };
+    let (_tmp, server) = server_with_stores(stores);
     let cluster = Cluster::connect(&server.pd_endpoint())
         .await
         .expect("connect");
@@ -229,8 +254,8 @@ async fn survives(disturbance: Disturbance<'_>) {
                         .expect("inject");
                 assert_eq!(code, 200, "{body}");
             }
-            Disturbance::Layout { seed } => {
-                let changes = reshape(&server, seed, writing).await;
+            Disturbance::Layout { seed, stores } => {
+                let changes = reshape(&server, seed, stores, writing).await;
                 assert!(changes >= 5, "only {changes} layout changes");
             }
         }
@@ -309,5 +334,14 @@ async fn splits_and_merges_are_survived_without_loss_or_repetition() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(11);
-    run_with(Disturbance::Layout { seed }).await;
+    run_with(Disturbance::Layout { seed, stores: 1 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_moves_between_stores_are_survived_too() {
+    let seed = std::env::var("KVFEED_NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    run_with(Disturbance::Layout { seed, stores: 3 }).await;
 }

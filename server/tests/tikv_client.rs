@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use by_hand::ByHand;
 use common::TestServer;
+use common::nemesis::{self, Nemesis};
 use tikv_client::{
     Error, Key, KvPair, ProtoKeyError, RawClient, TimestampExt, TransactionClient,
     TransactionOptions,
@@ -32,6 +33,19 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// tikv-client 0.4 reconnects to PD at most this often.
 const CLIENT_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The server a test runs against: a plain one, or, with `KVFEED_NEMESIS`
+/// set, three stores and a nemesis that splits, merges and moves leaders
+/// for as long as the test runs (CI runs this suite both ways). Bind the
+/// nemesis after the server so it stops first.
+fn start() -> (TestServer, Option<Nemesis>) {
+    if std::env::var_os("KVFEED_NEMESIS").is_none() {
+        return (TestServer::start(), None);
+    }
+    let server = TestServer::start_with(&["--stores", "3"]);
+    let nemesis = Nemesis::start(server.status_addr(), nemesis::seed(3), 3);
+    (server, Some(nemesis))
+}
 
 /// Runs `body` with the [`TEST_TIMEOUT`] bound.
 async fn bounded<T>(body: impl Future<Output = T>) -> T {
@@ -184,7 +198,7 @@ fn expected(items: &[(&Vec<u8>, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_put_get_delete_and_batches_in_both_regions() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let raw = raw_client(&server).await;
         let (low, high) = (key("k1"), raw_high("k1"));
@@ -235,7 +249,7 @@ async fn raw_put_get_delete_and_batches_in_both_regions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_scans_with_limits_cross_regions_and_run_in_reverse() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let raw = raw_client(&server).await;
         let low: Vec<Vec<u8>> = (0..5).map(|i| key(&format!("s{i}"))).collect();
@@ -301,7 +315,7 @@ async fn raw_scans_with_limits_cross_regions_and_run_in_reverse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_delete_range_spans_both_regions() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let raw = raw_client(&server).await;
         let low: Vec<Vec<u8>> = (0..5).map(|i| key(&format!("d{i}"))).collect();
@@ -334,7 +348,7 @@ async fn raw_delete_range_spans_both_regions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_compare_and_swap_in_atomic_mode() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let raw = raw_client(&server).await.with_atomic_for_cas();
         for k in [key("cas"), raw_high("cas")] {
@@ -374,7 +388,7 @@ async fn raw_compare_and_swap_in_atomic_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optimistic_transaction_commits_across_both_regions() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let mut by_hand = ByHand::connect(server.channel().await).await;
@@ -437,7 +451,7 @@ async fn optimistic_transaction_commits_across_both_regions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optimistic_write_conflict_fails_the_second_commit() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let k = key("contended");
@@ -463,7 +477,7 @@ async fn optimistic_write_conflict_fails_the_second_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optimistic_rollback_discards_writes() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let (kept, fresh) = (key("kept"), txn_high("fresh"));
@@ -491,7 +505,7 @@ async fn optimistic_rollback_discards_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pessimistic_transaction_locks_writes_deletes_and_commits() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let (counter, doomed, added) = (key("p-counter"), key("p-doomed"), key("p-added"));
@@ -542,7 +556,7 @@ async fn pessimistic_transaction_locks_writes_deletes_and_commits() {
 /// position and ignores the surplus, so the server must accept it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pessimistic_transaction_commits_across_both_regions() {
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let (low, doomed, high) = (key("pr-low"), key("pr-doomed"), txn_high("pr-high"));
@@ -583,7 +597,7 @@ async fn pessimistic_transaction_commits_across_both_regions() {
 async fn orphaned_prewrite_is_rolled_back_after_its_ttl() {
     /// Short, so the reader's own lock backoff outlasts it.
     const LOCK_TTL_MS: u64 = 100;
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let mut crashed = ByHand::connect(server.channel().await).await;
@@ -644,7 +658,7 @@ async fn orphaned_prewrite_is_rolled_back_after_its_ttl() {
 async fn secondary_lock_of_a_committed_transaction_is_rolled_forward() {
     /// Long, so only the primary's commit can explain what the reader sees.
     const LOCK_TTL_MS: u64 = 20_000;
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let mut writer = ByHand::connect(server.channel().await).await;
@@ -688,7 +702,7 @@ async fn secondary_lock_of_a_committed_transaction_is_rolled_forward() {
 async fn gc_drops_versions_below_the_safe_point_and_keeps_the_newest() {
     /// How long the server may take to apply the safe point.
     const GC_DEADLINE: Duration = Duration::from_secs(20);
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let mut by_hand = ByHand::connect(server.channel().await).await;
@@ -748,7 +762,7 @@ async fn concurrent_increments_of_one_counter_are_exact() {
     const INCREMENTS: u64 = 50;
     /// Attempts per increment before a task gives up (a livelock guard).
     const MAX_ATTEMPTS: u32 = 1_000;
-    let server = TestServer::start();
+    let (server, _nemesis) = start();
     bounded_by(Duration::from_secs(180), async {
         let client = txn_client(&server).await;
         let counter = key("counter");
@@ -823,7 +837,7 @@ async fn increment(client: &TransactionClient, counter: &[u8]) -> Result<(), Err
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_ride_through_a_restart_on_the_same_port() {
-    let mut server = TestServer::start();
+    let (mut server, _nemesis) = start();
     bounded(async {
         let client = txn_client(&server).await;
         let raw = raw_client(&server).await;

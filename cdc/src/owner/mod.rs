@@ -183,6 +183,7 @@ pub(crate) struct NewConnection {
     pub id: ConnId,
     pub peer: String,
     pub features: Features,
+    pub store_id: u64,
     pub sink: QueueTx,
     pub pending: Arc<PendingBytes>,
     /// Dropped with the registry entry; the `Connection` watches for that.
@@ -438,6 +439,7 @@ impl Owner {
             cluster_id: self.cluster_id,
             regions: &self.regions,
             max_subscriptions: self.config.max_subscriptions_per_conn,
+            store_id: conn.store_id,
         };
         match validate::register(req, &ctx, &conn.subs) {
             Err(refusal) => {

@@ -36,6 +36,8 @@ pub(crate) struct ConnState {
     pub id: ConnId,
     pub peer: String,
     pub features: Features,
+    /// The store the client connected to.
+    pub store_id: u64,
     /// Fixed by the first request the owner sees from it.
     pub version: Option<ProtocolVersion>,
     pub created: Instant,
@@ -85,6 +87,7 @@ impl Registry {
                 id: new.id,
                 peer: new.peer,
                 features: new.features,
+                store_id: new.store_id,
                 version: None,
                 created: Instant::now(),
                 sink: Sink::new(new.sink, new.pending),
@@ -379,6 +382,7 @@ mod tests {
             id: ConnId(id),
             peer: format!("peer-{id}"),
             features: Features::default(),
+            store_id: 1,
             sink,
             pending,
             ended,

@@ -7,6 +7,8 @@
 //! 2. `kv_api`: TiDB and RawKV are served; TxnKV or an unknown value →
 //!    `compatibility`;
 //! 3. the region exists → else `region_not_found`;
+//!    the connection's store leads it → else `not_leader` naming the leader
+//!    (only with several stores; TiKV serves the feed from leaders only);
 //! 4. the epoch's `version` matches (TiKV ignores `conf_ver`: membership
 //!    changes do not move keys) → else `epoch_not_match` with the current
 //!    region, so the client can refresh without asking PD;
@@ -41,13 +43,13 @@ use kvfeed_proto::cdcpb::{
     self, ChangeDataRequest, ClusterIdMismatch, Compatibility, Congested, DuplicateRequest,
     change_data_request::KvApi as WireKvApi,
 };
-use kvfeed_proto::errorpb::{EpochNotMatch, RegionNotFound, ServerIsBusy};
+use kvfeed_proto::errorpb::{EpochNotMatch, NotLeader, RegionNotFound, ServerIsBusy};
 use kvfeed_proto::kvrpcpb::ExtraOp;
 use kvfeed_storage::TimeStamp;
 use kvfeed_storage::region::RegionMap;
 
 use crate::ids::{KvApi, RegionId, RequestId};
-use crate::meta::region_meta;
+use crate::meta::{leader_peer, region_meta};
 use crate::owner::registry::SubMap;
 use crate::protocol::ProtocolVersion;
 use crate::subscription::SubscriptionSpec;
@@ -58,6 +60,8 @@ pub(crate) struct Context<'a> {
     pub cluster_id: u64,
     pub regions: &'a RegionMap,
     pub max_subscriptions: usize,
+    /// The store the connection reached.
+    pub store_id: u64,
 }
 
 /// Why a Register was refused. Kept typed until it is put on the wire, so
@@ -71,6 +75,8 @@ pub(crate) enum Refusal {
     /// The raw `kv_api` value asked for.
     UnsupportedKvApi(i32),
     RegionNotFound(RegionId),
+    /// The region is led from another store.
+    NotLeader(RegionId),
     /// The client's view of this (existing) region is stale.
     EpochNotMatch(RegionId),
     Duplicate(RegionId),
@@ -96,6 +102,7 @@ impl Refusal {
             Refusal::ClusterIdMismatch { .. } => "cluster_id_mismatch",
             Refusal::UnsupportedKvApi(_) => "compatibility",
             Refusal::RegionNotFound(_) => "region_not_found",
+            Refusal::NotLeader(_) => "not_leader",
             Refusal::EpochNotMatch(_) => "epoch_not_match",
             Refusal::Duplicate(_) => "duplicate_request",
             Refusal::TooManySubscriptions(_) => "server_is_busy",
@@ -123,6 +130,12 @@ impl Refusal {
                     ),
                 });
             }
+            Refusal::NotLeader(id) if regions.get(*id).is_some() => {
+                error.not_leader = Some(NotLeader {
+                    region_id: id.0,
+                    leader: regions.get(*id).map(leader_peer),
+                });
+            }
             Refusal::EpochNotMatch(id) if regions.get(*id).is_some() => {
                 error.epoch_not_match = Some(EpochNotMatch {
                     current_regions: regions.get(*id).map(region_meta).into_iter().collect(),
@@ -130,7 +143,7 @@ impl Refusal {
             }
             // A region found during validation may have been merged away
             // since (a scan refusal comes later): it is then not found.
-            Refusal::RegionNotFound(id) | Refusal::EpochNotMatch(id) => {
+            Refusal::RegionNotFound(id) | Refusal::EpochNotMatch(id) | Refusal::NotLeader(id) => {
                 error.region_not_found = Some(RegionNotFound { region_id: id.0 });
             }
             Refusal::Duplicate(id) => {
@@ -206,6 +219,9 @@ pub(crate) fn register(
     let Some(region) = ctx.regions.get(region_id) else {
         return Err(Refusal::RegionNotFound(region_id));
     };
+    if region.leader_store != ctx.store_id {
+        return Err(Refusal::NotLeader(region_id));
+    }
 
     let requested_version = req.region_epoch.as_ref().map_or(0, |e| e.version);
     if requested_version != region.epoch.version {

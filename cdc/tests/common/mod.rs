@@ -134,6 +134,7 @@ impl Env {
             .connect(ConnInfo {
                 peer: "127.0.0.1:5000".to_owned(),
                 features,
+                store_id: STORE_ID,
             })
             .expect("connect");
         (conn, Events::new(stream))

@@ -5,10 +5,12 @@
 //! must refuse requests routed with a stale or wrong view, or a client would
 //! silently miss keys that moved. The refusal is a region error of the exact
 //! kind TiKV sends, so `tikv-client` refreshes its cache and retries:
+//! - a peer on another store than the one the request reached →
+//!   `store_not_match`;
 //! - unknown region id → `region_not_found`;
+//! - the region is led by another store → `not_leader` naming the leader;
 //! - epoch differs from the region's → `epoch_not_match` listing the region
-//!   as it is now;
-//! - a peer on another store → `store_not_match`;
+//!   as it is now and its neighbours;
 //! - a key outside `[start_key, end_key)` → `key_not_in_region`.
 //!
 //! Region boundaries are encoded keys. Transactional keys are memcomparable
@@ -27,11 +29,11 @@
 use kvfeed_proto::{errorpb, kvrpcpb};
 use kvfeed_storage::mvcc::encode_bytes;
 use kvfeed_storage::region::{
-    Region, RegionEpoch, RegionError, RegionId, RegionMap, STORE_ID, raw_lower_bound,
+    Region, RegionEpoch, RegionError, RegionId, RegionMap, raw_lower_bound,
 };
 
 use super::errors::{KvError, hex};
-use kvfeed_cdc::meta::region_meta;
+use kvfeed_cdc::meta::{leader_peer, region_meta};
 
 /// Requests that carry a `Context`.
 pub trait HasContext: Send + 'static {
@@ -132,8 +134,13 @@ pub struct Scope {
     region: Region,
 }
 
-/// Checks the request's context against the layout.
-pub fn check(regions: &RegionMap, ctx: Option<&kvrpcpb::Context>) -> Result<Scope, KvError> {
+/// Checks the request's context against the layout, for a request that
+/// reached store `store_id`. The order of the checks is TiKV's.
+pub fn check(
+    regions: &RegionMap,
+    ctx: Option<&kvrpcpb::Context>,
+    store_id: u64,
+) -> Result<Scope, KvError> {
     let ctx = ctx.ok_or(KvError::MissingContext)?;
     let id = RegionId(ctx.region_id);
     let epoch = ctx
@@ -148,25 +155,41 @@ pub fn check(regions: &RegionMap, ctx: Option<&kvrpcpb::Context>) -> Result<Scop
             conf_ver: 0,
             version: 0,
         });
-    let region = regions
-        .check(id, epoch)
-        .map_err(|e| region_error(regions, e))?;
     if let Some(peer) = &ctx.peer
         && peer.store_id != 0
-        && peer.store_id != STORE_ID
+        && peer.store_id != store_id
     {
         return Err(KvError::Region(Box::new(errorpb::Error {
             message: format!(
-                "region {id}: request addressed to store {}, this is store {STORE_ID}",
+                "region {id}: request addressed to store {}, this is store {store_id}",
                 peer.store_id
             ),
             store_not_match: Some(errorpb::StoreNotMatch {
                 request_store_id: peer.store_id,
-                actual_store_id: STORE_ID,
+                actual_store_id: store_id,
             }),
             ..Default::default()
         })));
     }
+    let Some(led) = regions.get(id) else {
+        return Err(region_error(regions, RegionError::NotFound(id)));
+    };
+    if led.leader_store != store_id {
+        return Err(KvError::Region(Box::new(errorpb::Error {
+            message: format!(
+                "region {id} is led by store {}, this is store {store_id}",
+                led.leader_store
+            ),
+            not_leader: Some(errorpb::NotLeader {
+                region_id: id.0,
+                leader: Some(leader_peer(led)),
+            }),
+            ..Default::default()
+        })));
+    }
+    let region = regions
+        .check(id, epoch)
+        .map_err(|e| region_error(regions, e))?;
     Ok(Scope {
         region: region.clone(),
     })
@@ -341,6 +364,41 @@ fn min_upper(a: Option<&[u8]>, b: Option<&[u8]>) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use kvfeed_proto::metapb;
+    use kvfeed_storage::region::STORE_ID;
+
+    /// Checks as the first (and only) store.
+    fn check_one(m: &RegionMap, ctx: Option<&kvrpcpb::Context>) -> Result<Scope, KvError> {
+        check(m, ctx, STORE_ID)
+    }
+
+    #[test]
+    fn requests_reaching_another_store_name_the_right_one() {
+        let m = RegionMap::new(vec![encode_bytes(b"b")], &[1, 2]).expect("valid layout");
+        let second = m.regions()[1].clone();
+        assert_eq!(second.leader_store, 2);
+        let mut c = ctx(&second);
+        c.peer = Some(metapb::Peer {
+            id: second.leader().id,
+            store_id: 2,
+            ..metapb::Peer::default()
+        });
+        assert!(check(&m, Some(&c), 2).is_ok());
+        // Sent to store 1 (as its peer): store 1 does not lead it.
+        c.peer = None;
+        let e = region_err(check(&m, Some(&c), 1));
+        let nl = e.not_leader.expect("not_leader");
+        assert_eq!(nl.region_id, second.id.0);
+        assert_eq!(nl.leader.map(|p| p.store_id), Some(2));
+        // Addressed to store 2 but reaching store 1: store_not_match.
+        c.peer = Some(metapb::Peer {
+            id: second.leader().id,
+            store_id: 2,
+            ..metapb::Peer::default()
+        });
+        let e = region_err(check(&m, Some(&c), 1));
+        let snm = e.store_not_match.expect("store_not_match");
+        assert_eq!((snm.request_store_id, snm.actual_store_id), (2, 1));
+    }
 
     fn layout() -> RegionMap {
         // Three regions: [-inf, enc(b)), [enc(b), enc(d)), [enc(d), +inf).
@@ -378,12 +436,12 @@ mod tests {
     fn context_is_checked() {
         let m = layout();
         let r1 = m.regions()[1].clone();
-        assert!(check(&m, Some(&ctx(&r1))).is_ok());
-        assert!(matches!(check(&m, None), Err(KvError::MissingContext)));
+        assert!(check_one(&m, Some(&ctx(&r1))).is_ok());
+        assert!(matches!(check_one(&m, None), Err(KvError::MissingContext)));
 
         let mut c = ctx(&r1);
         c.region_id = 77;
-        let e = region_err(check(&m, Some(&c)));
+        let e = region_err(check_one(&m, Some(&c)));
         assert_eq!(e.region_not_found.map(|x| x.region_id), Some(77));
         assert!(e.message.contains("77"), "{}", e.message);
 
@@ -392,7 +450,7 @@ mod tests {
             conf_ver: 1,
             version: 1,
         });
-        let e = region_err(check(&m, Some(&c)));
+        let e = region_err(check_one(&m, Some(&c)));
         let current = e
             .epoch_not_match
             .map(|x| x.current_regions)
@@ -410,7 +468,11 @@ mod tests {
 
         let mut c = ctx(&r1);
         c.region_epoch = None;
-        assert!(region_err(check(&m, Some(&c))).epoch_not_match.is_some());
+        assert!(
+            region_err(check_one(&m, Some(&c)))
+                .epoch_not_match
+                .is_some()
+        );
 
         let mut c = ctx(&r1);
         c.peer = Some(metapb::Peer {
@@ -418,14 +480,14 @@ mod tests {
             store_id: 9,
             ..Default::default()
         });
-        let e = region_err(check(&m, Some(&c)));
+        let e = region_err(check_one(&m, Some(&c)));
         assert_eq!(e.store_not_match.map(|s| s.request_store_id), Some(9));
     }
 
     #[test]
     fn txn_keys_are_compared_encoded_and_raw_keys_as_is() {
         let m = layout();
-        let mid = check(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
+        let mid = check_one(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
         assert!(mid.check_key(KeySpace::Txn, b"b").is_ok());
         assert!(mid.check_key(KeySpace::Txn, b"c\xff\xff").is_ok());
         let e = region_err(mid.check_key(KeySpace::Txn, b"d"));
@@ -443,7 +505,7 @@ mod tests {
     #[test]
     fn forward_ranges_start_inside_and_are_clamped() {
         let m = layout();
-        let mid = check(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
+        let mid = check_one(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
         let r = mid
             .clamp(KeySpace::Txn, b"b", b"", Direction::Forward)
             .expect("inside");
@@ -467,12 +529,12 @@ mod tests {
                 .is_err()
         );
 
-        let last = check(&m, Some(&ctx(&m.regions()[2]))).expect("valid");
+        let last = check_one(&m, Some(&ctx(&m.regions()[2]))).expect("valid");
         let r = last
             .clamp(KeySpace::Txn, b"x", b"", Direction::Forward)
             .expect("inside");
         assert!(r.upper.is_empty());
-        let first = check(&m, Some(&ctx(&m.regions()[0]))).expect("valid");
+        let first = check_one(&m, Some(&ctx(&m.regions()[0]))).expect("valid");
         let r = first
             .clamp(KeySpace::Txn, b"", b"", Direction::Forward)
             .expect("inside");
@@ -488,7 +550,7 @@ mod tests {
     #[test]
     fn reverse_ranges_start_at_the_exclusive_upper_bound() {
         let m = layout();
-        let mid = check(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
+        let mid = check_one(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
         // The region's own end key is a valid exclusive upper bound.
         let r = mid
             .clamp(KeySpace::Txn, b"", b"d", Direction::Reverse)
@@ -512,7 +574,7 @@ mod tests {
             mid.clamp(KeySpace::Txn, b"", b"", Direction::Reverse)
                 .is_err()
         );
-        let last = check(&m, Some(&ctx(&m.regions()[2]))).expect("valid");
+        let last = check_one(&m, Some(&ctx(&m.regions()[2]))).expect("valid");
         let r = last
             .clamp(KeySpace::Txn, b"", b"", Direction::Reverse)
             .expect("unbounded upper in the last region");
@@ -533,7 +595,7 @@ mod tests {
     #[test]
     fn whole_region_in_each_space() {
         let m = layout();
-        let mid = check(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
+        let mid = check_one(&m, Some(&ctx(&m.regions()[1]))).expect("valid");
         let t = mid.whole(KeySpace::Txn).expect("decodable");
         assert_eq!(
             t,
@@ -544,7 +606,7 @@ mod tests {
         );
         let r = mid.whole(KeySpace::Raw).expect("raw");
         assert_eq!(r.lower, encode_bytes(b"b"));
-        let first = check(&m, Some(&ctx(&m.regions()[0]))).expect("valid");
+        let first = check_one(&m, Some(&ctx(&m.regions()[0]))).expect("valid");
         assert!(first.whole(KeySpace::Txn).expect("first").lower.is_empty());
     }
 }

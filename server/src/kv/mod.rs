@@ -42,21 +42,23 @@ use crate::node::Node;
 use batch::BatchMetrics;
 use context::{HasContext, Scope};
 use errors::{KvError, KvResponse};
+use kvfeed_storage::region::STORE_ID;
 
 /// The gRPC service, ready to be added to the router, with the request
-/// size limit applied. Fails if the service's metrics cannot be registered
-/// (a second service on the same node).
-pub fn service(node: &Arc<Node>) -> Result<TikvServer<KvService>, MetricsError> {
-    Ok(TikvServer::new(KvService::new(Arc::clone(node))?)
-        .max_decoding_message_size(limits::MAX_REQUEST_SIZE))
+/// size limit applied.
+pub fn service(kv: KvService) -> TikvServer<KvService> {
+    TikvServer::new(kv).max_decoding_message_size(limits::MAX_REQUEST_SIZE)
 }
 
-/// Serves `tikvpb.Tikv` from a node. Cloning is cheap (shared handles):
-/// each `BatchCommands` command runs on a clone.
+/// Serves `tikvpb.Tikv` from a node, as one store. Cloning is cheap
+/// (shared handles): each `BatchCommands` command runs on a clone.
 #[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
     batch: BatchMetrics,
+    /// The store this service answers as: requests for regions another
+    /// store leads get `not_leader`.
+    store_id: u64,
 }
 
 impl KvService {
@@ -64,9 +66,29 @@ impl KvService {
     /// registry. The node raised the transaction layer's read-timestamp
     /// floor to the oracle when it opened, so async-commit and 1PC commits
     /// land above every read an earlier run served.
+    /// It answers as the first store; see [`KvService::for_store`]. Fails
+    /// if the metrics are registered already (a second service on the
+    /// node: share this one instead).
     pub fn new(node: Arc<Node>) -> Result<Self, MetricsError> {
         let batch = BatchMetrics::register(node.metrics())?;
-        Ok(KvService { node, batch })
+        Ok(KvService {
+            node,
+            batch,
+            store_id: STORE_ID,
+        })
+    }
+
+    /// The store this service answers as.
+    pub fn store_id(&self) -> u64 {
+        self.store_id
+    }
+
+    /// The same service (and metrics), answering as store `store_id`.
+    pub fn for_store(&self, store_id: u64) -> KvService {
+        KvService {
+            store_id,
+            ..self.clone()
+        }
     }
 
     /// Runs `handler` for `request` on the blocking pool, after the region
@@ -105,8 +127,9 @@ impl KvService {
         let region_id = req.context().map_or(0, |c| c.region_id);
         tracing::trace!(method, region_id, "kv request");
         let node = Arc::clone(&self.node);
+        let store_id = self.store_id;
         let joined = tokio::task::spawn_blocking(move || {
-            let scope = context::check(&node.regions().current(), req.context())?;
+            let scope = context::check(&node.regions().current(), req.context(), store_id)?;
             handler(&node, &scope, req)
         })
         .await;
@@ -368,7 +391,7 @@ mod tests {
     fn open_node(dir: &std::path::Path) -> Arc<Node> {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         let config = Config::default();
-        let endpoints = Endpoints::new(&config, any, any);
+        let endpoints = Endpoints::new(&config, &[any], any);
         let lock = DataDirLock::acquire(dir).expect("lock the data dir");
         Arc::new(Node::open(config, lock, endpoints).expect("open the node"))
     }

@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod nemesis;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -329,6 +331,14 @@ impl TestServer {
     pub fn start() -> TestServer {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut server = TestServer::start_args(serve_args(&tmp.path().join("data")));
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// A server on a fresh temporary data directory, with further flags.
+    pub fn start_with(extra: &[&str]) -> TestServer {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut server = TestServer::start_in_with(&tmp.path().join("data"), extra);
         server._tmp = Some(tmp);
         server
     }

@@ -5,13 +5,20 @@
 //! transaction whose secondaries were never committed) are produced here,
 //! one RPC at a time. The same stubs also read a key at an exact version,
 //! which the official client cannot do below its own timestamps.
+//!
+//! Like a real client it asks PD for the key's region and its leader's
+//! store before every request, sends it to that store, and retries (a
+//! bounded number of times) after a region error: the layout may change
+//! under it (splits, merges, leader moves).
 
+use kvfeed_proto::errorpb;
 use kvfeed_proto::kvrpcpb::{
     CommitRequest, CommitResponse, Context, GetRequest, GetResponse, Mutation, Op, PrewriteRequest,
 };
 use kvfeed_proto::pdpb::pd_client::PdClient;
 use kvfeed_proto::pdpb::{
-    GetGcSafePointRequest, GetMembersRequest, GetRegionRequest, RequestHeader, TsoRequest,
+    GetGcSafePointRequest, GetMembersRequest, GetRegionRequest, GetStoreRequest, RequestHeader,
+    TsoRequest,
 };
 use kvfeed_proto::tikvpb::tikv_client::TikvClient;
 use tonic::transport::Channel;
@@ -39,9 +46,11 @@ pub fn encode_key(key: &[u8]) -> Vec<u8> {
 /// One connection to kvfeed speaking PD and KV with the generated stubs.
 pub struct ByHand {
     pd: PdClient<Channel>,
-    kv: TikvClient<Channel>,
     cluster_id: u64,
 }
+
+/// How often a request is retried after a region error.
+const ATTEMPTS: u32 = 50;
 
 impl ByHand {
     /// Connects over `channel` and learns the cluster id from GetMembers.
@@ -56,7 +65,6 @@ impl ByHand {
         assert!(header.error.is_none(), "GetMembers error: {header:?}");
         ByHand {
             pd,
-            kv: TikvClient::new(channel),
             cluster_id: header.cluster_id,
         }
     }
@@ -106,6 +114,30 @@ impl ByHand {
             .safe_point
     }
 
+    /// The KV request context of the region holding the transactional
+    /// `key`, and a client of its leader's store.
+    pub async fn route(&mut self, key: &[u8]) -> (Context, TikvClient<Channel>) {
+        let context = self.context(key).await;
+        let store_id = context.peer.as_ref().map_or(1, |p| p.store_id);
+        let store = self
+            .pd
+            .get_store(GetStoreRequest {
+                header: self.header(),
+                store_id,
+            })
+            .await
+            .expect("GetStore succeeds")
+            .into_inner()
+            .store
+            .expect("GetStore finds the store");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", store.address))
+            .expect("store address")
+            .connect()
+            .await
+            .expect("the store accepts connections");
+        (context, TikvClient::new(channel))
+    }
+
     /// The KV request context of the region holding the transactional `key`.
     pub async fn context(&mut self, key: &[u8]) -> Context {
         let request = GetRegionRequest {
@@ -138,26 +170,33 @@ impl ByHand {
         start_ts: u64,
         lock_ttl_ms: u64,
     ) {
-        let request = PrewriteRequest {
-            context: Some(self.context(key).await),
-            mutations: vec![Mutation {
-                op: Op::Put.into(),
-                key: key.to_vec(),
-                value: value.to_vec(),
-                ..Mutation::default()
-            }],
-            primary_lock: primary.to_vec(),
-            start_version: start_ts,
-            lock_ttl: lock_ttl_ms,
-            txn_size: 1,
-            ..PrewriteRequest::default()
+        let mut attempt = 0;
+        let response = loop {
+            let (context, mut kv) = self.route(key).await;
+            let request = PrewriteRequest {
+                context: Some(context),
+                mutations: vec![Mutation {
+                    op: Op::Put.into(),
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                    ..Mutation::default()
+                }],
+                primary_lock: primary.to_vec(),
+                start_version: start_ts,
+                lock_ttl: lock_ttl_ms,
+                txn_size: 1,
+                ..PrewriteRequest::default()
+            };
+            let response = kv
+                .kv_prewrite(request)
+                .await
+                .expect("KvPrewrite succeeds")
+                .into_inner();
+            if retry(&response.region_error, &mut attempt).await {
+                continue;
+            }
+            break response;
         };
-        let response = self
-            .kv
-            .kv_prewrite(request)
-            .await
-            .expect("KvPrewrite succeeds")
-            .into_inner();
         assert!(
             response.region_error.is_none() && response.errors.is_empty(),
             "prewrite of {key:?} at {start_ts} failed: {response:?}"
@@ -171,19 +210,38 @@ impl ByHand {
         start_ts: u64,
         commit_ts: u64,
     ) -> CommitResponse {
-        let request = CommitRequest {
-            context: Some(self.context(keys[0]).await),
-            start_version: start_ts,
-            keys: keys.iter().map(|key| key.to_vec()).collect(),
-            commit_version: commit_ts,
-            ..CommitRequest::default()
-        };
-        let response = self
-            .kv
-            .kv_commit(request)
-            .await
-            .expect("KvCommit answers")
-            .into_inner();
+        // One request per key: a split may have put them in different
+        // regions since they were prewritten. The first answer with an
+        // error (or the last one) is returned.
+        let mut last = CommitResponse::default();
+        for key in keys {
+            let mut attempt = 0;
+            let response = loop {
+                let (context, mut kv) = self.route(key).await;
+                let request = CommitRequest {
+                    context: Some(context),
+                    start_version: start_ts,
+                    keys: vec![key.to_vec()],
+                    commit_version: commit_ts,
+                    ..CommitRequest::default()
+                };
+                let response = kv
+                    .kv_commit(request)
+                    .await
+                    .expect("KvCommit answers")
+                    .into_inner();
+                if retry(&response.region_error, &mut attempt).await {
+                    continue;
+                }
+                break response;
+            };
+            let failed = response.error.is_some();
+            last = response;
+            if failed {
+                break;
+            }
+        }
+        let response = last;
         assert!(
             response.region_error.is_none(),
             "commit of {keys:?} hit a region error: {response:?}"
@@ -193,18 +251,25 @@ impl ByHand {
 
     /// KvGet of `key` as of `version`.
     pub async fn get(&mut self, key: &[u8], version: u64) -> GetResponse {
-        let request = GetRequest {
-            context: Some(self.context(key).await),
-            key: key.to_vec(),
-            version,
-            need_commit_ts: false,
+        let mut attempt = 0;
+        let response = loop {
+            let (context, mut kv) = self.route(key).await;
+            let request = GetRequest {
+                context: Some(context),
+                key: key.to_vec(),
+                version,
+                need_commit_ts: false,
+            };
+            let response = kv
+                .kv_get(request)
+                .await
+                .expect("KvGet answers")
+                .into_inner();
+            if retry(&response.region_error, &mut attempt).await {
+                continue;
+            }
+            break response;
         };
-        let response = self
-            .kv
-            .kv_get(request)
-            .await
-            .expect("KvGet answers")
-            .into_inner();
         assert!(
             response.region_error.is_none(),
             "get of {key:?} hit a region error: {response:?}"
@@ -221,4 +286,15 @@ fn encode_key_matches_the_documented_split_key() {
     assert_eq!(encode_key(&[0xFF; 8]), split);
     assert_eq!(encode_key(b""), [0, 0, 0, 0, 0, 0, 0, 0, 0xF7]);
     assert_eq!(encode_key(b"abc"), [b'a', b'b', b'c', 0, 0, 0, 0, 0, 0xFA]);
+}
+
+/// Whether to try again after `error`: any region error, a bounded number
+/// of times (the layout changed between the lookup and the request).
+async fn retry(error: &Option<errorpb::Error>, attempt: &mut u32) -> bool {
+    if error.is_none() || *attempt >= ATTEMPTS {
+        return false;
+    }
+    *attempt += 1;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    true
 }

@@ -117,8 +117,8 @@ impl RegionMap {
         vec![encode_bytes(&[0xFF; 8])]
     }
 
-    /// A new layout over `stores` (ascending, non-empty; the first leads
-    /// every region), cut at encoded `split_keys`. Every key must be a
+    /// A new layout over `stores` (non-empty; region `i` is led by the
+    /// `i`-th store, round robin), cut at encoded `split_keys`. Every key must be a
     /// complete, valid memcomparable encoding and non-empty (an invalid
     /// boundary would make `tikv-client` silently skip a commit); duplicates
     /// are refused. Ids are a pure function of the input.
@@ -126,7 +126,7 @@ impl RegionMap {
         let mut stores = stores.to_vec();
         stores.sort_unstable();
         stores.dedup();
-        let Some(&leader_store) = stores.first() else {
+        let Some(&first_store) = stores.first() else {
             return Err(Error::InvalidInput(
                 "a layout needs at least one store".into(),
             ));
@@ -153,9 +153,11 @@ impl RegionMap {
             .enumerate()
         {
             let id = FIRST_REGION_ID + i as u64;
+            // Leaders are spread over the stores, round robin.
+            let leader_store = stores.get(i % stores.len()).copied().unwrap_or(first_store);
             let mut peers = vec![Peer {
                 id: PEER_ID_OFFSET + id,
-                store_id: leader_store,
+                store_id: first_store,
             }];
             for &store_id in &stores[1..] {
                 peers.push(Peer {

@@ -297,7 +297,9 @@ fn leader_transfer_keeps_epochs() {
     assert_well_formed(&m);
     let r = m.regions()[0].clone();
     assert_eq!(r.peers.len(), 3);
+    // Leaders are spread round robin.
     assert_eq!(r.leader_store, 1);
+    assert_eq!(m.regions()[1].leader_store, 2);
     assert_eq!(m.transfer_leader(r.id, 1), Ok(None));
     let (next, kind) = m.transfer_leader(r.id, 3).expect("ok").expect("a change");
     let moved = next.get(r.id).expect("still there");
