@@ -44,6 +44,7 @@ pub fn grpc_router(node: &Arc<Node>) -> Result<Router, MetricsError> {
     routes.add_service(crate::pd::service(node));
     routes.add_service(crate::changedata::service(node));
     routes.add_service(crate::health::service(node));
+    routes.add_service(crate::etcd::service(node));
     Ok(Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
