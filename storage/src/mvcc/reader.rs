@@ -269,6 +269,25 @@ impl<'a> MvccReader<'a> {
         Ok(result)
     }
 
+    /// The oldest start_ts of a lock that writes data (Put or Delete)
+    /// anywhere in the snapshot, for the store-wide safe ts: read and
+    /// pessimistic locks never commit a row, so they bound nothing. Walks
+    /// every lock, holding one at a time.
+    pub fn oldest_data_lock_ts(&self) -> Result<Option<TimeStamp>> {
+        let mut oldest: Option<TimeStamp> = None;
+        for item in self
+            .snap
+            .iter(Cf::Lock, Bound::Unbounded, Bound::Unbounded, false)
+        {
+            let (_, v) = item?;
+            let lock = Lock::from_bytes(&v)?;
+            if matches!(lock.lock_type, LockType::Put | LockType::Delete) {
+                oldest = Some(oldest.map_or(lock.start_ts, |o| o.min(lock.start_ts)));
+            }
+        }
+        Ok(oldest)
+    }
+
     /// Locks with encoded keys in `[start, end)` (`end == None`: unbounded)
     /// accepted by `filter`, in key order. `limit == 0` means no limit.
     /// Returns the locks and whether the scan stopped because of the limit.
