@@ -481,3 +481,29 @@ fn store_safe_ts_and_data_is_not_ready() -> Result<(), prost::DecodeError> {
     // 17 stale_read: (17 << 3) | 0 = 136 = varint 88 01.
     assert_wire(&context, &[0x88, 0x01, 0x01])
 }
+
+#[test]
+fn batch_scan_regions_request() -> Result<(), prost::DecodeError> {
+    let request = pdpb::BatchScanRegionsRequest {
+        header: Some(pdpb::RequestHeader {
+            cluster_id: 1,
+            ..Default::default()
+        }),
+        ranges: vec![pdpb::KeyRange {
+            start_key: b"a".to_vec(),
+            end_key: b"b".to_vec(),
+        }],
+        limit: 2,
+        contain_all_key_range: true,
+    };
+    #[rustfmt::skip]
+    let expected: &[u8] = &[
+        // 1 header, 2 bytes: 1 cluster_id 1
+        0x0a, 0x02, 0x08, 0x01,
+        // 3 ranges: (3 << 3) | 2 = 0x1a, 6 bytes: 1 start_key "a", 2 end_key "b"
+        0x1a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b',
+        // 4 limit 2: 0x20; 5 contain_all_key_range: 0x28
+        0x20, 0x02, 0x28, 0x01,
+    ];
+    assert_wire(&request, expected)
+}
