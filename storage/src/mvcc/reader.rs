@@ -585,3 +585,40 @@ mod tests {
         assert!(blocking_lock(&l, b"k", TimeStamp::MAX, &[]).is_some());
     }
 }
+
+#[cfg(test)]
+mod oldest_lock_tests {
+    use super::*;
+    use crate::engine::memory::MemoryEngine;
+    use crate::engine::{Engine, WriteBatch};
+
+    #[test]
+    fn only_locks_that_write_data_bound_the_oldest() {
+        let engine = MemoryEngine::new();
+        let snap = engine.snapshot();
+        assert_eq!(MvccReader::new(&*snap).oldest_data_lock_ts().unwrap(), None);
+
+        // Read and pessimistic locks never commit a row, however old.
+        let mut batch = WriteBatch::new();
+        for (key, lock_type, start) in [
+            (b"a", LockType::Lock, 5),
+            (b"b", LockType::Pessimistic, 6),
+            (b"c", LockType::Put, 30),
+            (b"d", LockType::Delete, 20),
+            (b"e", LockType::Put, 40),
+        ] {
+            let lock = Lock::new(lock_type, b"a".to_vec(), TimeStamp::new(start), 100);
+            batch.put(
+                Cf::Lock,
+                Key::from_raw(key).as_encoded().to_vec(),
+                lock.to_bytes(),
+            );
+        }
+        engine.write(&batch).unwrap();
+        let snap = engine.snapshot();
+        assert_eq!(
+            MvccReader::new(&*snap).oldest_data_lock_ts().unwrap(),
+            Some(TimeStamp::new(20))
+        );
+    }
+}
