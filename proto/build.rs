@@ -1,6 +1,6 @@
-//! Generates the message types, clients and servers from `proto/*.proto`,
-//! and, with the `etcd` feature, the etcd client stubs from
-//! `proto/etcd/*.proto` (clients only: kvfeed never serves etcd's API).
+//! Generates the message types, clients and servers from `proto/*.proto`
+//! and the etcd subset from `proto/etcd/*.proto` (the server side for PD's
+//! embedded etcd reads, the client side for the benchmarks' comparison).
 //!
 //! protoc comes from the `protoc-bin-vendored` crate and is handed to
 //! prost-build directly, so a fresh machine needs nothing installed and no
@@ -17,7 +17,7 @@ const PROTOS: &[&str] = &[
     "tikvpb.proto",
     "cdcpb.proto",
 ];
-/// etcd's v3 API subset, compiled only with the `etcd` feature.
+/// etcd's v3 API subset.
 const ETCD_DIR: &str = "proto/etcd";
 const ETCD_PROTOS: &[&str] = &["kv.proto", "rpc.proto"];
 
@@ -46,19 +46,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".cdcpb.Event.Row")
         .compile_with_config(config, &protos, &[PathBuf::from(PROTO_DIR)])?;
 
-    // Cargo tells a build script which features are on through the
-    // environment; the default build stays free of the etcd code.
-    if std::env::var_os("CARGO_FEATURE_ETCD").is_some() {
-        let mut config = tonic_prost_build::Config::new();
-        config.protoc_executable(&protoc);
-        let protos: Vec<PathBuf> = ETCD_PROTOS
-            .iter()
-            .map(|file| PathBuf::from(ETCD_DIR).join(file))
-            .collect();
-        tonic_prost_build::configure()
-            .build_client(true)
-            .build_server(false)
-            .compile_with_config(config, &protos, &[PathBuf::from(ETCD_DIR)])?;
-    }
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(&protoc);
+    let protos: Vec<PathBuf> = ETCD_PROTOS
+        .iter()
+        .map(|file| PathBuf::from(ETCD_DIR).join(file))
+        .collect();
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_with_config(config, &protos, &[PathBuf::from(ETCD_DIR)])?;
     Ok(())
 }

@@ -20,8 +20,9 @@
 //! Output: a table on stdout, then one JSON object (`{"bench":"feed",...}`)
 //! as the last line of stdout; progress goes to stderr.
 //!
-//! Subcommands, one module each: [`feed`], [`scan`], [`churn`], [`idle`],
-//! [`slow`], [`engine`] (with [`grpc`]). Shared pieces: [`load`] (writers
+//! Subcommands, one module each: [`feed`], [`scan`], [`kv_scan`],
+//! [`batch_put`], [`churn`], [`idle`], [`slow`], [`engine`] (with
+//! [`grpc`]). Shared pieces: [`load`] (writers
 //! and preloading), [`subscribe`] and [`watcher`] (the consumer side),
 //! [`scrape`] (`/metrics`), [`stats`] and [`report`]. `feed`, `churn` and
 //! `idle` can drive etcd instead of kvfeed, for a comparison: [`target`]
@@ -29,6 +30,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batch_put;
 pub mod churn;
 pub mod engine;
 #[cfg(feature = "etcd")]
@@ -98,6 +100,10 @@ pub enum BenchCommand {
     /// told `congested`, peak server memory, and that a fast consumer of the
     /// same range loses nothing.
     Slow(slow::SlowArgs),
+    /// Small raw puts through BatchCommands (one stream, --in-flight puts
+    /// at once) against unary RawPut calls with as many in flight, from
+    /// one client: both rates and their ratio.
+    BatchPut(batch_put::BatchPutArgs),
     /// The physical limits, in this process: fjall writes and scans on a
     /// temporary directory, and (--grpc) loopback gRPC streaming.
     Engine(engine::EngineArgs),
@@ -326,6 +332,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         BenchCommand::Feed(a) => block_on(feed::run(a))?,
         BenchCommand::Scan(a) => block_on(scan::run(a))?,
         BenchCommand::KvScan(a) => block_on(kv_scan::run(a))?,
+        BenchCommand::BatchPut(a) => block_on(batch_put::run(a))?,
         BenchCommand::Churn(a) => block_on(churn::run(a))?,
         BenchCommand::Idle(a) => block_on(idle::run(a))?,
         BenchCommand::Slow(a) => block_on(slow::run(a))?,

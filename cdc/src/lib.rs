@@ -171,6 +171,7 @@ pub use ids::{ConnId, KvApi, RegionId, RequestId};
 pub use metrics::{FeedMetrics, TaskGuard};
 pub use protocol::{Features, ProtocolVersion};
 pub use subscription::SubscriptionState;
+pub use ts_sampler::store_safe_ts;
 
 /// Upper bound on the row payload (sum of encoded rows) of one `Event`, as
 /// TiKV batches them. A single row larger than this travels alone.

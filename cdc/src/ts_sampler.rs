@@ -30,7 +30,9 @@ use tokio::time::MissedTickBehavior;
 
 use kvfeed_storage::TimeStamp;
 use kvfeed_storage::mvcc::TxnStore;
+use kvfeed_storage::mvcc::reader::MvccReader;
 use kvfeed_storage::raw::RawStore;
+use kvfeed_storage::store::Store;
 use kvfeed_storage::tso::Tso;
 
 use crate::metrics::FeedMetrics;
@@ -158,6 +160,35 @@ impl MinTsSource {
             raw_in_flight,
         })
     }
+}
+
+/// The store-wide safe ts: every change at or below it is applied, and no
+/// transaction or raw write can still commit at or below it. It is the
+/// resolved ts of one subscription covering every key of both key spaces,
+/// computed without one: the same sample, then the oldest Put/Delete lock
+/// of a store snapshot taken *after* the sample (where a subscription keeps
+/// its lock set from routed batches). The argument is the crate docs'
+/// "Resolved timestamps" with the snapshot in place of the control channel:
+/// a two-phase commit at or below `min_ts` asked for its commit_ts after
+/// its locks were applied, so the snapshot holds its lock or its commit;
+/// async commit, 1PC and raw writes are bounded by the in-flight values as
+/// for the feed. Blocks (the oracle may persist its window; every lock is
+/// read), so callers run it on a blocking thread and not too often.
+pub fn store_safe_ts(
+    store: &Store,
+    tso: &Arc<Tso>,
+    txn: &Arc<TxnStore>,
+    raw: &Arc<RawStore>,
+) -> kvfeed_storage::Result<TimeStamp> {
+    let source = MinTsSource {
+        tso: Arc::clone(tso),
+        txn: Arc::clone(txn),
+        raw: Arc::clone(raw),
+    };
+    let sample = source.sample()?;
+    let snap = store.snapshot();
+    let oldest_lock = MvccReader::new(&*snap).oldest_data_lock_ts()?;
+    Ok(sample.for_txn(oldest_lock).min(sample.for_raw()))
 }
 
 /// Samples every `interval` (tokio time) and sends each sample to the

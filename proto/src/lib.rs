@@ -14,11 +14,12 @@
 //! and servers for packages with a service (`pd_client`/`pd_server`,
 //! `tikv_client`/`tikv_server`, `change_data_client`/`change_data_server`).
 //!
-//! With the `etcd` feature, `etcdserverpb` and `mvccpb` hold the client
-//! side of the part of etcd's v3 API the benchmarks compare kvfeed with
-//! (`KV.Put`, `Watch.Watch`), from kvfeed's own `proto/etcd/*.proto`; the
-//! same rule applies: names and numbers are etcd's, `tests/etcd_wire.rs`
-//! pins them.
+//! `etcdserverpb` and `mvccpb` hold the part of etcd's v3 API kvfeed
+//! speaks, from its own `proto/etcd/*.proto`: the server side of `KV`
+//! (PD embeds etcd, and PD clients read a few keys through `KV.Range`) and
+//! the client side of `KV.Put` and `Watch.Watch`, which the benchmarks drive
+//! against a real etcd. The same rule applies: names and numbers are
+//! etcd's, `tests/etcd_wire.rs` pins them.
 
 #![warn(missing_docs)]
 
@@ -71,12 +72,11 @@ generated!(
     cdcpb
 );
 generated!(
-    /// etcd's key-value records and watch events (`etcd` feature).
-    #[cfg(feature = "etcd")]
+    /// etcd's key-value records and watch events.
     mvccpb
 );
 generated!(
-    /// etcd's `KV` (Put) and `Watch` clients (`etcd` feature).
-    #[cfg(feature = "etcd")]
+    /// etcd's `KV` service (served: Range; refused: writes) and the `KV`
+    /// and `Watch` clients.
     etcdserverpb
 );

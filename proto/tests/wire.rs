@@ -15,7 +15,7 @@
 
 use std::fmt::Debug;
 
-use kvfeed_proto::{cdcpb, kvrpcpb, metapb, pdpb};
+use kvfeed_proto::{cdcpb, errorpb, kvrpcpb, metapb, pdpb};
 use prost::Message;
 
 /// Timestamps used below: physical 1 ms, logical 1, 2 and 5, that is
@@ -444,4 +444,66 @@ fn batch_commands_oneof_tags_match_upstream() -> Result<(), prost::DecodeError> 
         0x0a, 0x05, 0xfa, 0x0f, 0x02, 0x08, 0x05, 0x12, 0x01, 0x07, 0x18, 0x09,
     ];
     assert_wire(&response, &expected)
+}
+
+#[test]
+fn store_safe_ts_and_data_is_not_ready() -> Result<(), prost::DecodeError> {
+    let request = kvrpcpb::StoreSafeTsRequest {
+        key_range: Some(kvrpcpb::KeyRange {
+            start_key: b"a".to_vec(),
+            end_key: b"b".to_vec(),
+        }),
+    };
+    // 1 key_range, 6 bytes: 1 start_key "a", 2 end_key "b".
+    assert_wire(&request, &[0x0a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b'])?;
+    let response = kvrpcpb::StoreSafeTsResponse { safe_ts: TS_START };
+    // 1 safe_ts.
+    assert_wire(&response, &[0x08, 0x81, 0x80, 0x10])?;
+    let error = errorpb::Error {
+        data_is_not_ready: Some(errorpb::DataIsNotReady {
+            region_id: 2,
+            peer_id: 3,
+            safe_ts: TS_START,
+        }),
+        ..Default::default()
+    };
+    #[rustfmt::skip]
+    let expected: &[u8] = &[
+        // 13 data_is_not_ready: (13 << 3) | 2 = 0x6a, 8 bytes:
+        // 1 region_id 2, 2 peer_id 3, 3 safe_ts
+        0x6a, 0x08, 0x08, 0x02, 0x10, 0x03, 0x18, 0x81, 0x80, 0x10,
+    ];
+    assert_wire(&error, expected)?;
+    let context = kvrpcpb::Context {
+        stale_read: true,
+        ..Default::default()
+    };
+    // 17 stale_read: (17 << 3) | 0 = 136 = varint 88 01.
+    assert_wire(&context, &[0x88, 0x01, 0x01])
+}
+
+#[test]
+fn batch_scan_regions_request() -> Result<(), prost::DecodeError> {
+    let request = pdpb::BatchScanRegionsRequest {
+        header: Some(pdpb::RequestHeader {
+            cluster_id: 1,
+            ..Default::default()
+        }),
+        ranges: vec![pdpb::KeyRange {
+            start_key: b"a".to_vec(),
+            end_key: b"b".to_vec(),
+        }],
+        limit: 2,
+        contain_all_key_range: true,
+    };
+    #[rustfmt::skip]
+    let expected: &[u8] = &[
+        // 1 header, 2 bytes: 1 cluster_id 1
+        0x0a, 0x02, 0x08, 0x01,
+        // 3 ranges: (3 << 3) | 2 = 0x1a, 6 bytes: 1 start_key "a", 2 end_key "b"
+        0x1a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b',
+        // 4 limit 2: 0x20; 5 contain_all_key_range: 0x28
+        0x20, 0x02, 0x28, 0x01,
+    ];
+    assert_wire(&request, expected)
 }

@@ -47,6 +47,7 @@ pub fn grpc_router(node: &Arc<Node>, kv: KvService) -> Result<Router, MetricsErr
     routes.add_service(crate::pd::service(node));
     routes.add_service(crate::changedata::service(node, store_id));
     routes.add_service(crate::health::service(node));
+    routes.add_service(crate::etcd::service(node));
     Ok(Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

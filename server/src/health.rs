@@ -4,7 +4,8 @@
 //!
 //! Invariants:
 //! - While the node serves, the server as a whole (service name `""`) and
-//!   each served service (`pdpb.PD`, `tikvpb.Tikv`, `cdcpb.ChangeData`)
+//!   each served service (`pdpb.PD`, `tikvpb.Tikv`, `cdcpb.ChangeData`,
+//!   `etcdserverpb.KV`)
 //!   report `SERVING`; any other name is `NOT_FOUND`, as the protocol says.
 //! - At shutdown every status is removed, which ends open `Watch` streams.
 //!   Without that they would live on and hold the server's graceful
@@ -12,17 +13,18 @@
 
 use std::sync::Arc;
 
-use kvfeed_proto::{cdcpb, pdpb, tikvpb};
+use kvfeed_proto::{cdcpb, etcdserverpb, pdpb, tikvpb};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::node::Node;
 
 /// The services kvfeed serves, by their gRPC names.
-pub const SERVICES: [&str; 3] = [
+pub const SERVICES: [&str; 4] = [
     pdpb::pd_server::SERVICE_NAME,
     tikvpb::tikv_server::SERVICE_NAME,
     cdcpb::change_data_server::SERVICE_NAME,
+    etcdserverpb::kv_server::SERVICE_NAME,
 ];
 
 /// The health service of `node`. Must be called inside a Tokio runtime: a

@@ -10,7 +10,7 @@
 //!   the gRPC services (`pd`, `kv`, `changedata`), `status` is the HTTP
 //!   status server, `metrics` the Prometheus registry, `shutdown` the
 //!   signal tasks stop on, `gc` the GC worker, `health` the standard
-//!   gRPC health service.
+//!   gRPC health service, `etcd` the read-only etcd `KV` of PD's address.
 //! - `changedata`: the `cdcpb.ChangeData` service over the `kvfeed-cdc`
 //!   feed; `faults`: test-only fault injection into it.
 //! - [`cmd`]: `put`, `get`, `delete`, `scan` and `watch`, on `kvfeed-client`.
@@ -21,6 +21,7 @@ mod changedata;
 pub mod cli;
 pub mod cmd;
 mod config;
+mod etcd;
 mod faults;
 mod gc;
 mod grpc;

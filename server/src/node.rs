@@ -45,6 +45,7 @@ use kvfeed_storage::tso::{SystemClock, Tso};
 
 use crate::config::{CdcConfig, Config};
 use crate::faults::FeedFaults;
+use crate::kv::safe_ts::SafeTs;
 use crate::metrics::{Metrics, MetricsError};
 use crate::shutdown::Shutdown;
 
@@ -297,6 +298,8 @@ pub struct Node {
     txn: Arc<TxnStore>,
     raw: Arc<RawStore>,
     regions: Arc<Regions>,
+    /// The store's safe ts, cached for `GetStoreSafeTS` and stale reads.
+    safe_ts: SafeTs,
     metrics: Metrics,
     shutdown: Shutdown,
     /// Set once by [`Node::start_feed`].
@@ -363,6 +366,7 @@ impl Node {
         // earlier read.
         txn.concurrency_manager().update_max_ts(first_ts);
         let raw = Arc::new(RawStore::new(store.clone(), tso.clone()));
+        let safe_ts = SafeTs::new(store.clone(), tso.clone(), txn.clone(), raw.clone());
         let metrics = Metrics::new()?;
         metrics.register(Box::new(
             crate::admin::RegionMetrics::new(Arc::clone(&regions))
@@ -379,6 +383,7 @@ impl Node {
             txn,
             raw,
             regions,
+            safe_ts,
             metrics,
             shutdown: Shutdown::new(),
             feed: OnceLock::new(),
@@ -465,6 +470,11 @@ impl Node {
     /// The live region layout clients see.
     pub fn regions(&self) -> &Arc<Regions> {
         &self.regions
+    }
+
+    /// The store's safe ts (stale reads at or below it are served).
+    pub fn safe_ts(&self) -> &SafeTs {
+        &self.safe_ts
     }
 
     /// The highest timestamp handed out so far; allocates nothing.

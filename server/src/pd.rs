@@ -55,6 +55,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::node::Node;
 use crate::shutdown::ShutdownSignal;
 
+mod batch_scan;
+
 /// The TiKV version the store reports. TiCDC parses it as semver and refuses
 /// stores older than its minimum, so it names a current TiKV release whose
 /// protocol kvfeed follows.
@@ -441,6 +443,15 @@ impl Pd for PdService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn batch_scan_regions(
+        &self,
+        request: Request<pdpb::BatchScanRegionsRequest>,
+    ) -> Result<Response<pdpb::BatchScanRegionsResponse>, Status> {
+        Ok(Response::new(
+            self.batch_scan_regions_reply(request.get_ref()),
+        ))
     }
 
     async fn get_gc_safe_point(

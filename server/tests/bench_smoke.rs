@@ -146,6 +146,21 @@ fn kv_scan_reads_back_both_key_spaces() {
 }
 
 #[test]
+fn batch_put_answers_every_put_on_both_transports() {
+    let server = TestServer::start();
+    // More puts than in flight, so slots are refilled many times.
+    let json = bench(
+        &server,
+        "batch-put",
+        &["--puts", "600", "--in-flight", "16"],
+    )
+    .ok("batch-put");
+    assert!(json_number(&json, "unary_puts_per_sec") > 0.0, "{json}");
+    assert!(json_number(&json, "batch_puts_per_sec") > 0.0, "{json}");
+    assert!(json["batch_vs_unary"].as_f64().is_some(), "{json}");
+}
+
+#[test]
 fn churn_leaves_no_connection_subscription_or_byte_behind() {
     let server = TestServer::start();
     let json = bench(

@@ -8,7 +8,8 @@
 //! - a peer on another store than the one the request reached →
 //!   `store_not_match`;
 //! - unknown region id → `region_not_found`;
-//! - the region is led by another store → `not_leader` naming the leader;
+//! - the region is led by another store → `not_leader` naming the leader
+//!   (unless a follower or stale read, which any peer serves);
 //! - epoch differs from the region's → `epoch_not_match` listing the region
 //!   as it is now and its neighbours;
 //! - a key outside `[start_key, end_key)` → `key_not_in_region`.
@@ -174,7 +175,10 @@ pub fn check(
     let Some(led) = regions.get(id) else {
         return Err(region_error(regions, RegionError::NotFound(id)));
     };
-    if led.leader_store != store_id {
+    // Follower and stale reads may be served by any peer, as in TiKV (the
+    // one engine makes every peer as fresh as the leader).
+    let follower_read = (ctx.replica_read || ctx.stale_read) && led.peer_on(store_id).is_some();
+    if led.leader_store != store_id && !follower_read {
         return Err(KvError::Region(Box::new(errorpb::Error {
             message: format!(
                 "region {id} is led by store {}, this is store {store_id}",
@@ -398,6 +402,10 @@ mod tests {
         let e = region_err(check(&m, Some(&c), 1));
         let snm = e.store_not_match.expect("store_not_match");
         assert_eq!((snm.request_store_id, snm.actual_store_id), (2, 1));
+        // A follower (or stale) read is served by any peer.
+        c.peer = None;
+        c.replica_read = true;
+        assert!(check(&m, Some(&c), 1).is_ok());
     }
 
     fn layout() -> RegionMap {

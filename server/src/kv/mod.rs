@@ -28,6 +28,7 @@ pub mod errors;
 pub mod limits;
 pub mod lock_resolution;
 pub mod raw;
+pub mod safe_ts;
 pub mod split;
 pub mod txn;
 
@@ -365,6 +366,20 @@ impl Tikv for KvService {
         r: Request<kvrpcpb::SplitRegionRequest>,
     ) -> Reply<kvrpcpb::SplitRegionResponse> {
         self.handle("SplitRegion", r, split::split_region).await
+    }
+
+    async fn get_store_safe_ts(
+        &self,
+        r: Request<kvrpcpb::StoreSafeTsRequest>,
+    ) -> Reply<kvrpcpb::StoreSafeTsResponse> {
+        // No region context: the answer is the store's. Computing it may
+        // allocate a timestamp and reads every lock, so off the executor.
+        let node = Arc::clone(&self.node);
+        tokio::task::spawn_blocking(move || safe_ts::store_safe_ts(node.safe_ts(), r.get_ref()))
+            .await
+            .map_err(|err| Status::internal(format!("GetStoreSafeTS failed: {err}")))?
+            .map(Response::new)
+            .map_err(|err| Status::unavailable(format!("GetStoreSafeTS: {err}")))
     }
 
     type BatchCommandsStream = batch::ResponseStream;

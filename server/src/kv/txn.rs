@@ -22,6 +22,10 @@
 //! `skip_constraint_check`) are ignored, which can only make the server
 //! stricter. KvGet with `need_commit_ts` reports the commit_ts of the version
 //! it read (0 when the key has no value at that version).
+//!
+//! Stale reads (`Context.stale_read`, on get, batch get and scan) are
+//! served like any read once their version is at or below the store's safe
+//! ts; above it they get `DataIsNotReady` ([`super::safe_ts`]).
 
 use kvfeed_proto::kvrpcpb::{self, prewrite_request};
 use kvfeed_storage::TimeStamp;
@@ -81,6 +85,8 @@ pub fn get(
 ) -> Result<kvrpcpb::GetResponse, KvError> {
     limits::check_key(&req.key)?;
     scope.check_key(KeySpace::Txn, &req.key)?;
+    node.safe_ts()
+        .check_read(req.context.as_ref(), scope, req.version)?;
     let bypass = bypass(req.context.as_ref());
     let mut resp = kvrpcpb::GetResponse::default();
     match node
@@ -105,6 +111,8 @@ pub fn batch_get(
     req: kvrpcpb::BatchGetRequest,
 ) -> Result<kvrpcpb::BatchGetResponse, KvError> {
     txn_keys(scope, &req.keys)?;
+    node.safe_ts()
+        .check_read(req.context.as_ref(), scope, req.version)?;
     let bypass = bypass(req.context.as_ref());
     let mut resp = kvrpcpb::BatchGetResponse::default();
     match node
@@ -150,6 +158,8 @@ pub fn scan(
             Direction::Forward,
         )?
     };
+    node.safe_ts()
+        .check_read(req.context.as_ref(), scope, req.version)?;
     let bypass = bypass(req.context.as_ref());
     let opts = ScanOptions {
         start: &range.lower,

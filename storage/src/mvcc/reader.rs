@@ -269,6 +269,25 @@ impl<'a> MvccReader<'a> {
         Ok(result)
     }
 
+    /// The oldest start_ts of a lock that writes data (Put or Delete)
+    /// anywhere in the snapshot, for the store-wide safe ts: read and
+    /// pessimistic locks never commit a row, so they bound nothing. Walks
+    /// every lock, holding one at a time.
+    pub fn oldest_data_lock_ts(&self) -> Result<Option<TimeStamp>> {
+        let mut oldest: Option<TimeStamp> = None;
+        for item in self
+            .snap
+            .iter(Cf::Lock, Bound::Unbounded, Bound::Unbounded, false)
+        {
+            let (_, v) = item?;
+            let lock = Lock::from_bytes(&v)?;
+            if matches!(lock.lock_type, LockType::Put | LockType::Delete) {
+                oldest = Some(oldest.map_or(lock.start_ts, |o| o.min(lock.start_ts)));
+            }
+        }
+        Ok(oldest)
+    }
+
     /// Locks with encoded keys in `[start, end)` (`end == None`: unbounded)
     /// accepted by `filter`, in key order. `limit == 0` means no limit.
     /// Returns the locks and whether the scan stopped because of the limit.
@@ -564,5 +583,42 @@ mod tests {
         let mut l = lock(LockType::Put, 10, 0, b"k");
         l.use_async_commit = true;
         assert!(blocking_lock(&l, b"k", TimeStamp::MAX, &[]).is_some());
+    }
+}
+
+#[cfg(test)]
+mod oldest_lock_tests {
+    use super::*;
+    use crate::engine::memory::MemoryEngine;
+    use crate::engine::{Engine, WriteBatch};
+
+    #[test]
+    fn only_locks_that_write_data_bound_the_oldest() {
+        let engine = MemoryEngine::new();
+        let snap = engine.snapshot();
+        assert_eq!(MvccReader::new(&*snap).oldest_data_lock_ts().unwrap(), None);
+
+        // Read and pessimistic locks never commit a row, however old.
+        let mut batch = WriteBatch::new();
+        for (key, lock_type, start) in [
+            (b"a", LockType::Lock, 5),
+            (b"b", LockType::Pessimistic, 6),
+            (b"c", LockType::Put, 30),
+            (b"d", LockType::Delete, 20),
+            (b"e", LockType::Put, 40),
+        ] {
+            let lock = Lock::new(lock_type, b"a".to_vec(), TimeStamp::new(start), 100);
+            batch.put(
+                Cf::Lock,
+                Key::from_raw(key).as_encoded().to_vec(),
+                lock.to_bytes(),
+            );
+        }
+        engine.write(&batch).unwrap();
+        let snap = engine.snapshot();
+        assert_eq!(
+            MvccReader::new(&*snap).oldest_data_lock_ts().unwrap(),
+            Some(TimeStamp::new(20))
+        );
     }
 }
