@@ -56,6 +56,7 @@ use crate::node::Node;
 use crate::shutdown::ShutdownSignal;
 
 mod batch_scan;
+mod operators;
 
 /// The TiKV version the store reports. TiCDC parses it as semver and refuses
 /// stores older than its minimum, so it names a current TiKV release whose
@@ -443,6 +444,31 @@ impl Pd for PdService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn scatter_region(
+        &self,
+        request: Request<pdpb::ScatterRegionRequest>,
+    ) -> Result<Response<pdpb::ScatterRegionResponse>, Status> {
+        Ok(Response::new(
+            self.scatter_region_reply(request.into_inner()).await,
+        ))
+    }
+
+    async fn get_operator(
+        &self,
+        request: Request<pdpb::GetOperatorRequest>,
+    ) -> Result<Response<pdpb::GetOperatorResponse>, Status> {
+        Ok(Response::new(self.get_operator_reply(request.get_ref())))
+    }
+
+    async fn split_regions(
+        &self,
+        request: Request<pdpb::SplitRegionsRequest>,
+    ) -> Result<Response<pdpb::SplitRegionsResponse>, Status> {
+        Ok(Response::new(
+            self.split_regions_reply(request.into_inner()).await,
+        ))
     }
 
     async fn batch_scan_regions(

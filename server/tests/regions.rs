@@ -13,6 +13,7 @@ use kvfeed_proto::pdpb::pd_client::PdClient;
 use kvfeed_proto::pdpb::{GetRegionRequest, ScanRegionsRequest};
 use kvfeed_proto::tikvpb::tikv_client::TikvClient;
 use kvfeed_storage::mvcc::encode_bytes;
+use kvfeed_storage::region::RegionMap;
 use tonic::transport::Channel;
 
 fn post(server: &TestServer, path: &str) -> (u16, String) {
@@ -324,4 +325,101 @@ async fn the_layout_survives_kill_9() {
         .expect("KvGet")
         .into_inner();
     assert_eq!(got.region_error, None);
+}
+
+#[tokio::test]
+async fn pd_split_scatter_and_operators_answer_as_pd() {
+    use kvfeed_proto::pdpb::{
+        GetAllStoresRequest, GetOperatorRequest, OperatorStatus, RequestHeader,
+        ScatterRegionRequest, SplitRegionsRequest,
+    };
+    let server = TestServer::start_with(&["--stores", "3"]);
+    let mut pd = PdClient::new(server.channel().await);
+    let header = Some(RequestHeader {
+        cluster_id: server.cluster_id(),
+        ..RequestHeader::default()
+    });
+    let stores = pd
+        .get_all_stores(GetAllStoresRequest {
+            header: header.clone(),
+            ..GetAllStoresRequest::default()
+        })
+        .await
+        .expect("GetAllStores")
+        .into_inner()
+        .stores;
+    assert_eq!(
+        stores.iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let mut addrs: Vec<&str> = stores.iter().map(|s| s.address.as_str()).collect();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 3, "each store has its own address");
+
+    // Region keys, as boundaries: one is the default boundary already.
+    let keys: Vec<Vec<u8>> = (0..12u8)
+        .map(|i| encode_bytes(&[b'a' + i]))
+        .chain(RegionMap::default_split_keys())
+        .collect();
+    let split = pd
+        .split_regions(SplitRegionsRequest {
+            header: header.clone(),
+            split_keys: keys,
+            retry_limit: 0,
+        })
+        .await
+        .expect("SplitRegions")
+        .into_inner();
+    assert_eq!(split.header.and_then(|h| h.error), None);
+    assert_eq!(split.finished_percentage, 100);
+    assert_eq!(split.regions_id.len(), 12, "{:?}", split.regions_id);
+    // New regions inherit their parent's leader: all on one store now.
+    let view = layout(&server);
+    let leaders = |view: &serde_json::Value| {
+        let mut counts = [0usize; 4];
+        for r in view["regions"].as_array().expect("regions") {
+            counts[r["leader_store"].as_u64().expect("leader") as usize] += 1;
+        }
+        counts
+    };
+    let before = leaders(&view);
+    assert_eq!(before.iter().sum::<usize>(), 14);
+
+    let scatter = pd
+        .scatter_region(ScatterRegionRequest {
+            header: header.clone(),
+            regions_id: split.regions_id.clone(),
+            ..ScatterRegionRequest::default()
+        })
+        .await
+        .expect("ScatterRegion")
+        .into_inner();
+    assert_eq!(scatter.finished_percentage, 100);
+    let after = leaders(&layout(&server));
+    let (min, max) = (after[1..].iter().min(), after[1..].iter().max());
+    assert!(
+        max.zip(min).is_some_and(|(max, min)| max - min <= 1),
+        "leaders spread evenly: before {before:?}, after {after:?}"
+    );
+
+    let op = pd
+        .get_operator(GetOperatorRequest {
+            header: header.clone(),
+            region_id: split.regions_id[0],
+        })
+        .await
+        .expect("GetOperator")
+        .into_inner();
+    assert_eq!(op.header.and_then(|h| h.error), None);
+    assert_eq!(op.status, OperatorStatus::Success as i32);
+    assert!(op.desc.is_empty(), "nothing is running");
+    let gone = pd
+        .get_operator(GetOperatorRequest {
+            header,
+            region_id: 999_999,
+        })
+        .await
+        .expect("GetOperator")
+        .into_inner();
+    assert!(gone.header.and_then(|h| h.error).is_some());
 }
