@@ -40,8 +40,8 @@ pub(crate) fn on_region_change(
         return;
     }
     *current = Arc::clone(&change.map);
+    let error = error_for(&change.kind);
     for region in change.kind.affected() {
-        let error = error_for(&change.kind);
         let subs: Vec<(ConnId, RequestId)> = registry
             .region_subscribers(region)
             .map(|(conn, sub)| (conn.id, sub.spec().request_id))

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use super::map::ChangeError;
-use super::{ChangeKind, Region, RegionChange, RegionEpoch, RegionId, RegionMap, record};
+use super::{
+    ChangeKind, Region, RegionChange, RegionEpoch, RegionError, RegionId, RegionMap, record,
+};
 use crate::engine::WriteBatch;
 use crate::store::{BatchSource, Store};
 use crate::{Error, Result};
@@ -158,21 +160,15 @@ impl Regions {
     pub fn transfer_leader(&self, id: RegionId, store: u64) -> Result<Region, RegionsError> {
         let _write = self.write.lock();
         let current = self.current();
-        match current.transfer_leader(id, store)? {
-            None => Ok(current
-                .get(id)
-                .cloned()
-                .ok_or(ChangeError::Region(super::RegionError::NotFound(id)))?),
-            Some((map, kind)) => {
-                let region = match &kind {
-                    ChangeKind::LeaderTransfer { region, .. } => region.clone(),
-                    _ => return Err(ChangeError::Region(super::RegionError::NotFound(id)).into()),
-                };
-                self.commit(map, kind)?;
-                self.leader_transfers.fetch_add(1, Ordering::Relaxed);
-                Ok(region)
-            }
-        }
+        let not_found = || RegionsError::from(ChangeError::Region(RegionError::NotFound(id)));
+        let Some((map, kind)) = current.transfer_leader(id, store)? else {
+            // That store leads it already: nothing to change or announce.
+            return current.get(id).cloned().ok_or_else(not_found);
+        };
+        let region = map.get(id).cloned().ok_or_else(not_found)?;
+        self.commit(map, kind)?;
+        self.leader_transfers.fetch_add(1, Ordering::Relaxed);
+        Ok(region)
     }
 
     /// Layout changes made by this process.
