@@ -50,8 +50,11 @@ use kvfeed_storage::region::{
 use kvfeed_storage::store::{ObserverId, Store};
 use tracing::Instrument;
 
+use prometheus::IntCounter;
+
 use crate::config::{Config, ConfigError};
-use crate::node::Node;
+use crate::metrics::{Metrics, MetricsError};
+use crate::node::{Node, NodeError};
 use crate::shutdown::ShutdownSignal;
 
 /// Regions scanned for a split per pass.
@@ -131,33 +134,90 @@ pub struct Pass {
     pub scanned: usize,
 }
 
+/// What the checker did, for `/metrics` (the layout's own counters count
+/// every split and merge, automatic or not).
+#[derive(Clone)]
+pub struct CheckMetrics {
+    splits: IntCounter,
+    merges: IntCounter,
+    scanned: IntCounter,
+}
+
+impl CheckMetrics {
+    /// Creates the counters and registers them with `metrics`.
+    pub fn register(metrics: &Metrics) -> Result<CheckMetrics, MetricsError> {
+        let check = CheckMetrics::unregistered()?;
+        for counter in [&check.splits, &check.merges, &check.scanned] {
+            metrics.register(Box::new(counter.clone()))?;
+        }
+        Ok(check)
+    }
+
+    /// Counters not attached to any registry (for tests).
+    pub fn unregistered() -> Result<CheckMetrics, MetricsError> {
+        let counter =
+            |name: &str, help: &str| IntCounter::new(name, help).map_err(MetricsError::Register);
+        Ok(CheckMetrics {
+            splits: counter(
+                "kvfeed_region_auto_splits_total",
+                "Regions split automatically for reaching region-max-size or region-max-keys.",
+            )?,
+            merges: counter(
+                "kvfeed_region_auto_merges_total",
+                "Small adjacent regions merged automatically.",
+            )?,
+            scanned: counter(
+                "kvfeed_region_split_check_scans_total",
+                "Regions scanned by the split and merge checker.",
+            )?,
+        })
+    }
+
+    fn record(&self, pass: &Pass) {
+        self.splits
+            .inc_by(u64::try_from(pass.splits.len()).unwrap_or(u64::MAX));
+        self.merges
+            .inc_by(u64::try_from(pass.merges.len()).unwrap_or(u64::MAX));
+        self.scanned
+            .inc_by(u64::try_from(pass.scanned).unwrap_or(u64::MAX));
+    }
+}
+
 /// Runs the passes over one store's layout.
 pub struct SplitChecker {
     store: Arc<Store>,
     regions: Arc<Regions>,
     tracker: Arc<WriteTracker>,
     config: CheckConfig,
+    metrics: CheckMetrics,
 }
 
 impl SplitChecker {
     /// A checker over `store` and its `regions`. Writes are counted from
     /// [`SplitChecker::spawn`] on.
-    pub fn new(store: Arc<Store>, regions: Arc<Regions>, config: CheckConfig) -> SplitChecker {
+    pub fn new(
+        store: Arc<Store>,
+        regions: Arc<Regions>,
+        config: CheckConfig,
+        metrics: CheckMetrics,
+    ) -> SplitChecker {
         let tracker = Arc::new(WriteTracker::new(regions.current()));
         SplitChecker {
             store,
             regions,
             tracker,
             config,
+            metrics,
         }
     }
 
-    /// The node's checker.
-    pub fn for_node(node: &Node) -> Result<SplitChecker, ConfigError> {
+    /// The node's checker, with its metrics in the node's registry.
+    pub fn for_node(node: &Node) -> Result<SplitChecker, NodeError> {
         Ok(SplitChecker::new(
             Arc::clone(node.store()),
             Arc::clone(node.regions()),
             CheckConfig::from_config(node.config())?,
+            CheckMetrics::register(node.metrics())?,
         ))
     }
 
@@ -231,6 +291,7 @@ impl SplitChecker {
             let map = self.regions.current();
             self.merge_small(state, &map, limit, now, &mut pass, &just_split);
         }
+        self.metrics.record(&pass);
         pass
     }
 

@@ -39,7 +39,8 @@ fn fixture(split_merge_interval: Duration) -> Fixture {
         split_merge_interval,
         kept: [kept].into_iter().collect(),
     };
-    let checker = SplitChecker::new(Arc::clone(&store), Arc::clone(&regions), config);
+    let metrics = CheckMetrics::unregistered().expect("metrics");
+    let checker = SplitChecker::new(Arc::clone(&store), Arc::clone(&regions), config, metrics);
     checker.start_tracking();
     // After tracking started: the checker knows when this split happened.
     let middle = regions.current().regions()[1].id;
@@ -105,6 +106,8 @@ fn written_regions_split_and_small_neighbours_merge_but_not_across_kept_boundari
     let pass = f.checker.pass(&mut state, now);
     assert_eq!(pass.merges.len(), 1, "{pass:?}");
     assert_eq!(f.regions.current().regions().len(), 4);
+    let metrics = &f.checker.metrics;
+    assert_eq!((metrics.splits.get(), metrics.merges.get()), (1, 2));
 }
 
 #[test]

@@ -205,6 +205,17 @@ async fn scenario() {
     expected.extend(write_all(&cluster, false, 2).await);
     let seen = consumer::finish(rx, consumer, expected).await;
     assert!(seen.retries > 0, "the layout changes reached the consumer");
+
+    let metrics = server.metrics();
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(counter("kvfeed_region_auto_splits_total") >= 1);
+    assert!(counter("kvfeed_region_auto_merges_total") >= 3);
+    assert!(counter("kvfeed_region_split_check_scans_total") >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
