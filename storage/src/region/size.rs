@@ -37,9 +37,10 @@
 //! as soon as the region is above the given limit, so it reads at most the
 //! limit plus one entry. [`check_split`] stops once it found
 //! [`SplitLimits::batch`] split points in a region known to be above
-//! `max_size`, so it reads at most about `(batch + 1) * split_size`; the
-//! rest of a larger region is cut on a later check. Neither ever reads
-//! outside the region.
+//! `max_size`, so it reads at most about `(batch + 1) * split_size` plus
+//! any run of entries no boundary can fall inside (one key's versions,
+//! raw keys sharing eight bytes), which GC bounds; the rest of a larger
+//! region is cut on a later check. Neither ever reads outside the region.
 
 use std::ops::Bound;
 
