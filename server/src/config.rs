@@ -3,10 +3,11 @@
 //! Precedence is built-in default < file < flag; the flags are merged in
 //! [`crate::cli::ServeArgs::load_config`]. Every section and the root refuse
 //! unknown keys (`deny_unknown_fields`): a misspelt key is an error naming it,
-//! never a silently ignored setting. Keys are kebab-case and the `[cdc]`
-//! section keeps TiKV's names and defaults, so a TiKV `[cdc]` block carries
-//! over. A [`Config`] that [`Config::validate`] accepted is what the rest of
-//! the server relies on: nothing downstream re-checks these bounds.
+//! never a silently ignored setting. Keys are kebab-case; the `[cdc]`,
+//! `[coprocessor]` and `[raftstore]` sections keep TiKV's names and
+//! defaults (so a TiKV `[cdc]` block carries over), `[schedule]` PD's. A
+//! [`Config`] that [`Config::validate`] accepted is what the rest of the
+//! server relies on: nothing downstream re-checks these bounds.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,10 @@ use kvfeed_storage::region::{RegionMap, STORE_ID};
 use serde::{Deserialize, Serialize};
 
 use crate::units::{ReadableDuration, ReadableSize};
+
+mod regions;
+
+pub use regions::{CoprocessorConfig, RaftstoreConfig, ScheduleConfig};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,12 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[cdc]`: the change feed, with TiKV's key names and defaults.
     pub cdc: CdcConfig,
+    /// `[coprocessor]`: when regions split automatically (TiKV's names).
+    pub coprocessor: CoprocessorConfig,
+    /// `[raftstore]`: how often regions are checked (TiKV's name).
+    pub raftstore: RaftstoreConfig,
+    /// `[schedule]`: when small regions merge automatically (PD's names).
+    pub schedule: ScheduleConfig,
 }
 
 /// `[server]` section.
@@ -279,7 +290,7 @@ impl Config {
         if cdc.sink_memory_quota.as_bytes() == 0 {
             return invalid("cdc.sink-memory-quota", "must be greater than 0".to_owned());
         }
-        Ok(())
+        regions::validate(&self.coprocessor, &self.raftstore)
     }
 
     /// The storage durability this configuration asks for.
@@ -435,7 +446,9 @@ mod tests {
         assert_eq!(cfg.cdc.sink_memory_quota.as_bytes(), 4096);
     }
 
-    fn invalid_key(cfg: &Config) -> &'static str {
+    /// The key a validation error names (also used by the sections'
+    /// tests).
+    pub(super) fn invalid_key(cfg: &Config) -> &'static str {
         match cfg.validate() {
             Err(ConfigError::Invalid { key, .. }) => key,
             other => panic!("expected a validation error, got {other:?}"),

@@ -9,8 +9,9 @@
 //! - [`serve`]: start-up and shutdown of `kvfeed serve`; `grpc` attaches
 //!   the gRPC services (`pd`, `kv`, `changedata`), `status` is the HTTP
 //!   status server, `metrics` the Prometheus registry, `shutdown` the
-//!   signal tasks stop on, `gc` the GC worker, `health` the standard
-//!   gRPC health service, `etcd` the read-only etcd `KV` of PD's address.
+//!   signal tasks stop on, `gc` the GC worker, `split_check` automatic
+//!   region split and merge, `health` the standard gRPC health service,
+//!   `etcd` the read-only etcd `KV` of PD's address.
 //! - `changedata`: the `cdcpb.ChangeData` service over the `kvfeed-cdc`
 //!   feed; `faults`: test-only fault injection into it.
 //! - [`cmd`]: `put`, `get`, `delete`, `scan` and `watch`, on `kvfeed-client`.
@@ -33,5 +34,6 @@ mod node;
 mod pd;
 pub mod serve;
 mod shutdown;
+mod split_check;
 mod status;
 pub use kvfeed_types::units;

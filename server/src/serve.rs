@@ -32,7 +32,7 @@ use crate::cli::ServeArgs;
 use crate::config::{Config, ConfigError};
 use crate::node::{ClusterId, DataDirLock, Endpoints, Node, NodeError};
 use crate::shutdown::OsSignals;
-use crate::{gc, grpc, status};
+use crate::{gc, grpc, split_check, status};
 
 /// How long shutdown waits for connections and tasks to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -209,6 +209,7 @@ async fn start(config: Config) -> Result<Started, ServeError> {
     gc::GcWorker::for_node(&node)
         .map_err(NodeError::from)?
         .spawn(node.shutdown().subscribe());
+    split_check::SplitChecker::for_node(&node)?.spawn(node.shutdown().subscribe());
     // One server per store endpoint; the task ends when all have (or the
     // first fails).
     let kv = crate::kv::KvService::new(Arc::clone(&node)).map_err(NodeError::from)?;

@@ -13,13 +13,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
 
 mod common;
+#[path = "feed_client/consumer.rs"]
+mod consumer;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{TestServer, WAIT};
-use kvfeed_client::feed::{Feed, FeedEvent, FeedSpec};
-use kvfeed_client::{Cluster, KeyMode};
+use common::TestServer;
+use consumer::wait_for;
 use kvfeed_storage::mvcc::encode_bytes;
 use tokio::sync::watch;
 
@@ -27,18 +27,6 @@ const WRITERS: u32 = 3;
 const PUTS: u32 = 40;
 /// Distinct keys per writer (so keys see several commits each).
 const KEYS: u32 = 5;
-
-/// What the consumer has seen so far.
-#[derive(Debug, Default, Clone)]
-struct Seen {
-    /// (key, commit_ts, value) in arrival order.
-    rows: Vec<(Vec<u8>, u64, Vec<u8>)>,
-    resolved: u64,
-    caught_up: bool,
-    retries: u32,
-    lost: u32,
-    failure: Option<String>,
-}
 
 /// A server with regions split at `f/1` and `f/2` (one per writer) and
 /// fault injection on, with a short resolved-ts interval, serving `stores`
@@ -70,54 +58,6 @@ fn server_with_stores(stores: u32) -> (tempfile::TempDir, TestServer) {
         ],
     );
     (tmp, server)
-}
-
-/// Pulls the feed, checking the ordering invariants as items arrive.
-async fn consume(mut feed: Feed, seen: watch::Sender<Seen>) {
-    loop {
-        let item = match feed.next().await {
-            Ok(item) => item,
-            Err(e) => {
-                seen.send_modify(|s| s.failure = Some(format!("feed ended: {e}")));
-                return;
-            }
-        };
-        seen.send_modify(|s| match item {
-            FeedEvent::Row(row) => {
-                let commit_ts = row.commit_ts.into_inner();
-                if commit_ts <= s.resolved {
-                    s.failure = Some(format!(
-                        "row at {commit_ts} after resolved ts {}",
-                        s.resolved
-                    ));
-                }
-                s.rows
-                    .push((row.key.to_vec(), commit_ts, row.value.to_vec()));
-            }
-            FeedEvent::ResolvedTs(ts) => {
-                if ts.into_inner() <= s.resolved {
-                    s.failure = Some(format!("resolved ts {ts} after {}", s.resolved));
-                }
-                s.resolved = ts.into_inner();
-            }
-            FeedEvent::Initialized {
-                regions_done,
-                regions_total,
-            } => s.caught_up |= regions_done == regions_total,
-            FeedEvent::RegionRetry { .. } => s.retries += 1,
-            FeedEvent::StreamLost { .. } => s.lost += 1,
-            FeedEvent::CatchUp { .. } => {}
-        });
-    }
-}
-
-async fn wait_for(rx: &mut watch::Receiver<Seen>, what: &str, cond: impl Fn(&Seen) -> bool) {
-    let waited = tokio::time::timeout(WAIT, rx.wait_for(|s| s.failure.is_some() || cond(s)))
-        .await
-        .is_ok_and(|r| r.is_ok());
-    let seen = rx.borrow().clone();
-    assert!(seen.failure.is_none(), "{what}: {:?}", seen.failure);
-    assert!(waited, "{what}: not within {WAIT:?}; {seen:?}");
 }
 
 /// What disturbs the feed while the writers commit.
@@ -197,22 +137,7 @@ async fn survives(disturbance: Disturbance<'_>) {
         Disturbance::Fault(_) => 1,
     };
     let (_tmp, server) = server_with_stores(stores);
-    let cluster = Cluster::connect(&server.pd_endpoint())
-        .await
-        .expect("connect");
-    let start_ts = cluster.tso().await.expect("tso");
-    let feed = Feed::open(
-        &cluster,
-        &FeedSpec {
-            mode: KeyMode::Txn,
-            start: b"f/".to_vec(),
-            end: b"f0".to_vec(),
-            start_ts,
-        },
-    );
-    let (tx, mut rx) = watch::channel(Seen::default());
-    let consumer = tokio::spawn(consume(feed, tx));
-    wait_for(&mut rx, "catch-up", |s| s.caught_up).await;
+    let (cluster, mut rx, consumer) = consumer::subscribe(&server, b"f/", b"f0").await;
     // The server offers EventFeedV2, so the client multiplexes on it.
     let status = server.status_addr().to_owned();
     let (code, body) = tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/cdc"))
@@ -267,24 +192,7 @@ async fn survives(disturbance: Disturbance<'_>) {
         written
     };
     let ((a, b, c), ()) = tokio::join!(writers, inject);
-    let expected: Vec<_> = [a, b, c].concat();
-    let last = expected.iter().map(|(_, ts, _)| *ts).max().unwrap_or(0);
-    wait_for(&mut rx, "resolved past the last commit", |s| {
-        s.resolved >= last
-    })
-    .await;
-    consumer.abort();
-
-    let seen = rx.borrow().clone();
-    let delivered: BTreeSet<_> = seen.rows.iter().cloned().collect();
-    assert_eq!(delivered.len(), seen.rows.len(), "a row arrived twice");
-    let expected: BTreeSet<_> = expected.into_iter().collect();
-    assert_eq!(delivered, expected, "every commit exactly once");
-    let mut per_key: BTreeMap<&[u8], u64> = BTreeMap::new();
-    for (key, commit_ts, _) in &seen.rows {
-        let previous = per_key.insert(key, *commit_ts).unwrap_or(0);
-        assert!(*commit_ts > previous, "key {key:?} out of commit order");
-    }
+    let seen = consumer::finish(rx, consumer, [a, b, c].concat()).await;
     match disturbance {
         Disturbance::Fault("drop_stream") => assert!(seen.lost > 0, "{seen:?}"),
         Disturbance::Fault(_) => assert!(seen.retries >= WRITERS, "every region retried: {seen:?}"),

@@ -15,7 +15,8 @@
 //! - [`delta`]: delta scans, what a key range holds newer than a
 //!   timestamp (the change feed's catch-up); [`versioned`]: how a version
 //!   is written into an engine key.
-//! - [`region`]: the fixed region layout clients see.
+//! - [`region`]: the region layout clients see, its changes (split, merge,
+//!   leader transfer) and the measurement automatic split and merge use.
 //! - [`tso`]: the timestamp oracle (`physical_ms << 18 | logical`).
 
 #![warn(missing_docs)]

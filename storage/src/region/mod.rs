@@ -32,15 +32,24 @@
 //!   change the feed may have reported, and the feed sees layout changes in
 //!   the store's total order of writes: every row applied before a split is
 //!   routed with the old layout, every row after it with the new one.
+//!
+//! How big a region is and where to cut it ([`measure`], [`check_split`])
+//! and which regions were written to ([`WriteTracker`]) live here too, as
+//! only storage knows how a region's keys are laid out on disk; the policy
+//! (when to split or merge) is the server's.
 
 mod bound;
+mod growth;
 mod map;
 mod record;
 mod regions;
+mod size;
 
 pub use bound::raw_lower_bound;
+pub use growth::{WriteTracker, Written};
 pub use map::{ChangeError, MAX_SPLIT_KEYS, RegionMap};
 pub use regions::{Regions, RegionsError};
+pub use size::{RegionSize, SplitCheck, SplitLimits, check_split, measure};
 
 pub use kvfeed_types::RegionId;
 

@@ -142,8 +142,35 @@ impl Regions {
         source: RegionId,
         target: Option<RegionId>,
     ) -> Result<Region, RegionsError> {
+        self.merge_checked(source, None, target.map(|t| (t, None)))
+    }
+
+    /// [`Regions::merge`] of `source` into `target` only if both still have
+    /// the epochs given: whoever measured them must not merge regions that
+    /// changed since (TiKV refuses a merge on a stale epoch too).
+    pub fn merge_if_unchanged(
+        &self,
+        source: (RegionId, RegionEpoch),
+        target: (RegionId, RegionEpoch),
+    ) -> Result<Region, RegionsError> {
+        self.merge_checked(source.0, Some(source.1), Some((target.0, Some(target.1))))
+    }
+
+    fn merge_checked(
+        &self,
+        source: RegionId,
+        source_epoch: Option<RegionEpoch>,
+        target: Option<(RegionId, Option<RegionEpoch>)>,
+    ) -> Result<Region, RegionsError> {
         let _write = self.write.lock();
-        let (map, kind) = self.current().merge(source, target)?;
+        let current = self.current();
+        if let Some(epoch) = source_epoch {
+            current.check(source, epoch).map_err(ChangeError::Region)?;
+        }
+        if let Some((id, Some(epoch))) = target {
+            current.check(id, epoch).map_err(ChangeError::Region)?;
+        }
+        let (map, kind) = current.merge(source, target.map(|(id, _)| id))?;
         let survivor = match &kind {
             ChangeKind::Merge { target, .. } => Some(target.clone()),
             _ => None,
