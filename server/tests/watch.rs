@@ -15,6 +15,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 
+use common::nemesis::{self, Nemesis};
 use common::{TestServer, WAIT, kvfeed};
 use kvfeed::cmd::format::Style;
 use kvfeed::cmd::watch::{WatchSpec, wall_time, watch};
@@ -393,6 +394,73 @@ fn from_ts_shows_catch_up_progress_then_each_preloaded_change_once() {
     assert_eq!(
         watcher.lines(1),
         vec![format!("PUT cz marker  ts={m} ({})", wall_time(m))]
+    );
+    assert_eq!(watcher.interrupt().code(), Some(0));
+}
+
+/// The promise for consumers: a watched range that is split,
+/// merged and moved between three stores all the time (a change every few
+/// milliseconds) prints every committed change exactly once, per key in
+/// commit order.
+#[test]
+fn watch_prints_every_change_once_while_its_range_splits_merges_and_moves() {
+    const PUTS: usize = 150;
+    const KEYS: usize = 12;
+    let server = TestServer::start_with(&["--stores", "3"]);
+    let watcher = Watcher::start(&server, &["--prefix", "w/"]);
+    let nemesis = Nemesis::start_in(server.status_addr(), nemesis::seed(5), 3, b"w/");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let written: Vec<(String, String, u64)> = runtime.block_on(async {
+        let cluster = Cluster::connect(&server.pd_endpoint())
+            .await
+            .expect("connect");
+        let mut written = Vec::new();
+        for i in 0..PUTS {
+            let key = format!("w/{:02}", i % KEYS);
+            let value = format!("v{i}");
+            let done = cluster
+                .txn_put(key.as_bytes(), value.as_bytes())
+                .await
+                .expect("put");
+            written.push((key, value, done.commit_ts.into_inner()));
+        }
+        written
+    });
+    let done = nemesis.stop();
+    assert!(
+        done.splits + done.merges + done.transfers >= 10,
+        "the layout hardly changed: {done:?}"
+    );
+    let lines = watcher.lines(PUTS);
+    let printed: Vec<String> = written
+        .iter()
+        .map(|(k, v, ts)| format!("PUT {k} {v}  ts={ts} ({})", wall_time(*ts)))
+        .collect();
+    let mut got = lines.clone();
+    got.sort();
+    let mut want = printed.clone();
+    want.sort();
+    assert_eq!(got, want, "every put exactly once");
+    // Per key, in commit order (the lines of one key keep the write order).
+    for key in 0..KEYS {
+        let key = format!("PUT w/{key:02} ");
+        let of_key = |all: &[String]| -> Vec<String> {
+            all.iter()
+                .filter(|l| l.starts_with(&key))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(of_key(&lines), of_key(&printed), "{key}");
+    }
+    // Nothing more arrives.
+    assert!(
+        watcher
+            .stdout
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err()
     );
     assert_eq!(watcher.interrupt().code(), Some(0));
 }

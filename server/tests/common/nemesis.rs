@@ -37,10 +37,16 @@ impl Nemesis {
     /// Starts changing the layout of the server at `status_addr`, which
     /// serves `stores` stores, one change every few milliseconds.
     pub fn start(status_addr: &str, seed: u64, stores: u32) -> Nemesis {
+        Nemesis::start_in(status_addr, seed, stores, b"")
+    }
+
+    /// Like [`Nemesis::start`], splitting only at keys under `prefix`.
+    pub fn start_in(status_addr: &str, seed: u64, stores: u32, prefix: &[u8]) -> Nemesis {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let addr = status_addr.to_owned();
-        let thread = std::thread::spawn(move || run(&addr, seed, stores, &flag));
+        let prefix = prefix.to_vec();
+        let thread = std::thread::spawn(move || run(&addr, seed, stores, &prefix, &flag));
         Nemesis {
             stop,
             thread: Some(thread),
@@ -84,7 +90,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn run(addr: &str, seed: u64, stores: u32, stop: &AtomicBool) -> Done {
+fn run(addr: &str, seed: u64, stores: u32, prefix: &[u8], stop: &AtomicBool) -> Done {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut done = Done::default();
     let default_boundary = hex(&kvfeed_storage::region::RegionMap::default_split_keys()[0]);
@@ -112,8 +118,13 @@ fn run(addr: &str, seed: u64, stores: u32, stop: &AtomicBool) -> Done {
             // A short user key of lower-case letters and digits: inside
             // the ordinary key range every test writes to.
             let len = rng.random_range(1..=3);
-            let key: Vec<u8> = (0..len)
-                .map(|_| b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)])
+            let key: Vec<u8> = prefix
+                .iter()
+                .copied()
+                .chain(
+                    (0..len)
+                        .map(|_| b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]),
+                )
                 .collect();
             (format!("/admin/split?key={}", hex(&key)), 0)
         } else {
