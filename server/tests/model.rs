@@ -43,8 +43,9 @@
 //! while a nemesis (`common::nemesis`) splits regions (half of the time at
 //! the written keys themselves), merges them and moves their leaders; the
 //! orphans are prewritten on the leader's store. The same five consumers
-//! are `Feed`s of the feed client over the whole key space, which
-//! re-register on every region error; the resumed one opens a new feed
+//! are `Feed`s of the feed client (from 0 over the whole key space, from
+//! the checkpoint over the range written only), which re-register on
+//! every region error; the resumed one opens a new feed
 //! from the last resolved ts the first one handed out. Each feed is checked
 //! as one subscription: its resolved ts is the span's. For a raw feed from
 //! the mid checkpoint, every raw put begun after the checkpoint was taken
@@ -111,7 +112,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 use workload::{
     Model, OPS_PER_WRITER, Outcome, RAW_KEYS, TXN_KEYS, WRITERS, Writer, optimistic, orphan_key,
-    raw_key, split_points, txn_key,
+    raw_key, split_points, txn_key, written_range,
 };
 
 /// Bound on the whole test (at scale 1).
@@ -224,10 +225,18 @@ impl Consumers {
                 KvApi::RawKv => KeyMode::Raw,
                 _ => KeyMode::Txn,
             };
+            // From 0 over the whole key space; from the checkpoint over
+            // the written range only, whose ends cut regions.
+            let range = if checkpoint == 0 {
+                (Vec::new(), Vec::new())
+            } else {
+                written_range(mode)
+            };
             let feed = FeedConsumer {
                 name,
                 mode,
                 checkpoint,
+                range,
                 raw_from,
             };
             return feed.start(self.cluster.clone(), reconnect, self.target.clone());
@@ -456,6 +465,23 @@ fn ranges_hold_the_keys_they_are_for() {
     for (i, (start, end)) in ranges(KvApi::RawKv).iter().enumerate() {
         let key = raw_key(3, i);
         assert!(*start <= key && key < *end, "raw key {i} in range {i}");
+    }
+}
+
+#[test]
+fn the_written_range_holds_every_key_written() {
+    let inside =
+        |(start, end): &(Vec<u8>, Vec<u8>), key: &[u8]| start[..] <= *key && *key < end[..];
+    let txn = written_range(KeyMode::Txn);
+    for k in 0..2 * TXN_KEYS {
+        assert!(inside(&txn, &txn_key(k)), "txn key {k}");
+    }
+    for seq in [5, 6] {
+        assert!(inside(&txn, &orphan_key(seq)), "orphan {seq}");
+    }
+    let raw = written_range(KeyMode::Raw);
+    for i in 0..2 * RAW_KEYS {
+        assert!(inside(&raw, &raw_key(WRITERS - 1, i)), "raw key {i}");
     }
 }
 

@@ -1,6 +1,6 @@
 //! Consumers built on the feed client (`kvfeed_client::feed::Feed`), each
-//! following the whole key space of one key mode wherever its regions are
-//! and whatever store leads them. A feed's rows and resolved ts are
+//! following a range of one key mode wherever its regions are and whatever
+//! store leads them. A feed's rows and resolved ts are
 //! recorded and checked by the same rules as one subscription of a raw
 //! stream (`consumer`): the feed is the subscription, its resolved ts the
 //! span's.
@@ -20,17 +20,19 @@ pub struct FeedConsumer {
     pub name: &'static str,
     pub mode: KeyMode,
     pub checkpoint: u64,
+    /// The user-key range followed (empty ends: unbounded).
+    pub range: (Vec<u8>, Vec<u8>),
     /// Every raw put begun after this logical instant must be delivered
     /// (raw writes take their timestamp from the oracle when applied, so
     /// one begun after the checkpoint was taken commits above it).
     pub raw_from: u64,
 }
 
-fn open(cluster: &Cluster, mode: KeyMode, start_ts: u64) -> Feed {
+fn open(cluster: &Cluster, mode: KeyMode, range: &(Vec<u8>, Vec<u8>), start_ts: u64) -> Feed {
     let spec = FeedSpec {
         mode,
-        start: Vec::new(),
-        end: Vec::new(),
+        start: range.0.clone(),
+        end: range.1.clone(),
         start_ts: TimeStamp::new(start_ts),
     };
     Feed::open(cluster, &spec)
@@ -86,7 +88,7 @@ impl FeedConsumer {
         let task = {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut feed = open(&cluster, self.mode, self.checkpoint);
+                let mut feed = open(&cluster, self.mode, &self.range, self.checkpoint);
                 let mut index = 0;
                 loop {
                     let goal = *target.borrow();
@@ -104,7 +106,7 @@ impl FeedConsumer {
                             seen.subs[index].resolved.max(self.checkpoint)
                         };
                         index += 1;
-                        feed = open(&cluster, self.mode, floor);
+                        feed = open(&cluster, self.mode, &self.range, floor);
                     }
                     match feed.next().await {
                         Ok(event) => seen.lock().expect("seen").on_feed_event(index, event),

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use kvfeed_client::KeyMode;
 use rand::RngExt;
 use rand::rngs::StdRng;
 use tikv_client::{
@@ -51,6 +52,18 @@ pub fn raw_key(writer: usize, i: usize) -> Vec<u8> {
     };
     key.extend_from_slice(format!("r/{writer}/{i}").as_bytes());
     key
+}
+
+/// The user-key range holding every key written in `mode`: its ends lie
+/// inside the first and the last region, so a feed over it subscribes
+/// them only in part.
+pub fn written_range(mode: KeyMode) -> (Vec<u8>, Vec<u8>) {
+    let (prefix, high) = match mode {
+        KeyMode::Txn => (&b"m"[..], 8),
+        KeyMode::Raw => (&b"r"[..], 10),
+    };
+    let end = [&vec![0xFF; high][..], prefix, b"0"].concat();
+    ([prefix, b"/"].concat(), end)
 }
 
 /// User keys for a nemesis to split at, so that boundaries fall between
