@@ -42,7 +42,8 @@
 //! The second test runs the same workload on a server with three stores
 //! while a nemesis (`common::nemesis`) splits regions (half of the time at
 //! the written keys themselves), merges them and moves their leaders; the
-//! orphans are prewritten on the leader's store. The same five consumers
+//! orphans are prewritten on the leader's store; half-way every feed
+//! stream is cut (the server's fault injection). The same five consumers
 //! are `Feed`s of the feed client (from 0 over the whole key space, from
 //! the checkpoint over the range written only), which re-register on
 //! every region error; the resumed one opens a new feed
@@ -178,7 +179,8 @@ async fn feeds_deliver_every_commit_once_and_honestly_while_regions_split_merge_
          KVFEED_MODEL_SEED={seed} KVFEED_NEMESIS_SEED={nemesis_seed} KVFEED_MODEL_SCALE={scale})"
     );
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = server(&tmp, &["--stores", &STORES.to_string()]);
+    let stores = STORES.to_string();
+    let server = server(&tmp, &["--stores", &stores, "--fault-injection"]);
     let setup = Setup {
         seed,
         scale,
@@ -337,6 +339,19 @@ async fn run(server: &TestServer, setup: Setup) {
     let resumed = starter.start("txn-resumed", KvApi::TiDb, (0, 0), Some(reconnect_rx));
     consumers.push(resumed.await);
 
+    if setup.nemesis.is_some() {
+        // Half-way, every feed stream is cut, as a lost connection looks:
+        // the feeds recover every store's ranges at once, among the
+        // region errors.
+        wait_done(&mut done, total / 2).await;
+        let status = server.status_addr().to_owned();
+        let (code, body) = tokio::task::spawn_blocking(move || {
+            common::http_get(&status, "/debug/fault/feed?inject=drop_stream")
+        })
+        .await
+        .expect("inject");
+        assert_eq!(code, 200, "{body}");
+    }
     wait_done(&mut done, 2 * total / 3).await;
     reconnect_tx.send(()).expect("the resuming consumer runs");
 
@@ -392,7 +407,7 @@ async fn run(server: &TestServer, setup: Setup) {
     target_tx.send_replace(f.version());
     let mut failures = Vec::new();
     let mut summary = Vec::new();
-    let mut retries = 0;
+    let (mut retries, mut lost) = (0, 0);
     for consumer in consumers {
         tokio::time::timeout(FEED_WAIT, consumer.task)
             .await
@@ -418,7 +433,8 @@ async fn run(server: &TestServer, setup: Setup) {
             "{} {rows} rows, {} retries, {} streams lost",
             seen.name, seen.retries, seen.lost
         ));
-        retries += seen.retries + seen.lost;
+        retries += seen.retries;
+        lost += seen.lost;
         failures.extend(check(&seen, &model, snapshot));
     }
     // The nemesis ran until every feed had passed F.
@@ -442,8 +458,13 @@ async fn run(server: &TestServer, setup: Setup) {
     );
     if let Some(changes) = changes {
         assert!(
-            changes.splits > 0 && changes.merges > 0 && changes.transfers > 0 && retries > 0,
-            "seed {seed}: the nemesis did not reach the feeds: {changes:?}, {retries} retries"
+            changes.splits > 0
+                && changes.merges > 0
+                && changes.transfers > 0
+                && retries > 0
+                && lost > 0,
+            "seed {seed}: the nemesis did not reach the feeds: {changes:?}, {retries} retries, \
+             {lost} streams lost"
         );
     }
     assert!(
