@@ -290,7 +290,8 @@ async fn run(server: &TestServer, setup: Setup) {
             .start("raw-from-0", KvApi::RawKv, (0, 0), None)
             .await,
     ];
-    // Bound after the server, so it stops first (when dropped early).
+    // Dropped (stopped and joined) before the caller's server on a
+    // failure, so it never outlives the server it changes.
     let nemesis = setup.nemesis.map(|nemesis_seed| {
         let points = split_points(ops);
         Nemesis::start_among(server.status_addr(), nemesis_seed, STORES, points)
