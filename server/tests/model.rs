@@ -1,6 +1,7 @@
 //! The acceptance test of the feed guarantee: a seeded, randomized,
 //! concurrent workload through the official `tikv-client`, watched by
-//! several `cdcpb.ChangeData` consumers, checked against a model.
+//! several `cdcpb.ChangeData` consumers, checked against a model; and the
+//! same under a nemesis, watched through the feed client.
 //!
 //! # The workload
 //!
@@ -36,9 +37,26 @@
 //! one more, from 0, drops its stream mid-run and registers again on a new
 //! one from the last resolved ts it saw per region.
 //!
+//! # Under a nemesis
+//!
+//! The second test runs the same workload on a server with three stores
+//! while a nemesis (`common::nemesis`) splits regions (half of the time at
+//! the written keys themselves), merges them and moves their leaders; the
+//! orphans are prewritten on the leader's store; half-way every feed
+//! stream is cut (the server's fault injection). The same five consumers
+//! are `Feed`s of the feed client (from 0 over the whole key space, from
+//! the checkpoint over the range written only), which re-register on
+//! every region error; the resumed one opens a new feed
+//! from the last resolved ts the first one handed out. Each feed is checked
+//! as one subscription: its resolved ts is the span's. For a raw feed from
+//! the mid checkpoint, every raw put begun after the checkpoint was taken
+//! must be delivered (raw writes take their timestamp from the oracle). It
+//! is small by default (a few seconds of writes); `KVFEED_MODEL_SCALE=N`
+//! gives each writer N times the operations.
+//!
 //! # What is asserted
 //!
-//! Per subscription (one region on one stream):
+//! Per subscription (one region on one stream, or one feed):
 //! - no resolved ts before INITIALIZED (rows before it are the catch-up
 //!   scan's);
 //! - resolved timestamps never go back;
@@ -55,48 +73,57 @@
 //! - once the consumer's resolved ts passed a final timestamp F (taken
 //!   after every write was acknowledged), its view (the last row per key,
 //!   deletes applied) equals a snapshot read at F — for checkpoint 0; for a
-//!   later checkpoint, for every key it received a row of.
+//!   later checkpoint, for every key it received a row of; a scan of the
+//!   written ranges at F finds exactly the keys of that snapshot.
 //!
-//! The seed is printed; `KVFEED_MODEL_SEED` replays a run.
+//! The seed is printed; `KVFEED_MODEL_SEED` replays a run's choices
+//! (`KVFEED_NEMESIS_SEED` the nemesis's, which default to the model seed).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
 
 #[path = "tikv_client/by_hand.rs"]
 #[allow(dead_code)] // only the prewrite and the oracle are used here
 mod by_hand;
+#[path = "model/check.rs"]
+mod check;
 mod common;
 #[path = "model/consumer.rs"]
 mod consumer;
+#[path = "model/feeds.rs"]
+mod feeds;
+#[path = "model/workload.rs"]
+mod workload;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use by_hand::ByHand;
+use check::check;
 use common::TestServer;
-use consumer::{Got, Seen, consumer, ranges, tick};
-use kvfeed_client::Cluster;
+use common::nemesis::{self, Nemesis};
+use consumer::{Consumer, consumer, ranges, tick};
+use feeds::FeedConsumer;
+use kvfeed_client::{Cluster, KeyMode, RegionInfo};
 use kvfeed_proto::cdcpb::change_data_request::KvApi;
 use kvfeed_storage::mvcc::encode_bytes;
+use kvfeed_types::TimeStamp;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
-use tikv_client::{
-    CheckLevel, RawClient, TimestampExt, Transaction, TransactionClient, TransactionOptions,
-};
+use tikv_client::{RawClient, TimestampExt, TransactionClient};
 use tokio::sync::{oneshot, watch};
+use tonic::transport::Channel;
+use workload::{
+    Model, OPS_PER_WRITER, Outcome, RAW_KEYS, TXN_KEYS, WRITERS, Writer, optimistic, orphan_key,
+    raw_key, split_points, txn_key, written_range,
+};
 
-const WRITERS: usize = 6;
-const OPS_PER_WRITER: usize = 80;
-/// Transactional keys per region.
-const TXN_KEYS: usize = 5;
-/// Raw keys per writer per region.
-const RAW_KEYS: usize = 2;
-/// Short, so readers resolve an orphan soon after it is left.
-const ORPHAN_TTL_MS: u64 = 100;
-/// Bound on the whole test.
+/// Bound on the whole test (at scale 1).
 const TEST_LIMIT: Duration = Duration::from_secs(90);
 /// Bound on one wait for the feed.
 const FEED_WAIT: Duration = Duration::from_secs(30);
+/// Stores the nemesis moves leaders between.
+const STORES: u32 = 3;
 
 fn seed() -> u64 {
     match std::env::var("KVFEED_MODEL_SEED") {
@@ -108,316 +135,24 @@ fn seed() -> u64 {
     }
 }
 
-/// A transactional key: `i` below `TXN_KEYS` in the low region, the rest
-/// in the high one (eight `0xFF` bytes first encode above the boundary).
-fn txn_key(i: usize) -> Vec<u8> {
-    let mut key = if i < TXN_KEYS { vec![] } else { vec![0xFF; 8] };
-    key.extend_from_slice(format!("m/{i}").as_bytes());
-    key
+/// `KVFEED_MODEL_SCALE`: how many times the default operations each
+/// writer makes under the nemesis (1 in CI).
+fn scale() -> usize {
+    match std::env::var("KVFEED_MODEL_SCALE") {
+        Ok(text) => text.parse().expect("KVFEED_MODEL_SCALE is a count"),
+        Err(_) => 1,
+    }
+    .max(1)
 }
 
-/// The key of the orphan left at step `seq`: odd steps in the high region.
-fn orphan_key(seq: usize) -> Vec<u8> {
-    let mut key = if seq % 2 == 1 { vec![0xFF; 8] } else { vec![] };
-    key.extend_from_slice(format!("m/o{seq}").as_bytes());
-    key
-}
-
-/// A raw key of `writer`: low region for even `i`, high for odd (raw keys
-/// are compared as they are; ten `0xFF` bytes sort above the boundary).
-fn raw_key(writer: usize, i: usize) -> Vec<u8> {
-    let mut key = if i.is_multiple_of(2) {
-        vec![]
-    } else {
-        vec![0xFF; 10]
-    };
-    key.extend_from_slice(format!("r/{writer}/{i}").as_bytes());
-    key
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    Committed(u64),
-    RolledBack,
-    Unknown,
-}
-
-#[derive(Debug, Clone)]
-struct Txn {
-    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    outcome: Outcome,
-}
-
-/// What the writers did.
-#[derive(Debug, Default)]
-struct Model {
-    txns: HashMap<u64, Txn>,
-    /// value → (key, logical instant before the put was sent).
-    raw: HashMap<Vec<u8>, (Vec<u8>, u64)>,
-    /// Last acknowledged raw value per key.
-    raw_final: BTreeMap<Vec<u8>, Vec<u8>>,
-}
-
-fn optimistic() -> TransactionOptions {
-    TransactionOptions::new_optimistic().drop_check(CheckLevel::Warn)
-}
-
-fn pessimistic() -> TransactionOptions {
-    TransactionOptions::new_pessimistic().drop_check(CheckLevel::Warn)
-}
-
-struct Writer {
-    id: usize,
-    rng: StdRng,
-    txn: TransactionClient,
-    raw: RawClient,
-    by_hand: ByHand,
-    model: Arc<Mutex<Model>>,
-    /// An orphan's key and the step that left it, until a reader resolves it.
-    orphaned: Option<(Vec<u8>, usize)>,
-}
-
-impl Writer {
-    fn value(&self, seq: usize, key: usize) -> Vec<u8> {
-        format!("w{}s{seq}k{key}", self.id).into_bytes()
-    }
-
-    fn record(&self, start_ts: u64, txn: Txn) {
-        self.model.lock().expect("model").txns.insert(start_ts, txn);
-    }
-
-    fn pick_keys(&mut self, max: usize) -> Vec<usize> {
-        let n = 1 + self.rng.random_range(0..max);
-        let mut keys: Vec<usize> = (0..n)
-            .map(|_| self.rng.random_range(0..2 * TXN_KEYS))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        keys
-    }
-
-    async fn step(&mut self, seq: usize) {
-        let roll = self.rng.random_range(0..100);
-        if self.id == 0 && (seq == 5 || seq == OPS_PER_WRITER / 2) {
-            return self.orphan(seq).await;
-        }
-        if let Some((key, left)) = self.orphaned.take_if(|(_, left)| seq >= *left + 3) {
-            // A reader meets the lock, waits out its TTL and rolls it back.
-            let mut reader = self
-                .txn
-                .begin_with_options(optimistic())
-                .await
-                .expect("begin");
-            let value = reader
-                .get(key.clone())
-                .await
-                .expect("read resolves the orphan");
-            reader.rollback().await.expect("end the reader");
-            assert_eq!(
-                value, None,
-                "the orphan left at step {left} was rolled back"
-            );
-        }
-        match roll {
-            0..35 => self.optimistic(seq).await,
-            35..55 => self.pessimistic(seq).await,
-            55..65 => self.rollback(seq).await,
-            _ => self.raw_put(seq).await,
-        }
-    }
-
-    async fn optimistic(&mut self, seq: usize) {
-        let keys = self.pick_keys(3);
-        let mut txn = self
-            .txn
-            .begin_with_options(optimistic())
-            .await
-            .expect("begin");
-        let start_ts = txn.start_timestamp().version();
-        let mut writes = Vec::new();
-        for k in keys {
-            let key = txn_key(k);
-            if self.rng.random_range(0..100) < 15 {
-                txn.delete(key.clone()).await.expect("buffered delete");
-                writes.push((key, None));
-            } else {
-                let value = self.value(seq, k);
-                txn.put(key.clone(), value.clone())
-                    .await
-                    .expect("buffered put");
-                writes.push((key, Some(value)));
-            }
-        }
-        let outcome = commit_or_roll_back(&mut txn).await;
-        self.record(start_ts, Txn { writes, outcome });
-    }
-
-    async fn pessimistic(&mut self, seq: usize) {
-        let keys = self.pick_keys(2);
-        let mut txn = self
-            .txn
-            .begin_with_options(pessimistic())
-            .await
-            .expect("begin");
-        let start_ts = txn.start_timestamp().version();
-        let mut writes = Vec::new();
-        let mut failed = false;
-        for k in keys {
-            let (key, value) = (txn_key(k), self.value(seq, k));
-            if txn.put(key.clone(), value.clone()).await.is_err() {
-                failed = true;
-                break;
-            }
-            writes.push((key, Some(value)));
-        }
-        let outcome = if failed {
-            let _ = txn.rollback().await;
-            Outcome::Unknown
-        } else {
-            commit_or_roll_back(&mut txn).await
-        };
-        self.record(start_ts, Txn { writes, outcome });
-    }
-
-    async fn rollback(&mut self, seq: usize) {
-        let k = self.rng.random_range(0..2 * TXN_KEYS);
-        let mut txn = self
-            .txn
-            .begin_with_options(pessimistic())
-            .await
-            .expect("begin");
-        let start_ts = txn.start_timestamp().version();
-        let (key, value) = (txn_key(k), self.value(seq, k));
-        // A failed lock is fine: either way nothing may be delivered.
-        let _ = txn.put(key.clone(), value.clone()).await;
-        txn.rollback().await.expect("rollback");
-        let writes = vec![(key, Some(value))];
-        let outcome = Outcome::RolledBack;
-        self.record(start_ts, Txn { writes, outcome });
-    }
-
-    async fn orphan(&mut self, seq: usize) {
-        // A key of its own: a prewrite by hand does not wait for locks.
-        let key = orphan_key(seq);
-        let value = self.value(seq, 0);
-        let start_ts = self.by_hand.timestamp().await;
-        // Recorded first: the lock is visible as soon as it is taken.
-        let writes = vec![(key.clone(), Some(value.clone()))];
-        let outcome = Outcome::RolledBack;
-        self.record(start_ts, Txn { writes, outcome });
-        self.by_hand
-            .prewrite(&key, &value, &key, start_ts, ORPHAN_TTL_MS)
-            .await;
-        self.orphaned = Some((key, seq));
-    }
-
-    async fn raw_put(&mut self, seq: usize) {
-        let i = self.rng.random_range(0..2 * RAW_KEYS);
-        let (key, value) = (raw_key(self.id, i), self.value(seq, 100 + i));
-        let begun = tick();
-        self.model
-            .lock()
-            .expect("model")
-            .raw
-            .insert(value.clone(), (key.clone(), begun));
-        self.raw
-            .put(key.clone(), value.clone())
-            .await
-            .expect("raw put");
-        self.model
-            .lock()
-            .expect("model")
-            .raw_final
-            .insert(key, value);
-    }
-}
-
-/// Checks one consumer against the model and the final snapshot.
-fn check(seen: &Seen, model: &Model, snapshot: &HashMap<Vec<u8>, Option<Vec<u8>>>) -> Vec<String> {
-    let mut bad = seen.violations.clone();
-    let raw = seen.kv_api == KvApi::RawKv as i32;
-    let all: Vec<&Got> = seen.subs.iter().flat_map(|s| s.rows.iter()).collect();
-    let delivered: HashSet<(Vec<u8>, u64)> =
-        all.iter().map(|g| (g.key.clone(), g.commit_ts)).collect();
-    // Every delivered row was written and not rolled back.
-    for got in &all {
-        if raw {
-            let known = got
-                .value
-                .as_ref()
-                .and_then(|v| model.raw.get(v))
-                .is_some_and(|(key, _)| *key == got.key);
-            if !known {
-                bad.push(format!("raw row not written: {got:?}"));
-            }
-            continue;
-        }
-        let Some(txn) = model.txns.get(&got.start_ts) else {
-            bad.push(format!("row of an unknown transaction: {got:?}"));
-            continue;
-        };
-        match txn.outcome {
-            Outcome::RolledBack => bad.push(format!("row of a rolled-back transaction: {got:?}")),
-            Outcome::Committed(ts) if ts != got.commit_ts => {
-                bad.push(format!("row with commit_ts other than {ts}: {got:?}"));
-            }
-            _ => {}
-        }
-        if !txn.writes.contains(&(got.key.clone(), got.value.clone())) {
-            bad.push(format!(
-                "row not among the mutations {:?}: {got:?}",
-                txn.writes
-            ));
-        }
-    }
-    // Every commit after the checkpoint was delivered.
-    if raw {
-        let initialized = seen.subs[..2]
-            .iter()
-            .filter_map(|s| s.initialized_at)
-            .max()
-            .unwrap_or(u64::MAX);
-        let values: HashSet<&Vec<u8>> = all.iter().filter_map(|g| g.value.as_ref()).collect();
-        for (value, (key, begun)) in &model.raw {
-            if (seen.checkpoint == 0 || *begun > initialized) && !values.contains(value) {
-                bad.push(format!("raw put {key:?} = {value:?} not delivered"));
-            }
-        }
-    } else {
-        for (start_ts, txn) in &model.txns {
-            if let Outcome::Committed(ts) = txn.outcome
-                && ts > seen.checkpoint
-            {
-                for (key, _) in &txn.writes {
-                    if !delivered.contains(&(key.clone(), ts)) {
-                        bad.push(format!("commit {start_ts}->{ts} of {key:?} not delivered"));
-                    }
-                }
-            }
-        }
-    }
-    // The final view matches the snapshot.
-    let mut view: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)> = HashMap::new();
-    for got in &all {
-        let entry = view.entry(got.key.clone()).or_insert((0, None));
-        if got.commit_ts >= entry.0 {
-            *entry = (got.commit_ts, got.value.clone());
-        }
-    }
-    for (key, expected) in snapshot {
-        match view.get(key) {
-            Some((_, value)) if value != expected => bad.push(format!(
-                "final view of {key:?} is {value:?}, the store has {expected:?}"
-            )),
-            None if seen.checkpoint == 0 && expected.is_some() => {
-                bad.push(format!("final view lacks {key:?} = {expected:?}"));
-            }
-            _ => {}
-        }
-    }
-    bad.into_iter()
-        .map(|b| format!("{}: {b}", seen.name))
-        .collect()
+/// The server's config: resolved ts every 50 ms.
+fn server(tmp: &tempfile::TempDir, args: &[&str]) -> TestServer {
+    let config = tmp.path().join("kvfeed.toml");
+    std::fs::write(&config, "[cdc]\nmin-ts-interval = \"50ms\"\n").expect("write config");
+    let config = config.display().to_string();
+    let mut all = vec!["--config", &config];
+    all.extend_from_slice(args);
+    TestServer::start_in_with(&tmp.path().join("data"), &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,23 +160,115 @@ async fn the_feed_delivers_every_commit_of_a_random_workload_once_and_honestly()
     let seed = seed();
     println!("model seed {seed} (replay with KVFEED_MODEL_SEED={seed})");
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("kvfeed.toml");
-    std::fs::write(&config, "[cdc]\nmin-ts-interval = \"50ms\"\n").expect("write config");
-    let config = config.display().to_string();
-    let server = TestServer::start_in_with(&tmp.path().join("data"), &["--config", &config]);
-    tokio::time::timeout(TEST_LIMIT, run(&server, seed))
+    let server = server(&tmp, &[]);
+    let setup = Setup {
+        seed,
+        scale: 1,
+        nemesis: None,
+    };
+    tokio::time::timeout(TEST_LIMIT, run(&server, setup))
         .await
         .unwrap_or_else(|_| panic!("seed {seed}: the test did not finish within {TEST_LIMIT:?}"));
 }
 
-async fn run(server: &TestServer, seed: u64) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn feeds_deliver_every_commit_once_and_honestly_while_regions_split_merge_and_move() {
+    let seed = seed();
+    let nemesis_seed = nemesis::seed(seed);
+    let scale = scale();
+    println!(
+        "model seed {seed}, nemesis seed {nemesis_seed}, scale {scale} (replay with \
+         KVFEED_MODEL_SEED={seed} KVFEED_NEMESIS_SEED={nemesis_seed} KVFEED_MODEL_SCALE={scale})"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stores = STORES.to_string();
+    let server = server(&tmp, &["--stores", &stores, "--fault-injection"]);
+    let setup = Setup {
+        seed,
+        scale,
+        nemesis: Some(nemesis_seed),
+    };
+    let limit = TEST_LIMIT * scale as u32;
+    tokio::time::timeout(limit, run(&server, setup))
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: the test did not finish within {limit:?}"));
+}
+
+/// How a run is set up.
+struct Setup {
+    seed: u64,
+    /// Writers make `scale` times [`OPS_PER_WRITER`] operations, and
+    /// waits for them are as many times longer.
+    scale: usize,
+    /// With a nemesis of this seed (over [`STORES`] stores) and feed-client
+    /// consumers; without, the fixed layout and raw `EventFeed` consumers.
+    nemesis: Option<u64>,
+}
+
+/// What starting a consumer needs.
+struct Consumers {
+    feeds: bool,
+    channel: Channel,
+    cluster: Cluster,
+    regions: Vec<RegionInfo>,
+    target: watch::Receiver<u64>,
+}
+
+impl Consumers {
+    /// A consumer of `kv_api` from `checkpoint`, resuming on `reconnect`;
+    /// for a feed, raw puts begun after `raw_from` must be delivered.
+    async fn start(
+        &self,
+        name: &'static str,
+        kv_api: KvApi,
+        (checkpoint, raw_from): (u64, u64),
+        reconnect: Option<oneshot::Receiver<()>>,
+    ) -> Consumer {
+        if self.feeds {
+            let mode = match kv_api {
+                KvApi::RawKv => KeyMode::Raw,
+                _ => KeyMode::Txn,
+            };
+            // From 0 over the whole key space; from the checkpoint over
+            // the written range only, whose ends cut regions.
+            let range = if checkpoint == 0 {
+                (Vec::new(), Vec::new())
+            } else {
+                written_range(mode)
+            };
+            let feed = FeedConsumer {
+                name,
+                mode,
+                checkpoint,
+                range,
+                raw_from,
+            };
+            return feed.start(self.cluster.clone(), reconnect, self.target.clone());
+        }
+        consumer(
+            name,
+            self.channel.clone(),
+            self.cluster.cluster_id(),
+            self.regions.clone(),
+            kv_api,
+            checkpoint,
+            reconnect,
+            self.target.clone(),
+        )
+        .await
+    }
+}
+
+async fn run(server: &TestServer, setup: Setup) {
+    let Setup { seed, scale, .. } = setup;
+    let ops = OPS_PER_WRITER * scale;
+    let writing = FEED_WAIT * scale as u32;
     let channel = server.channel().await;
     let cluster = Cluster::connect(&server.pd_endpoint())
         .await
         .expect("cluster connects");
     let regions = cluster.regions_in_range(b"", b"").await.expect("regions");
     assert_eq!(regions.len(), 2, "{regions:?}");
-    let cluster_id = server.cluster_id();
     let txn = TransactionClient::new(vec![server.pd_endpoint()])
         .await
         .expect("tikv-client connects");
@@ -450,23 +277,25 @@ async fn run(server: &TestServer, seed: u64) {
         .expect("raw client connects");
     let model = Arc::new(Mutex::new(Model::default()));
     let (target_tx, target) = watch::channel(0u64);
-
-    let start = |name: &'static str, kv_api, checkpoint, reconnect| {
-        consumer(
-            name,
-            channel.clone(),
-            cluster_id,
-            regions.clone(),
-            kv_api,
-            checkpoint,
-            reconnect,
-            target.clone(),
-        )
+    let starter = Consumers {
+        feeds: setup.nemesis.is_some(),
+        channel: channel.clone(),
+        cluster,
+        regions,
+        target,
     };
     let mut consumers = vec![
-        start("txn-from-0", KvApi::TiDb, 0, None).await,
-        start("raw-from-0", KvApi::RawKv, 0, None).await,
+        starter.start("txn-from-0", KvApi::TiDb, (0, 0), None).await,
+        starter
+            .start("raw-from-0", KvApi::RawKv, (0, 0), None)
+            .await,
     ];
+    // Dropped (stopped and joined) before the caller's server on a
+    // failure, so it never outlives the server it changes.
+    let nemesis = setup.nemesis.map(|nemesis_seed| {
+        let points = split_points(ops);
+        Nemesis::start_among(server.status_addr(), nemesis_seed, STORES, points)
+    });
 
     let (done_tx, mut done) = watch::channel(0usize);
     let done_tx = Arc::new(done_tx);
@@ -475,6 +304,7 @@ async fn run(server: &TestServer, seed: u64) {
         let mut writer = Writer {
             id,
             rng: StdRng::seed_from_u64(seed ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D)),
+            ops,
             txn: TransactionClient::new(vec![server.pd_endpoint()])
                 .await
                 .expect("tikv-client connects"),
@@ -485,17 +315,17 @@ async fn run(server: &TestServer, seed: u64) {
         };
         let done_tx = done_tx.clone();
         writers.push(tokio::spawn(async move {
-            for seq in 0..OPS_PER_WRITER {
+            for seq in 0..ops {
                 writer.step(seq).await;
                 done_tx.send_modify(|n| *n += 1);
             }
         }));
     }
-    let total = WRITERS * OPS_PER_WRITER;
+    let total = WRITERS * ops;
     let wait_done = |done: &mut watch::Receiver<usize>, n: usize| {
         let mut done = done.clone();
         async move {
-            tokio::time::timeout(FEED_WAIT, done.wait_for(|d| *d >= n))
+            tokio::time::timeout(writing, done.wait_for(|d| *d >= n))
                 .await
                 .expect("the writers progress")
                 .map(|_| ())
@@ -505,16 +335,31 @@ async fn run(server: &TestServer, seed: u64) {
 
     wait_done(&mut done, total / 3).await;
     let mid = txn.current_timestamp().await.expect("tso").version();
+    let mid = (mid, tick());
     let (reconnect_tx, reconnect_rx) = oneshot::channel();
-    consumers.push(start("txn-from-mid", KvApi::TiDb, mid, None).await);
-    consumers.push(start("raw-from-mid", KvApi::RawKv, mid, None).await);
-    consumers.push(start("txn-resumed", KvApi::TiDb, 0, Some(reconnect_rx)).await);
+    consumers.push(starter.start("txn-from-mid", KvApi::TiDb, mid, None).await);
+    consumers.push(starter.start("raw-from-mid", KvApi::RawKv, mid, None).await);
+    let resumed = starter.start("txn-resumed", KvApi::TiDb, (0, 0), Some(reconnect_rx));
+    consumers.push(resumed.await);
 
+    if setup.nemesis.is_some() {
+        // Half-way, every feed stream is cut, as a lost connection looks:
+        // the feeds recover every store's ranges at once, among the
+        // region errors.
+        wait_done(&mut done, total / 2).await;
+        let status = server.status_addr().to_owned();
+        let (code, body) = tokio::task::spawn_blocking(move || {
+            common::http_get(&status, "/debug/fault/feed?inject=drop_stream")
+        })
+        .await
+        .expect("inject");
+        assert_eq!(code, 200, "{body}");
+    }
     wait_done(&mut done, 2 * total / 3).await;
     reconnect_tx.send(()).expect("the resuming consumer runs");
 
     for writer in writers {
-        tokio::time::timeout(FEED_WAIT, writer)
+        tokio::time::timeout(writing, writer)
             .await
             .expect("writers finish")
             .expect("writer succeeded");
@@ -523,7 +368,7 @@ async fn run(server: &TestServer, seed: u64) {
     // The final state, at F: reading resolves any orphan left.
     let f = txn.current_timestamp().await.expect("tso");
     let mut txn_keys: Vec<Vec<u8>> = (0..2 * TXN_KEYS).map(txn_key).collect();
-    txn_keys.extend([orphan_key(5), orphan_key(OPS_PER_WRITER / 2)]);
+    txn_keys.extend([orphan_key(5), orphan_key(ops / 2)]);
     let mut snapshot = txn.snapshot(f.clone(), optimistic());
     let got: HashMap<Vec<u8>, Vec<u8>> = snapshot
         .batch_get(txn_keys.clone())
@@ -560,21 +405,34 @@ async fn run(server: &TestServer, seed: u64) {
             "seed {seed}"
         );
     }
+    // What the feeds' views are compared with is all there is: a scan of
+    // the written ranges (by kvfeed's own client, which follows the
+    // regions wherever they are) finds exactly the keys read above.
+    for (mode, expected) in [(KeyMode::Txn, &txn_final), (KeyMode::Raw, &raw_final)] {
+        let present: BTreeMap<Vec<u8>, Vec<u8>> = expected
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+            .collect();
+        let scanned = scan_written(&starter.cluster, mode, f.version()).await;
+        assert_eq!(scanned, present, "seed {seed}: the final {mode:?} scan");
+    }
 
     // Wait for every consumer's resolved ts to pass F.
     target_tx.send_replace(f.version());
     let mut failures = Vec::new();
     let mut summary = Vec::new();
+    let (mut retries, mut lost) = (0, 0);
     for consumer in consumers {
         tokio::time::timeout(FEED_WAIT, consumer.task)
             .await
             .unwrap_or_else(|_| {
                 let seen = consumer.seen.lock().expect("seen");
                 panic!(
-                    "seed {seed}: {} resolved ts stayed below {} (at {})",
+                    "seed {seed}: {} resolved ts stayed below {} (at {}); violations so far: {:?}",
                     seen.name,
                     f.version(),
-                    seen.resolved_min()
+                    seen.resolved_min(),
+                    seen.violations
                 )
             })
             .expect("consumer task");
@@ -585,9 +443,16 @@ async fn run(server: &TestServer, seed: u64) {
             &txn_final
         };
         let rows: usize = seen.subs.iter().map(|s| s.rows.len()).sum();
-        summary.push(format!("{} {rows} rows", seen.name));
+        summary.push(format!(
+            "{} {rows} rows, {} retries, {} streams lost",
+            seen.name, seen.retries, seen.lost
+        ));
+        retries += seen.retries;
+        lost += seen.lost;
         failures.extend(check(&seen, &model, snapshot));
     }
+    // The nemesis ran until every feed had passed F.
+    let changes = nemesis.map(Nemesis::stop);
     let outcomes = model.txns.values().fold([0; 3], |mut n, t| {
         n[match t.outcome {
             Outcome::Committed(_) => 0,
@@ -597,7 +462,7 @@ async fn run(server: &TestServer, seed: u64) {
         n
     });
     println!(
-        "transactions committed/rolled back/unknown {outcomes:?}, raw puts {}; {}",
+        "transactions committed/rolled back/unknown {outcomes:?}, raw puts {}; {}; nemesis {changes:?}",
         model.raw.len(),
         summary.join(", ")
     );
@@ -605,12 +470,35 @@ async fn run(server: &TestServer, seed: u64) {
         outcomes[0] > 0 && !model.raw.is_empty(),
         "seed {seed}: an empty workload"
     );
+    if let Some(changes) = changes {
+        assert!(
+            changes.splits > 0
+                && changes.merges > 0
+                && changes.transfers > 0
+                && retries > 0
+                && lost > 0,
+            "seed {seed}: the nemesis did not reach the feeds: {changes:?}, {retries} retries, \
+             {lost} streams lost"
+        );
+    }
     assert!(
         failures.is_empty(),
         "seed {seed}: {} violations:\n{}",
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Every pair of `mode` in the written range (as of `ts`, for
+/// transactional keys).
+async fn scan_written(cluster: &Cluster, mode: KeyMode, ts: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let (start, end) = written_range(mode);
+    let mut scanner = cluster.scan_at(mode, &start, &end, None, TimeStamp::new(ts));
+    let mut pairs = BTreeMap::new();
+    while let Some(page) = scanner.next_page().await.expect("scan") {
+        pairs.extend(page.into_iter().map(|pair| (pair.key, pair.value)));
+    }
+    pairs
 }
 
 #[test]
@@ -627,15 +515,45 @@ fn ranges_hold_the_keys_they_are_for() {
     }
 }
 
-/// Commits `txn`; if that fails or commits nothing, rolls it back. A failed
-/// commit may still have committed (the primary may have landed), so the
-/// outcome is then unknown rather than rolled back.
-async fn commit_or_roll_back(txn: &mut Transaction) -> Outcome {
-    match txn.commit().await {
-        Ok(Some(ts)) => Outcome::Committed(ts.version()),
-        Ok(None) | Err(_) => {
-            let _ = txn.rollback().await;
-            Outcome::Unknown
+#[test]
+fn the_written_range_holds_every_key_written() {
+    let inside =
+        |(start, end): &(Vec<u8>, Vec<u8>), key: &[u8]| start[..] <= *key && *key < end[..];
+    let txn = written_range(KeyMode::Txn);
+    for k in 0..2 * TXN_KEYS {
+        assert!(inside(&txn, &txn_key(k)), "txn key {k}");
+    }
+    for seq in [5, 6] {
+        assert!(inside(&txn, &orphan_key(seq)), "orphan {seq}");
+    }
+    let raw = written_range(KeyMode::Raw);
+    for i in 0..2 * RAW_KEYS {
+        assert!(inside(&raw, &raw_key(WRITERS - 1, i)), "raw key {i}");
+    }
+}
+
+/// The nemesis's split points fall among the written keys: between any
+/// two neighbouring keys, in the space where regions are compared
+/// (transactional keys encoded, raw keys as they are), a boundary can be.
+#[test]
+fn split_points_fall_among_the_written_keys() {
+    let points: Vec<Vec<u8>> = split_points(OPS_PER_WRITER)
+        .iter()
+        .map(|p| encode_bytes(p))
+        .collect();
+    let txn: Vec<Vec<u8>> = (0..2 * TXN_KEYS)
+        .map(|k| encode_bytes(&txn_key(k)))
+        .collect();
+    let raw: Vec<Vec<u8>> = (0..WRITERS)
+        .flat_map(|w| (0..2 * RAW_KEYS).map(move |i| raw_key(w, i)))
+        .collect();
+    for mut keys in [txn, raw] {
+        keys.sort();
+        for pair in keys.windows(2) {
+            assert!(
+                points.iter().any(|p| pair[0] < *p && *p <= pair[1]),
+                "no split point between {pair:?}"
+            );
         }
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! It never removes the default boundary (the encoding of eight `0xFF`
 //! bytes): `tikv-client` 0.4's raw scans need ordinary keys kept out of the
-//! last region (see the README). Split keys are encodings of short user
-//! keys, valid boundaries for both key modes.
+//! last region (see the README). Split keys are encodings of user keys
+//! (short ones, or ones the test names), valid boundaries for both key
+//! modes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,16 +38,32 @@ impl Nemesis {
     /// Starts changing the layout of the server at `status_addr`, which
     /// serves `stores` stores, one change every few milliseconds.
     pub fn start(status_addr: &str, seed: u64, stores: u32) -> Nemesis {
-        Nemesis::start_in(status_addr, seed, stores, b"")
+        Nemesis::spawn(status_addr, seed, stores, Vec::new(), Vec::new())
     }
 
     /// Like [`Nemesis::start`], splitting only at keys under `prefix`.
     pub fn start_in(status_addr: &str, seed: u64, stores: u32, prefix: &[u8]) -> Nemesis {
+        Nemesis::spawn(status_addr, seed, stores, prefix.to_vec(), Vec::new())
+    }
+
+    /// Like [`Nemesis::start`], but half of the splits are at one of the
+    /// user keys `points` (encoded by the server), so that boundaries fall
+    /// among the keys a test writes, not only around them.
+    pub fn start_among(status_addr: &str, seed: u64, stores: u32, points: Vec<Vec<u8>>) -> Nemesis {
+        Nemesis::spawn(status_addr, seed, stores, Vec::new(), points)
+    }
+
+    fn spawn(
+        status_addr: &str,
+        seed: u64,
+        stores: u32,
+        prefix: Vec<u8>,
+        points: Vec<Vec<u8>>,
+    ) -> Nemesis {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let addr = status_addr.to_owned();
-        let prefix = prefix.to_vec();
-        let thread = std::thread::spawn(move || run(&addr, seed, stores, &prefix, &flag));
+        let thread = std::thread::spawn(move || run(&addr, seed, stores, &prefix, &points, &flag));
         Nemesis {
             stop,
             thread: Some(thread),
@@ -90,7 +107,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn run(addr: &str, seed: u64, stores: u32, prefix: &[u8], stop: &AtomicBool) -> Done {
+fn run(
+    addr: &str,
+    seed: u64,
+    stores: u32,
+    prefix: &[u8],
+    points: &[Vec<u8>],
+    stop: &AtomicBool,
+) -> Done {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut done = Done::default();
     let default_boundary = hex(&kvfeed_storage::region::RegionMap::default_split_keys()[0]);
@@ -115,17 +139,24 @@ fn run(addr: &str, seed: u64, stores: u32, prefix: &[u8], stop: &AtomicBool) -> 
                 2,
             )
         } else if roll < 7 || regions.len() < 4 {
-            // A short user key of lower-case letters and digits: inside
-            // the ordinary key range every test writes to.
-            let len = rng.random_range(1..=3);
-            let key: Vec<u8> = prefix
-                .iter()
-                .copied()
-                .chain(
-                    (0..len)
-                        .map(|_| b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]),
-                )
-                .collect();
+            // The generator is only drawn from for `points` when there are
+            // some, so a seed replays the same changes as before for the
+            // tests that give none.
+            let key: Vec<u8> =
+                if !points.is_empty() && rng.random_bool(0.5) {
+                    points[rng.random_range(0..points.len())].clone()
+                } else {
+                    // A short user key of lower-case letters and digits (under
+                    // `prefix`): inside the ordinary key range tests write to.
+                    let len = rng.random_range(1..=3);
+                    prefix
+                        .iter()
+                        .copied()
+                        .chain((0..len).map(|_| {
+                            b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]
+                        }))
+                        .collect()
+                };
             (format!("/admin/split?key={}", hex(&key)), 0)
         } else {
             // Merge a region into its right neighbour, unless that would

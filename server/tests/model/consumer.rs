@@ -2,7 +2,9 @@
 //! resolved ts they receive, per subscription, and check on the fly what
 //! can only be checked in arrival order (resolved ts before INITIALIZED or
 //! going back, rows at or below a resolved ts, a key's commit ts not
-//! rising).
+//! rising). A "subscription" here is one region on one raw `EventFeed`
+//! stream, or one whole `Feed` of the feed client (`feeds`), whose
+//! resolved ts is the span's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +57,7 @@ pub struct Got {
     pub commit_ts: u64,
 }
 
-/// One region on one stream.
+/// One region on one stream, or one feed.
 #[derive(Debug, Default)]
 pub struct Sub {
     pub initialized_at: Option<u64>,
@@ -73,19 +75,38 @@ pub struct Seen {
     pub checkpoint: u64,
     /// Region ids by request id - 1.
     pub region_ids: Vec<u64>,
-    /// Subscriptions in order; the last two are the current stream's.
+    /// Subscriptions in order; the last `live` are the current ones.
     pub subs: Vec<Sub>,
+    /// Subscriptions at a time: one per region on a stream, one for a feed.
+    pub live: usize,
+    /// Every raw put begun after this logical instant must be delivered;
+    /// `None`: after the first subscriptions' INITIALIZED rows.
+    pub raw_from: Option<u64>,
+    /// Region errors and lost streams a feed recovered from.
+    pub retries: u32,
+    pub lost: u32,
     pub violations: Vec<String>,
 }
 
 impl Seen {
     pub fn resolved_min(&self) -> u64 {
         let n = self.subs.len();
-        self.subs[n - 2..]
+        self.subs[n - self.live..]
             .iter()
             .map(|s| s.resolved)
             .min()
             .unwrap_or(0)
+    }
+
+    /// See [`Seen::raw_from`] the field.
+    pub fn raw_from(&self) -> u64 {
+        self.raw_from.unwrap_or_else(|| {
+            self.subs[..self.live]
+                .iter()
+                .filter_map(|s| s.initialized_at)
+                .max()
+                .unwrap_or(u64::MAX)
+        })
     }
 
     pub fn on_event(&mut self, base: usize, event: ChangeDataEvent) {
@@ -118,7 +139,7 @@ impl Seen {
         }
     }
 
-    fn on_resolved(&mut self, index: usize, ts: u64) {
+    pub fn on_resolved(&mut self, index: usize, ts: u64) {
         let name = self.name.clone();
         let sub = &mut self.subs[index];
         if sub.initialized_at.is_none() {
@@ -166,31 +187,45 @@ impl Seen {
                 return;
             }
         };
-        let mut wrong = Vec::new();
-        if row.commit_ts <= sub.resolved {
-            wrong.push(format!(
-                "commit_ts {} at or below resolved ts {}",
-                row.commit_ts, sub.resolved
-            ));
-        }
-        if let Some(last) = sub.per_key.insert(row.key.to_vec(), row.commit_ts)
-            && last >= row.commit_ts
-        {
-            wrong.push(format!(
-                "commit_ts {} after {last} for the same key (out of order or twice)",
-                row.commit_ts
-            ));
-        }
-        for w in wrong {
-            self.violations
-                .push(format!("{name} sub {index}: key {:?}: {w}", row.key));
-        }
-        sub.rows.push(Got {
+        let got = Got {
             key: row.key.to_vec(),
             value: (!delete).then(|| value.to_vec()),
             start_ts: row.start_ts,
             commit_ts: row.commit_ts,
-        });
+        };
+        self.on_got(index, got);
+    }
+
+    /// An INITIALIZED row of subscription `index` (a feed has one per
+    /// region it subscribes; the first counts).
+    pub fn on_initialized(&mut self, index: usize) {
+        self.subs[index].initialized_at.get_or_insert_with(tick);
+    }
+
+    /// A committed change delivered on subscription `index`.
+    pub fn on_got(&mut self, index: usize, got: Got) {
+        let name = self.name.clone();
+        let sub = &mut self.subs[index];
+        let mut wrong = Vec::new();
+        if got.commit_ts <= sub.resolved {
+            wrong.push(format!(
+                "commit_ts {} at or below resolved ts {}",
+                got.commit_ts, sub.resolved
+            ));
+        }
+        if let Some(last) = sub.per_key.insert(got.key.clone(), got.commit_ts)
+            && last >= got.commit_ts
+        {
+            wrong.push(format!(
+                "commit_ts {} after {last} for the same key (out of order or twice)",
+                got.commit_ts
+            ));
+        }
+        for w in wrong {
+            self.violations
+                .push(format!("{name} sub {index}: key {:?}: {w}", got.key));
+        }
+        sub.rows.push(got);
     }
 }
 
@@ -268,6 +303,7 @@ pub async fn consumer(
         checkpoint,
         region_ids: regions.iter().map(|r| r.id.0).collect(),
         subs: vec![Sub::default(), Sub::default()],
+        live: 2,
         ..Seen::default()
     }));
     let (mut tx, mut stream) = open(
