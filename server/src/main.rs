@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvfeed::cli::{Cli, Command};
 
+/// mimalloc rather than the system allocator: see `server/Cargo.toml`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(err) = kvfeed::logging::init(&cli.log_level) {
