@@ -423,3 +423,86 @@ async fn pd_split_scatter_and_operators_answer_as_pd() {
         .into_inner();
     assert!(gone.header.and_then(|h| h.error).is_some());
 }
+
+/// kill -9 while splits and writes are in flight: after the restart the
+/// layout is whole (the server would refuse a torn one), every split that
+/// was acknowledged is there, and every acknowledged write reads back
+/// through the new regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_splits_leaves_layout_and_data_in_agreement() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let mut server = TestServer::start_in(&data);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Splits at k/000, k/001, … on a thread, remembering the acknowledged.
+    let splitter = {
+        let addr = server.status_addr().to_owned();
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                let key = format!("k/{i:03}");
+                i += 1;
+                let path = format!("/admin/split?key={}", hex(key.as_bytes()));
+                match kvfeed_bench::scrape::http_post(&addr, &path, WAIT) {
+                    Ok((200, _)) => acked.push(key),
+                    Ok((code, body)) => panic!("{path}: {code} {body}"),
+                    Err(_) => break, // killed
+                }
+            }
+            acked
+        })
+    };
+    let cluster = kvfeed_client::Cluster::connect(&server.pd_endpoint())
+        .await
+        .expect("connect");
+    let mut written = Vec::new();
+    for i in 0..200u32 {
+        let key = format!("k/{:03}x", i % 150);
+        let value = format!("v{i}");
+        if i == 120 {
+            // Mid-stream, with splits still arriving.
+            server.stop("KILL");
+            break;
+        }
+        cluster
+            .raw_put(key.as_bytes(), value.as_bytes())
+            .await
+            .expect("put before the kill");
+        written.push((key, value));
+    }
+    stop.store(true, Ordering::Release);
+    let acked = splitter.join().expect("splitter");
+    assert!(!acked.is_empty(), "no split happened before the kill");
+
+    let server = TestServer::start_in(&data);
+    let view = layout(&server);
+    let starts: Vec<String> = view["regions"]
+        .as_array()
+        .expect("regions")
+        .iter()
+        .map(|r| r["start_key"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for key in &acked {
+        let boundary = hex(&encode_bytes(key.as_bytes()));
+        assert!(
+            starts.contains(&boundary),
+            "acknowledged split at {key} lost"
+        );
+    }
+    let cluster = kvfeed_client::Cluster::connect(&server.pd_endpoint())
+        .await
+        .expect("connect after restart");
+    let mut last = std::collections::HashMap::new();
+    for (key, value) in &written {
+        last.insert(key.clone(), value.clone());
+    }
+    for (key, value) in last {
+        let got = cluster.raw_get(key.as_bytes()).await.expect("get");
+        assert_eq!(got.as_deref(), Some(value.as_bytes()), "{key}");
+    }
+}
