@@ -9,6 +9,10 @@
 //! Every key must come back exactly once, in order, with its value.
 //! The report gives both rates and the transactional one as a share of
 //! the raw one.
+//!
+//! With `--versions N` every key is written N times (N preload passes, each
+//! a new version of every key) before the reads, which must still return
+//! each key once: the cost of a history the reads have to skip.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +38,10 @@ pub struct KvScanArgs {
     /// How many keys to preload and read, and the read's time limit.
     #[command(flatten)]
     pub preload: PreloadArgs,
+
+    /// Versions written of every key (preload passes) before reading.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub versions: u64,
 }
 
 /// Runs `kvfeed bench kv-scan`: preloads both key spaces and reads each
@@ -41,21 +49,37 @@ pub struct KvScanArgs {
 /// value of the wrong size or a wrong count is recorded as a failure.
 pub async fn run(args: &KvScanArgs) -> Result<Report, BenchError> {
     let timeout = args.preload.check()?;
+    super::check_range("--versions", args.versions, 1, 1_000)?;
     let server = Server::connect(&args.target).await?;
     let prefix = run_prefix(NAME);
-    progress(NAME, &format!("preloading {} raw keys", args.preload.keys));
-    load::preload(&server, &prefix, args.preload.keys, args.preload.value_size).await?;
-    progress(
-        NAME,
-        &format!("preloading {} transactional keys", args.preload.keys),
-    );
-    txn_load::preload_txn(&server, &prefix, args.preload.keys, args.preload.value_size).await?;
+    for pass in 1..=args.versions {
+        progress(
+            NAME,
+            &format!(
+                "preloading {} raw keys (version {pass} of {})",
+                args.preload.keys, args.versions
+            ),
+        );
+        load::preload(&server, &prefix, args.preload.keys, args.preload.value_size).await?;
+        progress(
+            NAME,
+            &format!(
+                "preloading {} transactional keys (version {pass} of {})",
+                args.preload.keys, args.versions
+            ),
+        );
+        txn_load::preload_txn(&server, &prefix, args.preload.keys, args.preload.value_size).await?;
+    }
 
     args.preload.settle(NAME).await;
     let mut report = Report::new(NAME);
     report.json(
         "params",
-        json!({"keys": args.preload.keys, "value_size": args.preload.value_size}),
+        json!({
+            "keys": args.preload.keys,
+            "value_size": args.preload.value_size,
+            "versions": args.versions,
+        }),
     );
     let mut rates = Vec::new();
     for (mode, key, title) in [

@@ -146,6 +146,20 @@ fn kv_scan_reads_back_both_key_spaces() {
 }
 
 #[test]
+fn kv_scan_returns_each_key_once_over_many_versions() {
+    let server = TestServer::start();
+    let json = bench(
+        &server,
+        "kv-scan",
+        &["--keys", "300", "--value-size", "16", "--versions", "4"],
+    )
+    .ok("kv-scan");
+    assert_eq!(json_int(&json["params"], "versions"), 4, "{json}");
+    assert_eq!(json_int(&json, "raw_pairs"), 300, "{json}");
+    assert_eq!(json_int(&json, "txn_pairs"), 300, "{json}");
+}
+
+#[test]
 fn batch_put_answers_every_put_on_both_transports() {
     let server = TestServer::start();
     // More puts than in flight, so slots are refilled many times.
