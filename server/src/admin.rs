@@ -25,6 +25,7 @@ use kvfeed_storage::mvcc::encode_bytes;
 use kvfeed_storage::region::{ChangeError, Region, RegionId, RegionMap, Regions, RegionsError};
 
 use crate::cmd::format::parse_hex;
+use crate::kv::errors::hex;
 use crate::node::Node;
 use crate::status::{Reply, StatusRoutes};
 
@@ -168,10 +169,6 @@ fn refused(err: RegionsError) -> Reply {
 
 fn bad(message: String) -> Reply {
     Reply::text(StatusCode::BAD_REQUEST, format!("{message}\n"))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A query string as `name=value` pairs (no percent-decoding: every value

@@ -75,7 +75,7 @@ pub fn run(args: &AdminArgs) -> Result<(), CmdError> {
                     source,
                 })?;
                 path.push_str("key=");
-                path.extend(bytes.iter().map(|b| format!("{b:02x}")));
+                path.push_str(&Style::Hex.show(&bytes));
                 path.push('&');
             }
             path.push_str(if *raw { "raw=true" } else { "raw=false" });
