@@ -22,7 +22,9 @@ use hyper::StatusCode;
 use serde::Serialize;
 
 use kvfeed_storage::mvcc::encode_bytes;
-use kvfeed_storage::region::{ChangeError, Region, RegionId, RegionMap, Regions, RegionsError};
+use kvfeed_storage::region::{
+    ChangeError, Region, RegionId, RegionMap, Regions, RegionsError, SplitGroup,
+};
 
 use crate::cmd::format::parse_hex;
 use crate::kv::errors::hex;
@@ -117,39 +119,27 @@ fn split_at(regions: &Regions, query: Query) -> Result<Reply, Reply> {
     ))
 }
 
-/// Split keys of one region.
-type SplitGroup = (RegionId, Vec<Vec<u8>>);
-
 /// Checks the keys (strictly ascending, none already a boundary) and groups
 /// them by the region that holds each, in key order.
 fn group_by_region(map: &RegionMap, keys: &[Vec<u8>]) -> Result<Vec<SplitGroup>, Reply> {
-    let mut groups: Vec<SplitGroup> = Vec::new();
-    for (i, key) in keys.iter().enumerate() {
-        if let Some(prev) = i.checked_sub(1).and_then(|j| keys.get(j))
-            && prev >= key
-        {
-            let what = if prev == key {
-                "repeated"
-            } else {
-                "not in ascending order"
-            };
-            return Err(bad(format!(
-                "split keys must be strictly ascending: {} is {what}",
-                hex(key)
-            )));
-        }
-        let region = map.locate(key);
-        if region.start_key == *key {
-            return Err(bad(format!(
-                "{} is already the start of region {}",
-                hex(key),
-                region.id
-            )));
-        }
-        match groups.last_mut() {
-            Some((id, group)) if *id == region.id => group.push(key.clone()),
-            _ => groups.push((region.id, vec![key.clone()])),
-        }
+    if let Some(w) = keys.windows(2).find(|w| w[0] >= w[1]) {
+        let what = if w[0] == w[1] {
+            "repeated"
+        } else {
+            "not in ascending order"
+        };
+        return Err(bad(format!(
+            "split keys must be strictly ascending: {} is {what}",
+            hex(&w[1])
+        )));
+    }
+    let (groups, boundaries) = map.group_by_region(keys);
+    if let Some(key) = boundaries.first() {
+        return Err(bad(format!(
+            "{} is already the start of region {}",
+            hex(key),
+            map.locate(key).id
+        )));
     }
     Ok(groups)
 }

@@ -159,20 +159,8 @@ fn split_at(regions: &Regions, mut keys: Vec<Vec<u8>>) -> (Vec<u64>, u64) {
         return (Vec::new(), 100);
     }
     let total = keys.len();
-    let map = regions.current();
-    let mut groups: Vec<(RegionId, Vec<Vec<u8>>)> = Vec::new();
-    let mut done = 0;
-    for key in keys {
-        let region = map.locate(&key);
-        if region.start_key == key {
-            done += 1;
-            continue;
-        }
-        match groups.last_mut() {
-            Some((id, group)) if *id == region.id => group.push(key),
-            _ => groups.push((region.id, vec![key])),
-        }
-    }
+    let (groups, boundaries) = regions.current().group_by_region(&keys);
+    let mut done = boundaries.len();
     let mut new_ids = Vec::new();
     for (id, group) in groups {
         let count = group.len();

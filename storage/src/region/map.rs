@@ -24,6 +24,9 @@ const PEER_ID_OFFSET: u64 = 1_000;
 /// the persisted change) one request can cause.
 pub const MAX_SPLIT_KEYS: usize = 1_024;
 
+/// Split keys of one region, as [`RegionMap::group_by_region`] finds them.
+pub type SplitGroup = (RegionId, Vec<Vec<u8>>);
+
 /// Why a layout change was refused. Nothing changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChangeError {
@@ -269,6 +272,26 @@ impl RegionMap {
                 self.regions.get(i + 1),
             ),
         }
+    }
+
+    /// Groups ascending `keys` by the region holding each, in key order,
+    /// for splitting several regions at once. Keys that already start a
+    /// region are returned apart (they cannot split anything).
+    pub fn group_by_region(&self, keys: &[Vec<u8>]) -> (Vec<SplitGroup>, Vec<Vec<u8>>) {
+        let mut groups: Vec<SplitGroup> = Vec::new();
+        let mut boundaries = Vec::new();
+        for key in keys {
+            let region = self.locate(key);
+            if region.start_key == *key {
+                boundaries.push(key.clone());
+                continue;
+            }
+            match groups.last_mut() {
+                Some((id, group)) if *id == region.id => group.push(key.clone()),
+                _ => groups.push((region.id, vec![key.clone()])),
+            }
+        }
+        (groups, boundaries)
     }
 
     /// Checks a request's region id and epoch.

@@ -47,7 +47,7 @@ mod size;
 
 pub use bound::raw_lower_bound;
 pub use growth::{WriteTracker, Written};
-pub use map::{ChangeError, MAX_SPLIT_KEYS, RegionMap};
+pub use map::{ChangeError, MAX_SPLIT_KEYS, RegionMap, SplitGroup};
 pub use regions::{Regions, RegionsError};
 pub use size::{RegionSize, SplitCheck, SplitLimits, check_split, measure};
 
