@@ -332,6 +332,11 @@ impl ScanPool {
             self.metrics
                 .scanned_bytes
                 .inc_by(u64::try_from(batch.read_bytes).unwrap_or(u64::MAX));
+            // Rows, PREWRITE rows of found locks included (`locks` only
+            // repeats those for the resolved ts).
+            self.metrics
+                .scanned_rows
+                .inc_by(u64::try_from(batch.rows.len()).unwrap_or(u64::MAX));
             tokio::select! {
                 () = self.limiter.consume(batch.read_bytes) => {}
                 () = cancelled(&mut cancel) => return,
