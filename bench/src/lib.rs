@@ -21,7 +21,7 @@
 //! as the last line of stdout; progress goes to stderr.
 //!
 //! Subcommands, one module each: [`feed`], [`scan`], [`kv_scan`],
-//! [`batch_put`], [`churn`], [`idle`], [`slow`], [`engine`] (with
+//! [`batch_put`], [`regions`], [`churn`], [`idle`], [`slow`], [`engine`] (with
 //! [`grpc`]). Shared pieces: [`load`] (writers
 //! and preloading), [`subscribe`] and [`watcher`] (the consumer side),
 //! [`scrape`] (`/metrics`), [`stats`] and [`report`]. `feed`, `churn` and
@@ -40,6 +40,7 @@ pub mod grpc;
 pub mod idle;
 pub mod kv_scan;
 pub mod load;
+pub mod regions;
 pub mod report;
 pub mod scan;
 pub mod scrape;
@@ -104,6 +105,11 @@ pub enum BenchCommand {
     /// at once) against unary RawPut calls with as many in flight, from
     /// one client: both rates and their ratio.
     BatchPut(batch_put::BatchPutArgs),
+    /// Many regions, one consumer: time to register them all, server
+    /// memory per subscribed region, resolved-ts lag under a light load;
+    /// then a split of a subscribed region under load (exactly-once,
+    /// time until resolved ts resumes, rows re-scanned).
+    Regions(regions::RegionsArgs),
     /// The physical limits, in this process: fjall writes and scans on a
     /// temporary directory, and (--grpc) loopback gRPC streaming.
     Engine(engine::EngineArgs),
@@ -333,6 +339,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         BenchCommand::Scan(a) => block_on(scan::run(a))?,
         BenchCommand::KvScan(a) => block_on(kv_scan::run(a))?,
         BenchCommand::BatchPut(a) => block_on(batch_put::run(a))?,
+        BenchCommand::Regions(a) => block_on(regions::run(a))?,
         BenchCommand::Churn(a) => block_on(churn::run(a))?,
         BenchCommand::Idle(a) => block_on(idle::run(a))?,
         BenchCommand::Slow(a) => block_on(slow::run(a))?,

@@ -136,6 +136,9 @@ impl Feed {
     /// by a unit test), before anything is started.
     pub fn start(deps: FeedDeps) -> Result<Feed, FeedError> {
         let metrics = FeedMetrics::new()?;
+        metrics
+            .min_ts_interval
+            .set(deps.config.effective_min_ts_interval().as_secs_f64());
         let (commands_tx, commands_rx) = mpsc::channel(deps.config.command_queue.max(1));
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = watch::channel(());

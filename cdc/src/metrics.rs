@@ -35,7 +35,9 @@ pub struct FeedMetrics {
     pub(crate) connection_tasks: IntGauge,
     pub(crate) scan_tasks: IntGaugeVec,
     pub(crate) scanned_bytes: IntCounter,
+    pub(crate) scanned_rows: IntCounter,
     pub(crate) resolved_ts_lag: Gauge,
+    pub(crate) min_ts_interval: Gauge,
     pub(crate) memory_quota: IntGaugeVec,
     pub(crate) congested: IntCounter,
     pub(crate) observed_queue_bytes: IntGauge,
@@ -90,10 +92,19 @@ impl FeedMetrics {
                 "kvfeed_cdc_scanned_bytes_total",
                 "Bytes (keys and values) read from the store by catch-up scans.",
             )?,
+            scanned_rows: counter(
+                "kvfeed_cdc_scanned_rows_total",
+                "Change rows (committed versions and locks) found by catch-up scans.",
+            )?,
             resolved_ts_lag: Gauge::new(
                 "kvfeed_cdc_resolved_ts_lag_seconds",
                 "Physical time between the latest min ts and the lowest resolved ts of any \
                  initialized subscription (0 without one).",
+            )
+            .map_err(FeedError::Metrics)?,
+            min_ts_interval: Gauge::new(
+                "kvfeed_cdc_min_ts_interval_seconds",
+                "The configured min-ts-interval: how often resolved timestamps are computed.",
             )
             .map_err(FeedError::Metrics)?,
             memory_quota: IntGaugeVec::new(
@@ -121,7 +132,7 @@ impl FeedMetrics {
 
     /// Registers every collector into `registry`.
     pub fn register(&self, registry: &Registry) -> Result<(), FeedError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(self.connections.clone()),
             Box::new(self.subscriptions.clone()),
             Box::new(self.pending_bytes.clone()),
@@ -131,7 +142,9 @@ impl FeedMetrics {
             Box::new(self.connection_tasks.clone()),
             Box::new(self.scan_tasks.clone()),
             Box::new(self.scanned_bytes.clone()),
+            Box::new(self.scanned_rows.clone()),
             Box::new(self.resolved_ts_lag.clone()),
+            Box::new(self.min_ts_interval.clone()),
             Box::new(self.memory_quota.clone()),
             Box::new(self.congested.clone()),
             Box::new(self.observed_queue_bytes.clone()),
@@ -185,6 +198,16 @@ impl FeedMetrics {
     /// Bytes read from the store by catch-up scans so far.
     pub fn scanned_bytes(&self) -> u64 {
         self.scanned_bytes.get()
+    }
+
+    /// Rows (committed versions and locks) found by catch-up scans.
+    pub fn scanned_rows(&self) -> u64 {
+        self.scanned_rows.get()
+    }
+
+    /// The configured `min-ts-interval`, seconds.
+    pub fn min_ts_interval_seconds(&self) -> f64 {
+        self.min_ts_interval.get()
     }
 
     /// The last resolved-ts lag, in seconds.

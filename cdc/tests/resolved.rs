@@ -235,6 +235,41 @@ async fn wire_forms_follow_the_client_version_and_features() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn many_multiplexed_request_ids_get_packed_per_subscription_events() {
+    // One request id per region, as kvfeed's client registers: a round of
+    // one batched message per request id would be one message per region,
+    // so beyond 64 of them the round is packed into few messages.
+    let env = env();
+    let a = env.region_a();
+    let (mut conn, mut events) = env.connect_with(Features {
+        stream_multiplexing: true,
+    });
+    let n = 100u64;
+    for request_id in 1..=n {
+        subscribe(&env, &mut conn, &mut events, register(request_id, &a)).await;
+    }
+    // Rounds sampled after this timestamp found every subscription Normal.
+    let all_normal = env.ts().into_inner();
+    let mut requests = std::collections::BTreeSet::new();
+    let mut ts = None;
+    for _ in 0..10_000 {
+        let r = events.next_resolved().await;
+        if r.ts <= all_normal {
+            continue;
+        }
+        assert!(!r.batched, "packed per-subscription form: {r:?}");
+        assert_eq!(r.regions, vec![a.id.0]);
+        if *ts.get_or_insert(r.ts) == r.ts {
+            requests.insert(r.request_id);
+        }
+        if requests.len() == n as usize {
+            break;
+        }
+    }
+    assert_eq!(requests, (1..=n).collect());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_region_subscribed_twice_without_multiplexing_gets_the_lower_value() {
     let env = env();
     let region = env.region_a();

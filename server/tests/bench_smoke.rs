@@ -359,3 +359,44 @@ fn the_server_reports_its_own_memory_and_cpu() {
     assert_eq!(help.code, Some(0));
     assert!(help.stdout.contains("ulimit -n"), "{}", help.stdout);
 }
+
+#[test]
+fn regions_subscribes_to_every_region_and_a_split_loses_and_repeats_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("kvfeed.toml");
+    std::fs::write(&config, "[cdc]\nmin-ts-interval = \"200ms\"\n").expect("config");
+    let config = config.display().to_string();
+    let server = TestServer::start_with(&["--config", &config]);
+    let json = bench(
+        &server,
+        "regions",
+        &[
+            "--regions",
+            "200",
+            "--lag-rate",
+            "50",
+            "--lag-duration",
+            "1s",
+            "--split-rate",
+            "200",
+            "--split-duration",
+            "2s",
+            "--split-preload",
+            "500",
+        ],
+    )
+    .ok("regions");
+    assert_eq!(json_int(&json, "regions"), 200, "{json}");
+    assert_eq!(json_int(&json, "lost"), 0, "{json}");
+    assert_eq!(json_int(&json, "duplicated"), 0, "{json}");
+    assert_eq!(json_int(&json, "preloaded_delivered"), 0, "{json}");
+    assert!(json_int(&json, "split_acked_puts") > 0, "{json}");
+    assert!(json_int(&json, "lag_samples") > 0, "{json}");
+    // The interval comes from the server, not from a flag.
+    assert_eq!(json["min_ts_interval_from"], "server /metrics", "{json}");
+    assert_eq!(json_number(&json, "min_ts_interval_ms"), 200.0, "{json}");
+    assert!(json_number(&json, "split_resume_ms") > 0.0, "{json}");
+    // The re-registration catches up from the consumer's resolved ts: it
+    // finds the puts since then, never the preloaded region.
+    assert!(json_int(&json, "rescanned_rows") < 500, "{json}");
+}

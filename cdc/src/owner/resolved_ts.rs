@@ -20,7 +20,14 @@
 //! - Clients before 4.0.8: one `Event { resolved_ts }` per subscription,
 //!   with its request id and region.
 //! - Later clients with `stream-multiplexing`: one `ChangeDataEvent`
-//!   `resolved_ts { regions, ts, request_id }` per (request id, ts).
+//!   `resolved_ts { regions, ts, request_id }` per (request id, ts), as
+//!   TiKV sends them — unless a round has more than
+//!   [`MAX_BATCHED_MESSAGES`] of those, then the per-subscription form of
+//!   old clients, packed. TiCDC shares one request id among a table's
+//!   regions, so a round is a few messages; a client with one request id
+//!   per region (kvfeed's) would get one message per region and round,
+//!   which on a connection of thousands of regions fills its event queue
+//!   every round, so that rows then find it full and congest it.
 //! - Later clients without it: one per ts, `request_id` 0 (as TiKV), listing
 //!   regions. Such a message cannot say which of two subscriptions of one
 //!   region it is for, so a region subscribed more than once on the
@@ -46,6 +53,9 @@ use super::registry::{ConnState, Registry};
 /// Per-region resolved-ts events in one message for old clients (each is
 /// a few bytes; this keeps a message far below the size cap).
 const EVENTS_PER_MESSAGE: usize = 4096;
+/// Batched resolved-ts messages of one round beyond which a multiplexed
+/// connection gets the packed per-subscription form (see "Wire forms").
+const MAX_BATCHED_MESSAGES: usize = 64;
 
 fn candidate(sub: &Subscription, sample: &MinTs) -> TimeStamp {
     match sub.spec().kv_api {
@@ -157,6 +167,19 @@ pub(super) fn flush(registry: &mut Registry, pending: &mut BTreeSet<ConnId>) {
     }
 }
 
+/// Whether the batched form of `items` would take more than `limit`
+/// messages, one per (request id, ts). `items` are in key order, so a
+/// request's items are adjacent; one whose regions differ in ts may be
+/// counted more than once, which only picks the packed form sooner.
+fn distinct_requests_exceed(items: &[((RequestId, RegionId), TimeStamp)], limit: usize) -> bool {
+    let mut pairs = items
+        .iter()
+        .map(|((request, _), ts)| (request.0, *ts))
+        .collect::<Vec<_>>();
+    pairs.dedup();
+    pairs.len() > limit
+}
+
 fn flush_conn(conn: &mut ConnState) -> Offer {
     let items: Vec<((RequestId, RegionId), TimeStamp)> = conn
         .subs
@@ -164,10 +187,11 @@ fn flush_conn(conn: &mut ConnState) -> Offer {
         .filter(|(_, s)| s.state() == SubscriptionState::Normal)
         .filter_map(|(key, s)| s.resolved.pending.map(|ts| (*key, ts)))
         .collect();
-    let batched = conn.version.is_some_and(|v| v.batches_resolved_ts());
+    let multiplexing = conn.features.stream_multiplexing;
+    let batched = conn.version.is_some_and(|v| v.batches_resolved_ts())
+        && !(multiplexing && distinct_requests_exceed(&items, MAX_BATCHED_MESSAGES));
     let mut messages: Vec<(ChangeDataEvent, Vec<(RequestId, RegionId)>)> = Vec::new();
     if batched {
-        let multiplexing = conn.features.stream_multiplexing;
         let mut groups: BTreeMap<(u64, TimeStamp), Vec<(RequestId, RegionId)>> = BTreeMap::new();
         for (key, ts) in items {
             let request = if multiplexing { key.0.0 } else { 0 };

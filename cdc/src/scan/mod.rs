@@ -78,7 +78,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use kvfeed_proto::cdcpb::event::Row;
@@ -233,7 +233,24 @@ impl ScanPool {
         tokio::spawn(Arc::clone(self).run(job, ticket).instrument(span));
     }
 
-    async fn run(self: Arc<Self>, job: ScanJob, mut ticket: Ticket) {
+    /// Waits for a scan slot, then scans. While it waits the task holds
+    /// only the job: the scan's own state (a snapshot, the reader, batches
+    /// in flight) is a large future, boxed once it may run. A connection
+    /// registering thousands of regions queues thousands of scans at once,
+    /// and holding the whole scan future from the start cost about 6 KB
+    /// each, which the allocator then kept as resident memory.
+    async fn run(self: Arc<Self>, mut job: ScanJob, ticket: Ticket) {
+        let slot = tokio::select! {
+            permit = Arc::clone(&self.slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = cancelled(&mut job.cancel) => return,
+        };
+        Box::pin(self.scan(job, ticket, slot)).await;
+    }
+
+    async fn scan(self: Arc<Self>, job: ScanJob, mut ticket: Ticket, slot: OwnedSemaphorePermit) {
         let ScanJob {
             key,
             spec,
@@ -243,13 +260,6 @@ impl ScanPool {
             pending,
             span: _,
         } = job;
-        let slot = tokio::select! {
-            permit = Arc::clone(&self.slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = cancelled(&mut cancel) => return,
-        };
         let store = Arc::clone(&self.store);
         let checkpoint = spec.checkpoint;
         let pool = Arc::clone(&self);
@@ -332,6 +342,11 @@ impl ScanPool {
             self.metrics
                 .scanned_bytes
                 .inc_by(u64::try_from(batch.read_bytes).unwrap_or(u64::MAX));
+            // Rows, PREWRITE rows of found locks included (`locks` only
+            // repeats those for the resolved ts).
+            self.metrics
+                .scanned_rows
+                .inc_by(u64::try_from(batch.rows.len()).unwrap_or(u64::MAX));
             tokio::select! {
                 () = self.limiter.consume(batch.read_bytes) => {}
                 () = cancelled(&mut cancel) => return,

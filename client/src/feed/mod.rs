@@ -99,7 +99,7 @@ use kvfeed_proto::cdcpb::{ChangeDataEvent, ChangeDataRequest};
 use kvfeed_types::TimeStamp;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt, StreamMap};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -123,8 +123,6 @@ pub const RECONNECT_ATTEMPTS: u32 = 10;
 /// The largest `ChangeDataEvent` accepted, in bytes (the gRPC decoding
 /// limit); kvfeed's server batches well below it.
 pub const MAX_EVENT_SIZE: usize = 32 * 1024 * 1024;
-/// Register requests queued per stream ahead of the transport.
-const REQUEST_QUEUE: usize = 64;
 
 /// What to follow.
 #[derive(Debug, Clone)]
@@ -306,7 +304,12 @@ pub struct Feed {
     /// Responses by store id.
     streams: StreamMap<u64, Responses>,
     /// Requests by store id.
-    senders: HashMap<u64, mpsc::Sender<ChangeDataRequest>>,
+    /// Unbounded because sending must never wait: responses are read only
+    /// inside [`Feed::next`], so a send that waited for the transport while
+    /// thousands of regions are registered would leave the server's answers
+    /// unread until it queued them as congested. What is queued is bounded
+    /// all the same: one Register per subscription the feed holds.
+    senders: HashMap<u64, mpsc::UnboundedSender<ChangeDataRequest>>,
     /// `false` once a server answered `EventFeedV2` with UNIMPLEMENTED.
     try_v2: bool,
 }
@@ -448,7 +451,7 @@ impl Feed {
         let Some(tx) = self.senders.get(&store) else {
             return Ok(Err("the request stream closed".to_owned()));
         };
-        if tx.send(request).await.is_err() {
+        if tx.send(request).is_err() {
             return Ok(Err("the request stream closed".to_owned()));
         }
         Ok(Ok(()))
@@ -459,11 +462,12 @@ impl Feed {
     async fn open_stream(
         &mut self,
         channel: Channel,
-    ) -> Result<Result<(mpsc::Sender<ChangeDataRequest>, Responses), String>, FeedError> {
+    ) -> Result<Result<(mpsc::UnboundedSender<ChangeDataRequest>, Responses), String>, FeedError>
+    {
         let mut client = ChangeDataClient::new(channel).max_decoding_message_size(MAX_EVENT_SIZE);
         if self.try_v2 {
-            let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
             request.metadata_mut().insert(
                 FEATURES_METADATA,
                 MetadataValue::from_static(STREAM_MULTIPLEXING),
@@ -477,8 +481,8 @@ impl Feed {
                 Err(status) => return lost_or_fatal("EventFeedV2", &status).map(Err),
             }
         }
-        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        match client.event_feed(ReceiverStream::new(rx)).await {
+        let (tx, rx) = mpsc::unbounded_channel();
+        match client.event_feed(UnboundedReceiverStream::new(rx)).await {
             Ok(response) => Ok(Ok((tx, responses(response.into_inner())))),
             Err(status) => lost_or_fatal("EventFeed", &status).map(Err),
         }

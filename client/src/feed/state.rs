@@ -17,7 +17,7 @@
 //! - the span's resolved ts is the minimum floor over subscribed and parked
 //!   ranges, and is handed out only when it rises.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::row::OpType;
@@ -87,6 +87,13 @@ pub(super) struct State {
     cluster_id: u64,
     next_request_id: u64,
     subs: BTreeMap<u64, Sub>,
+    /// The floors of `subs` as a multiset (floor → subscriptions at it),
+    /// and how many of `subs` are initialized: kept with `subs` so that a
+    /// resolved ts or an INITIALIZED row costs O(log n), not a pass over
+    /// every subscription — a feed of thousands of regions gets one
+    /// resolved ts message per region and interval.
+    floors: BTreeMap<u64, usize>,
+    initialized: usize,
     pub(super) parked: Vec<Parked>,
     /// Prewritten values by (key, start_ts), until COMMIT or ROLLBACK.
     staged: HashMap<(Bytes, u64), Bytes>,
@@ -107,6 +114,8 @@ impl State {
             cluster_id,
             next_request_id: 1,
             subs: BTreeMap::new(),
+            floors: BTreeMap::new(),
+            initialized: 0,
             parked: vec![Parked::new(range, ts, 0, Cause::Region)],
             staged: HashMap::new(),
             delivered: BTreeSet::new(),
@@ -146,7 +155,7 @@ impl State {
                 cause: parked.cause,
             };
             requests.push((sub.store, self.register(id, &sub)));
-            self.subs.insert(id, sub);
+            self.insert_sub(id, sub);
         }
         requests
     }
@@ -179,7 +188,7 @@ impl State {
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
-            if let Some(sub) = self.subs.remove(&id) {
+            if let Some(sub) = self.remove_sub(id) {
                 let attempts = match sub.cause {
                     Cause::Stream => sub.attempts + 1,
                     Cause::Region => 1,
@@ -218,6 +227,31 @@ impl State {
         let range = (sub.start, sub.end);
         self.parked
             .push(Parked::new(range, sub.floor, attempts, cause));
+    }
+
+    /// Adds a subscription under a fresh request id, with its floor.
+    fn insert_sub(&mut self, id: u64, sub: Sub) {
+        *self.floors.entry(sub.floor).or_default() += 1;
+        if sub.initialized {
+            self.initialized += 1;
+        }
+        if let Some(old) = self.subs.insert(id, sub) {
+            // Request ids are never reused; should one be, forget the old.
+            forget_floor(&mut self.floors, old.floor);
+            if old.initialized {
+                self.initialized -= 1;
+            }
+        }
+    }
+
+    /// Removes a subscription and its floor.
+    fn remove_sub(&mut self, id: u64) -> Option<Sub> {
+        let sub = self.subs.remove(&id)?;
+        forget_floor(&mut self.floors, sub.floor);
+        if sub.initialized {
+            self.initialized -= 1;
+        }
+        Some(sub)
     }
 
     /// Whether `request_id` is still a registered subscription.
@@ -276,7 +310,10 @@ impl State {
         match LogType::try_from(row.r#type) {
             Ok(LogType::Initialized) => {
                 if let Some(sub) = self.subs.get_mut(&request_id) {
-                    sub.initialized = true;
+                    if !sub.initialized {
+                        sub.initialized = true;
+                        self.initialized += 1;
+                    }
                     sub.attempts = 0;
                 }
                 self.on_initialized();
@@ -330,7 +367,7 @@ impl State {
 
     fn on_initialized(&mut self) {
         let total = self.subs.len() + self.parked.len();
-        let done = self.subs.values().filter(|s| s.initialized).count();
+        let done = self.initialized;
         self.out.push_back(FeedEvent::Initialized {
             regions_done: done,
             regions_total: total,
@@ -346,7 +383,7 @@ impl State {
         error: &cdcpb::Error,
         limit: u32,
     ) -> Result<(), FeedError> {
-        let Some(sub) = self.subs.remove(&request_id) else {
+        let Some(sub) = self.remove_sub(request_id) else {
             return Ok(());
         };
         let region = sub.region.id.0;
@@ -374,15 +411,29 @@ impl State {
     /// A resolved ts for `regions` of `request_id` (0: of any request, as
     /// servers that predate per-request resolved ts send it).
     fn on_resolved(&mut self, request_id: u64, regions: &[u64], ts: u64) {
-        for (id, sub) in &mut self.subs {
-            let ours = request_id == 0 || request_id == *id;
-            // Before INITIALIZED a resolved ts does not cover the catch-up.
-            if ours && sub.initialized && regions.contains(&sub.region.id.0) {
-                sub.floor = sub.floor.max(ts);
+        // Before INITIALIZED a resolved ts does not cover the catch-up.
+        let mut raise = |sub: &mut Sub| {
+            if sub.initialized && ts > sub.floor {
+                forget_floor(&mut self.floors, sub.floor);
+                *self.floors.entry(ts).or_default() += 1;
+                sub.floor = ts;
             }
+        };
+        if request_id == 0 {
+            // One message for every subscription of the listed regions.
+            let regions: HashSet<u64> = regions.iter().copied().collect();
+            self.subs
+                .values_mut()
+                .filter(|sub| regions.contains(&sub.region.id.0))
+                .for_each(&mut raise);
+        } else if let Some(sub) = self.subs.get_mut(&request_id)
+            && regions.contains(&sub.region.id.0)
+        {
+            raise(sub);
         }
-        let subs = self.subs.values().map(|s| s.floor);
-        let Some(lowest) = subs.chain(self.parked.iter().map(|p| p.floor)).min() else {
+        let subs = self.floors.keys().next().copied();
+        let parked = self.parked.iter().map(|p| p.floor).min();
+        let Some(lowest) = subs.into_iter().chain(parked).min() else {
             return;
         };
         // Pairs at or below every floor can never be delivered again.
@@ -397,6 +448,16 @@ impl State {
             self.resolved = lowest;
             self.out
                 .push_back(FeedEvent::ResolvedTs(TimeStamp::new(lowest)));
+        }
+    }
+}
+
+/// Takes one subscription at `floor` out of the multiset.
+fn forget_floor(floors: &mut BTreeMap<u64, usize>, floor: u64) {
+    if let Some(count) = floors.get_mut(&floor) {
+        *count -= 1;
+        if *count == 0 {
+            floors.remove(&floor);
         }
     }
 }

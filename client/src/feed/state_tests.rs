@@ -349,3 +349,75 @@ fn retries_back_off_within_a_bound() {
     }
     assert_eq!(Cause::Region.delay(0), Duration::ZERO);
 }
+
+/// The multiset of floors and the initialized count agree with `subs`.
+fn assert_indexes_agree(state: &State) {
+    let mut floors = BTreeMap::new();
+    for sub in state.subs.values() {
+        *floors.entry(sub.floor).or_insert(0usize) += 1;
+    }
+    assert_eq!(state.floors, floors);
+    let initialized = state.subs.values().filter(|s| s.initialized).count();
+    assert_eq!(state.initialized, initialized);
+}
+
+#[test]
+fn many_regions_resolve_to_their_minimum_through_errors_and_both_wire_forms() {
+    let n = 300u64;
+    let regions = (0..n)
+        .map(|i| {
+            let start = if i == 0 {
+                Vec::new()
+            } else {
+                format!("k{i:04}").into_bytes()
+            };
+            let end = if i + 1 == n {
+                Vec::new()
+            } else {
+                format!("k{:04}", i + 1).into_bytes()
+            };
+            region(10 + i, 1, &start, &end)
+        })
+        .collect();
+    let (mut state, requests) = state(regions);
+    assert_eq!(requests.len() as u64, n);
+    let mut last = None;
+    for id in 1..=n {
+        for item in feed(&mut state, rows(id, vec![initialized()])) {
+            if let FeedEvent::Initialized {
+                regions_done,
+                regions_total,
+            } = item
+            {
+                last = Some((regions_done, regions_total));
+            }
+        }
+    }
+    assert_eq!(last, Some((n as usize, n as usize)));
+    assert_indexes_agree(&state);
+    // Per-request messages: the span moves only once the last one has.
+    for id in 1..n {
+        assert!(feed(&mut state, resolved(id, vec![9 + id], 200 + id)).is_empty());
+    }
+    let items = feed(&mut state, resolved(n, vec![9 + n], 150));
+    assert_eq!(items, vec![FeedEvent::ResolvedTs(TimeStamp::new(150))]);
+    assert_indexes_agree(&state);
+    // A region of the wrong request id is ignored.
+    assert!(feed(&mut state, resolved(n, vec![10], 900)).is_empty());
+    // The one request-id-0 message for every region.
+    let all: Vec<u64> = (10..10 + n).collect();
+    let items = feed(&mut state, resolved(0, all, 400));
+    assert_eq!(items, vec![FeedEvent::ResolvedTs(TimeStamp::new(400))]);
+    assert_indexes_agree(&state);
+    // An error takes its floor out; its parked range holds the span still.
+    let stale = cdcpb::Error {
+        epoch_not_match: Some(EpochNotMatch::default()),
+        ..cdcpb::Error::default()
+    };
+    feed(&mut state, error(7, stale));
+    assert_indexes_agree(&state);
+    let others: Vec<u64> = (10..10 + n).filter(|r| *r != 16).collect();
+    assert!(feed(&mut state, resolved(0, others, 500)).is_empty());
+    assert_eq!(state.parked.len(), 1);
+    assert_eq!(state.initialized as u64, n - 1);
+}
