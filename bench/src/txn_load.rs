@@ -8,9 +8,9 @@
 //! from PD. The store then holds, per key, a write record (with the value
 //! inline when it is short, as here) and a deletion marker in the lock
 //! family where the lock was: exactly the shape that makes transactional
-//! scans harder than raw ones. A region error fails the preload (the
-//! layout does not change during a benchmark, and a retry would hide a
-//! problem worth seeing).
+//! scans harder than raw ones. A region error (the layout changed: a large
+//! preload splits regions on its own) makes a phase look its regions up
+//! and run again, a bounded number of times.
 
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,14 @@ pub async fn preload_txn(
     Ok(started.elapsed())
 }
 
-/// One transaction putting `keys` (the first is the primary).
+/// How often one phase of a preload transaction is retried after a region
+/// error (a split, merge or leader move since the lookup).
+const REGION_RETRIES: u32 = 20;
+
+/// One transaction putting `keys` (the first is the primary). A phase that
+/// meets a region error looks its keys' regions up again and is repeated:
+/// prewrite and commit are idempotent for one start ts, and the layout may
+/// change under a long preload (automatic splits).
 async fn write_txn(
     server: &Server,
     regions: &[RegionInfo],
@@ -68,22 +75,79 @@ async fn write_txn(
     let Some(primary) = keys.first().cloned() else {
         return Ok(());
     };
-    // Keys by region, the primary's region first: it commits first.
-    let mut groups: Vec<(RegionInfo, Vec<Vec<u8>>)> = Vec::new();
+    let txn_size = keys.len() as u64;
+    let start_ts = server.cluster.tso().await?.into_inner();
+    let mut layout = regions.to_vec();
+    let mut attempt = 0;
+    loop {
+        match prewrite(
+            server, &layout, &keys, &primary, start_ts, txn_size, value_size,
+        )
+        .await
+        {
+            Err(BenchError::Client(ClientError::Region(e))) if attempt < REGION_RETRIES => {
+                attempt += 1;
+                tracing::debug!(%e, attempt, "preload prewrite: region changed");
+                layout = relocate(server, &keys).await?;
+            }
+            other => break other?,
+        }
+    }
+    let commit_ts = server.cluster.tso().await?.into_inner();
+    // The primary first (its group leads), then the rest.
+    loop {
+        match commit(server, &layout, &keys, &primary, start_ts, commit_ts).await {
+            Err(BenchError::Client(ClientError::Region(e))) if attempt < REGION_RETRIES => {
+                attempt += 1;
+                tracing::debug!(%e, attempt, "preload commit: region changed");
+                layout = relocate(server, &keys).await?;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The regions holding `keys` now.
+async fn relocate(server: &Server, keys: &[Vec<u8>]) -> Result<Vec<RegionInfo>, BenchError> {
+    let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut end = last.clone();
+    end.push(0);
+    let (start, end) = KeyMode::Txn.region_range(first, &end);
+    Ok(server.cluster.regions_in_range(&start, &end).await?)
+}
+
+/// Keys of one region.
+type Group = (RegionInfo, Vec<Vec<u8>>);
+
+/// `keys` by region, the primary's region first: it commits first.
+fn by_region(regions: &[RegionInfo], keys: &[Vec<u8>]) -> Result<Vec<Group>, BenchError> {
+    let mut groups: Vec<Group> = Vec::new();
     for key in keys {
-        let encoded = KeyMode::Txn.region_key(&key);
+        let encoded = KeyMode::Txn.region_key(key);
         let region = regions
             .iter()
             .find(|r| r.contains(&encoded))
             .ok_or_else(|| BenchError::Feed("no region holds a preloaded key".to_owned()))?;
         match groups.iter_mut().find(|(r, _)| r.id == region.id) {
-            Some((_, group)) => group.push(key),
-            None => groups.push((region.clone(), vec![key])),
+            Some((_, group)) => group.push(key.clone()),
+            None => groups.push((region.clone(), vec![key.clone()])),
         }
     }
-    let txn_size = groups.iter().map(|(_, g)| g.len() as u64).sum();
-    let start_ts = server.cluster.tso().await?.into_inner();
-    for (region, group) in &groups {
+    Ok(groups)
+}
+
+async fn prewrite(
+    server: &Server,
+    regions: &[RegionInfo],
+    keys: &[Vec<u8>],
+    primary: &[u8],
+    start_ts: u64,
+    txn_size: u64,
+    value_size: usize,
+) -> Result<(), BenchError> {
+    for (region, group) in by_region(regions, keys)? {
         let request = kvrpcpb::PrewriteRequest {
             context: Some(region.context()),
             mutations: group
@@ -95,14 +159,16 @@ async fn write_txn(
                     ..Default::default()
                 })
                 .collect(),
-            primary_lock: primary.clone(),
+            primary_lock: primary.to_vec(),
             start_version: start_ts,
             lock_ttl: LOCK_TTL_MS,
             txn_size,
             ..Default::default()
         };
         let response = server
-            .store
+            .cluster
+            .store(region.leader.store_id)
+            .await?
             .kv()
             .kv_prewrite(request)
             .await
@@ -113,18 +179,30 @@ async fn write_txn(
             return Err(BenchError::Feed(format!("KvPrewrite: {error:?}")));
         }
     }
-    let commit_ts = server.cluster.tso().await?.into_inner();
-    for (region, group) in &groups {
+    Ok(())
+}
+
+async fn commit(
+    server: &Server,
+    regions: &[RegionInfo],
+    keys: &[Vec<u8>],
+    primary: &[u8],
+    start_ts: u64,
+    commit_ts: u64,
+) -> Result<(), BenchError> {
+    for (region, group) in by_region(regions, keys)? {
         let request = kvrpcpb::CommitRequest {
             context: Some(region.context()),
             start_version: start_ts,
-            keys: group.clone(),
+            keys: group,
             commit_version: commit_ts,
-            primary_key: primary.clone(),
+            primary_key: primary.to_vec(),
             ..Default::default()
         };
         let response = server
-            .store
+            .cluster
+            .store(region.leader.store_id)
+            .await?
             .kv()
             .kv_commit(request)
             .await
