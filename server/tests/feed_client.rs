@@ -73,6 +73,17 @@ enum Disturbance<'a> {
 
 /// Splits and merges regions inside `f/` (and moves leaders between
 /// `stores`) until `done` turns true; returns how many changes were made.
+/// The server's regions, as `/debug/regions` lists them.
+async fn region_list(status: &str) -> Vec<serde_json::Value> {
+    let status = status.to_owned();
+    let (_, body) =
+        tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/regions"))
+            .await
+            .expect("/debug/regions");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    view["regions"].as_array().cloned().unwrap_or_default()
+}
+
 async fn reshape(server: &TestServer, seed: u64, stores: u32, done: watch::Receiver<bool>) -> u32 {
     use rand::{RngExt, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -80,13 +91,7 @@ async fn reshape(server: &TestServer, seed: u64, stores: u32, done: watch::Recei
     let mut changes = 0;
     while !*done.borrow() {
         let path = if stores > 1 && rng.random_bool(0.3) {
-            let status = status.clone();
-            let (_, body) =
-                tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/regions"))
-                    .await
-                    .expect("/debug/regions");
-            let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-            let regions = view["regions"].as_array().cloned().unwrap_or_default();
+            let regions = region_list(&status).await;
             let id = regions[rng.random_range(0..regions.len())]["id"]
                 .as_u64()
                 .expect("id");
@@ -102,13 +107,7 @@ async fn reshape(server: &TestServer, seed: u64, stores: u32, done: watch::Recei
             let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
             format!("/admin/split?key={hex}")
         } else {
-            let status = status.clone();
-            let (_, body) =
-                tokio::task::spawn_blocking(move || common::http_get(&status, "/debug/regions"))
-                    .await
-                    .expect("/debug/regions");
-            let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-            let regions = view["regions"].as_array().cloned().unwrap_or_default();
+            let regions = region_list(&status).await;
             // Any region but the last (which merges leftwards anyway).
             let pick = rng.random_range(0..regions.len().saturating_sub(1).max(1));
             let id = regions[pick]["id"].as_u64().expect("id");
