@@ -507,6 +507,24 @@ mod tests {
     }
 
     #[test]
+    fn stores_are_bounded() {
+        let mut cfg = Config::default();
+        for bad in [0, MAX_STORES + 1] {
+            cfg.server.stores = bad;
+            assert_eq!(invalid_key(&cfg), "server.stores");
+        }
+        // Their ports must fit above server.addr's.
+        cfg.server.stores = 3;
+        cfg.server.addr = "127.0.0.1:65534".to_owned();
+        assert_eq!(invalid_key(&cfg), "server.stores");
+        cfg.server.addr = "127.0.0.1:0".to_owned();
+        cfg.validate().expect("free ports for every store");
+        cfg.server.stores = MAX_STORES;
+        cfg.server.addr = "127.0.0.1:20160".to_owned();
+        cfg.validate().expect("16 stores from 20160");
+    }
+
+    #[test]
     fn split_keys_are_validated() {
         let ok = Config::parse("[server]\nsplit-keys = [\"6b00000000000000f9\"]").expect("parses");
         let keys = ok.split_keys().expect("a valid encoding");
