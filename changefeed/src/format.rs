@@ -1,0 +1,1 @@
+//! INTERFACE STUB — to be implemented.

@@ -1,0 +1,21 @@
+//! Changefeeds: the committed changes of a key range, delivered into a sink
+//! exactly once, in commit order, whole transactions at a time.
+//!
+//! A changefeed reads the feed through `kvfeed-client` (so it works against
+//! `kvfeed serve` and a TiKV cluster alike), keeps rows in the [`sorter`]
+//! until the range's resolved ts passes them, and then hands the sink a
+//! window: every row committed in `(checkpoint, resolved]`, sorted by
+//! commit ts with each transaction's rows together. When the sink has made
+//! the window durable, its end is the new checkpoint. See [`sink`] for the
+//! rules that make this exactly once.
+
+pub mod def;
+pub mod error;
+pub mod format;
+pub mod sink;
+pub mod sorter;
+
+pub use def::{ChangefeedDef, ChangefeedId, Format, Mode};
+pub use error::{DefError, SorterError};
+pub use sink::{AnySink, Sink, SinkError, SinkUri};
+pub use sorter::Sorter;

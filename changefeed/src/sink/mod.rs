@@ -1,0 +1,197 @@
+//! Where a changefeed's rows go, and how a sink makes delivery exactly once.
+//!
+//! The runner hands a sink one **window** at a time: every row committed in
+//! `(from, to]`, sorted by `(commit_ts, start_ts, key)` — so each
+//! transaction's rows are adjacent, a transaction being the rows that share
+//! `(commit_ts, start_ts)` — then `commit_window`, after which `to` is the
+//! sink's checkpoint: everything committed at or below it is durably in the
+//! sink, nothing above it is. Windows come in order, `from` of one being
+//! `to` of the one before; a window may hold no rows (a watermark alone).
+//!
+//! Exactly once rests on three rules every sink keeps:
+//! 1. `open` returns the checkpoint the sink durably holds; the runner
+//!    resumes the feed from it, so every row above it comes again and none
+//!    at or below it does.
+//! 2. What a window wrote before its `commit_window` returned is either
+//!    invisible after a crash (a file under a temporary name) or replaced
+//!    by an identical write when the window comes again (a webhook batch
+//!    with the same `Idempotency-Key`, a NATS message with the same id).
+//! 3. The checkpoint moves only after the window's rows are durable.
+//!
+//! Each sink also keeps the changefeed's definition beside its checkpoint:
+//! `open` refuses a sink that holds another changefeed, and `kvfeed verify`
+//! needs nothing but the sink's URI.
+
+pub mod file;
+pub mod webhook;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use kvfeed_client::feed::Row;
+use kvfeed_types::TimeStamp;
+
+use crate::def::ChangefeedDef;
+
+pub use file::FileSink;
+pub use webhook::WebhookSink;
+
+/// Where rows go; see the module comment for the contract.
+pub trait Sink: Send {
+    /// Prepares the sink for `def`: a fresh sink stores the definition and
+    /// answers `None`; a sink that holds the same changefeed (see
+    /// [`ChangefeedDef::same_feed`]) answers its checkpoint, after undoing
+    /// whatever an interrupted window left behind; a sink that holds
+    /// another changefeed is an error. Also takes whatever lock keeps a
+    /// second process from writing the same sink.
+    fn open(
+        &mut self,
+        def: &ChangefeedDef,
+    ) -> impl Future<Output = Result<Option<TimeStamp>, SinkError>> + Send;
+
+    /// Starts the window `(from, to]`.
+    fn begin_window(
+        &mut self,
+        from: TimeStamp,
+        to: TimeStamp,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// The window's next rows, in order; one call may end or begin in the
+    /// middle of a transaction (a sink that sends whole transactions
+    /// buffers until it sees the next one start, or the window end).
+    fn write(&mut self, rows: &[Row]) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Makes the window's rows durable and then `to` the checkpoint.
+    fn commit_window(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// A sink's address, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkUri {
+    /// `file:///DIR` (or `file://DIR` for a relative directory).
+    File(PathBuf),
+    /// `http://…` or `https://…`, used as it is.
+    Webhook(String),
+}
+
+impl SinkUri {
+    /// Parses a sink URI; an unknown scheme is refused with the list of
+    /// known ones.
+    pub fn parse(uri: &str) -> Result<SinkUri, SinkError> {
+        if let Some(path) = uri.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err(SinkError::BadUri {
+                    uri: uri.to_owned(),
+                    reason: "no directory after file://".to_owned(),
+                });
+            }
+            return Ok(SinkUri::File(PathBuf::from(path)));
+        }
+        if uri.starts_with("http://") || uri.starts_with("https://") {
+            let host = uri.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+            if host.is_empty() || host.starts_with('/') {
+                return Err(SinkError::BadUri {
+                    uri: uri.to_owned(),
+                    reason: "no host".to_owned(),
+                });
+            }
+            return Ok(SinkUri::Webhook(uri.to_owned()));
+        }
+        let scheme = uri.split_once("://").map_or(uri, |(scheme, _)| scheme);
+        Err(SinkError::UnknownScheme {
+            uri: uri.to_owned(),
+            scheme: scheme.to_owned(),
+        })
+    }
+}
+
+/// A sink of either kind, so the runner needs no trait objects.
+#[derive(Debug)]
+pub enum AnySink {
+    /// NDJSON files in a directory.
+    File(FileSink),
+    /// POSTs to an HTTP endpoint.
+    Webhook(WebhookSink),
+}
+
+impl Sink for AnySink {
+    async fn open(&mut self, def: &ChangefeedDef) -> Result<Option<TimeStamp>, SinkError> {
+        match self {
+            AnySink::File(s) => s.open(def).await,
+            AnySink::Webhook(s) => s.open(def).await,
+        }
+    }
+
+    async fn begin_window(&mut self, from: TimeStamp, to: TimeStamp) -> Result<(), SinkError> {
+        match self {
+            AnySink::File(s) => s.begin_window(from, to).await,
+            AnySink::Webhook(s) => s.begin_window(from, to).await,
+        }
+    }
+
+    async fn write(&mut self, rows: &[Row]) -> Result<(), SinkError> {
+        match self {
+            AnySink::File(s) => s.write(rows).await,
+            AnySink::Webhook(s) => s.write(rows).await,
+        }
+    }
+
+    async fn commit_window(&mut self) -> Result<(), SinkError> {
+        match self {
+            AnySink::File(s) => s.commit_window().await,
+            AnySink::Webhook(s) => s.commit_window().await,
+        }
+    }
+}
+
+/// A sink that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A URI whose scheme no sink serves.
+    #[error("unknown sink scheme {scheme:?} in {uri:?}: expected file://, http:// or https://")]
+    UnknownScheme {
+        /// The URI given.
+        uri: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// A URI of a known scheme that is malformed.
+    #[error("invalid sink URI {uri:?}: {reason}")]
+    BadUri {
+        /// The URI given.
+        uri: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse() {
+        assert_eq!(
+            SinkUri::parse("file:///tmp/out").ok(),
+            Some(SinkUri::File(PathBuf::from("/tmp/out")))
+        );
+        assert_eq!(
+            SinkUri::parse("file://out").ok(),
+            Some(SinkUri::File(PathBuf::from("out")))
+        );
+        assert_eq!(
+            SinkUri::parse("https://example.com/hook").ok(),
+            Some(SinkUri::Webhook("https://example.com/hook".to_owned()))
+        );
+        assert!(matches!(
+            SinkUri::parse("kafka://localhost:9092/t"),
+            Err(SinkError::UnknownScheme { scheme, .. }) if scheme == "kafka"
+        ));
+        assert!(matches!(
+            SinkUri::parse("/tmp/out"),
+            Err(SinkError::UnknownScheme { .. })
+        ));
+        assert!(SinkUri::parse("file://").is_err());
+        assert!(SinkUri::parse("http:///x").is_err());
+    }
+}
