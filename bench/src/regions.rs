@@ -447,6 +447,7 @@ pub async fn run(args: &RegionsArgs) -> Result<Report, BenchError> {
         start: prefix.clone(),
         end: end.clone(),
         start_ts: server.cluster.tso().await?,
+        old_value: false,
     };
     let seen = Arc::new(Mutex::new(Seen::new()));
     let registered = Instant::now();

@@ -106,6 +106,7 @@ impl Plan {
                     end: &sub.end,
                     checkpoint_ts: checkpoint,
                     mode: self.mode,
+                    old_value: false,
                 }
                 .request()
             })

@@ -86,6 +86,25 @@ impl Default for ConnectOptions {
     }
 }
 
+/// PD's answer to [`Cluster::update_service_safe_point`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSafePoint {
+    /// The safe point asked for.
+    pub requested: TimeStamp,
+    /// The service holding the lowest safe point after the call.
+    pub min_service: String,
+    /// The lowest service safe point after the call.
+    pub min_safe_point: TimeStamp,
+}
+
+impl ServiceSafePoint {
+    /// Whether PD holds the requested safe point: it refuses one below the
+    /// minimum, and then the minimum is above what was asked.
+    pub fn held(&self) -> bool {
+        self.min_safe_point <= self.requested
+    }
+}
+
 /// A connection to a kvfeed (or TiKV) cluster. Cheap to clone; clones share
 /// channels and the timestamp stream.
 #[derive(Clone)]
@@ -308,6 +327,51 @@ impl Cluster {
             .timestamp
             .ok_or_else(|| ClientError::bad("Tso", "no timestamp"))?;
         timestamp_from_proto(&ts)
+    }
+
+    /// PD's GC safe point: versions at or below it may be gone.
+    pub async fn gc_safe_point(&self) -> Result<TimeStamp> {
+        let mut pd = self.pd();
+        let request = pdpb::GetGcSafePointRequest {
+            header: self.header(),
+        };
+        let response = self
+            .pd_call("GetGCSafePoint", pd.get_gc_safe_point(request))
+            .await?;
+        check_header("GetGCSafePoint", response.header.as_ref())?;
+        Ok(TimeStamp::new(response.safe_point))
+    }
+
+    /// PD's `UpdateServiceGCSafePoint`: asks PD to keep every version above
+    /// `safe_point` for `ttl_secs` on behalf of `service_id` (`ttl_secs <= 0`
+    /// removes the service). PD refuses a safe point below the current
+    /// minimum of all services; the answer says which, so the caller can
+    /// tell (see [`ServiceSafePoint::held`]).
+    pub async fn update_service_safe_point(
+        &self,
+        service_id: &str,
+        ttl_secs: i64,
+        safe_point: TimeStamp,
+    ) -> Result<ServiceSafePoint> {
+        let mut pd = self.pd();
+        let request = pdpb::UpdateServiceGcSafePointRequest {
+            header: self.header(),
+            service_id: service_id.as_bytes().to_vec(),
+            ttl: ttl_secs,
+            safe_point: safe_point.into_inner(),
+        };
+        let response = self
+            .pd_call(
+                "UpdateServiceGCSafePoint",
+                pd.update_service_gc_safe_point(request),
+            )
+            .await?;
+        check_header("UpdateServiceGCSafePoint", response.header.as_ref())?;
+        Ok(ServiceSafePoint {
+            requested: safe_point,
+            min_service: String::from_utf8_lossy(&response.service_id).into_owned(),
+            min_safe_point: TimeStamp::new(response.min_safe_point),
+        })
     }
 
     /// The region containing `region_key` (in PD's key space: see

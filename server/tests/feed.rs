@@ -240,6 +240,7 @@ fn request_for(cluster_id: u64, region: &RegionInfo, request_id: u64) -> ChangeD
         end: &region.end_key,
         checkpoint_ts: 0,
         mode: KeyMode::Txn,
+        old_value: false,
     }
     .request()
 }

@@ -133,6 +133,7 @@ fn register(
         end: &encode_bytes(&end),
         checkpoint_ts: 0,
         mode: KeyMode::Txn,
+        old_value: false,
     }
     .request()
 }

@@ -33,6 +33,7 @@
 //!     start: b"user/".to_vec(),
 //!     end: b"user0".to_vec(), // '0' follows '/': every key under user/
 //!     start_ts: cluster.tso().await?,
+//!     old_value: false,
 //! };
 //! let mut feed = Feed::open(&cluster, &spec);
 //! loop {
@@ -139,7 +140,10 @@ pub struct FeedSpec {
     /// means "from now on"; an older one replays what was committed since
     /// (the catch-up). kvfeed refuses a start below its GC safe point with
     /// `compatibility`, which ends the feed with [`FeedError::Refused`].
-    pub start_ts: TimeStamp,
+    pub start_ts: TimeStamp,    /// Whether rows carry the value the key had before the change
+    /// ([`Row::old_value`]): the Register requests then ask for
+    /// `extra_op = ReadOldValue`, which costs the server a read per change.
+    pub old_value: bool,
 }
 
 /// A change's kind.
@@ -167,9 +171,9 @@ pub struct Row {
     /// when that is empty, the one staged by its PREWRITE. Empty for a
     /// delete.
     pub value: Bytes,
-    /// The value before the change, when the server sent it. This client
-    /// does not ask for old values (its Register requests leave `extra_op`
-    /// unset), so against kvfeed it is empty.
+    /// The value before the change, when [`FeedSpec::old_value`] asked for
+    /// it; empty otherwise, and empty when the key had no value (TiKV's
+    /// feed does not tell an empty value from none).
     pub old_value: Bytes,
 }
 
@@ -324,7 +328,8 @@ impl Feed {
             cluster.cluster_id(),
             range,
             spec.start_ts.into_inner(),
-        );
+        )
+        .with_old_value(spec.old_value);
         Feed {
             cluster: cluster.clone(),
             state,

@@ -8,6 +8,7 @@
 
 use kvfeed_proto::cdcpb::change_data_request::{self, KvApi, Register};
 use kvfeed_proto::cdcpb::{self, ChangeDataRequest, Header};
+use kvfeed_proto::kvrpcpb::ExtraOp;
 
 use crate::{KeyMode, RegionInfo};
 
@@ -51,6 +52,8 @@ pub struct Registration<'a> {
     pub checkpoint_ts: u64,
     /// The key space, sent as the request's `kv_api`.
     pub mode: KeyMode,
+    /// Ask for old values (`extra_op = ReadOldValue`).
+    pub old_value: bool,
 }
 
 impl Registration<'_> {
@@ -69,6 +72,11 @@ impl Registration<'_> {
             request_id: self.request_id,
             request: Some(change_data_request::Request::Register(Register {})),
             kv_api: kv_api(self.mode).into(),
+            extra_op: if self.old_value {
+                ExtraOp::ReadOldValue.into()
+            } else {
+                ExtraOp::Noop.into()
+            },
             ..ChangeDataRequest::default()
         }
     }

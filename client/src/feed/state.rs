@@ -84,6 +84,8 @@ impl Parked {
 #[derive(Debug)]
 pub(super) struct State {
     mode: KeyMode,
+    /// Registrations ask for old values.
+    old_value: bool,
     cluster_id: u64,
     next_request_id: u64,
     subs: BTreeMap<u64, Sub>,
@@ -108,9 +110,16 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Makes every registration ask for old values.
+    pub(super) fn with_old_value(mut self, old_value: bool) -> State {
+        self.old_value = old_value;
+        self
+    }
+
     pub(super) fn new(mode: KeyMode, cluster_id: u64, range: (Vec<u8>, Vec<u8>), ts: u64) -> State {
         State {
             mode,
+            old_value: false,
             cluster_id,
             next_request_id: 1,
             subs: BTreeMap::new(),
@@ -169,6 +178,7 @@ impl State {
             end: &sub.end,
             checkpoint_ts: sub.floor,
             mode: self.mode,
+            old_value: self.old_value,
         }
         .request()
     }

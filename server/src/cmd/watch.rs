@@ -253,6 +253,7 @@ impl<O: Write, N: Write> Watcher<'_, O, N> {
                 start: self.spec.start.clone(),
                 end: self.spec.end.clone(),
                 start_ts: TimeStamp::new(checkpoint),
+                old_value: false,
             },
         );
         loop {

@@ -31,6 +31,7 @@ pub async fn subscribe(
             start: start.to_vec(),
             end: end.to_vec(),
             start_ts,
+            old_value: false,
         },
     );
     let (tx, mut rx) = watch::channel(Seen::default());

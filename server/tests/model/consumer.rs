@@ -268,6 +268,7 @@ pub async fn open(
             end: &end,
             checkpoint_ts: checkpoints[i],
             mode,
+            old_value: false,
         }
         .request();
         tx.send(request).await.expect("request queue open");

@@ -34,6 +34,7 @@ fn open(cluster: &Cluster, mode: KeyMode, range: &(Vec<u8>, Vec<u8>), start_ts: 
         start: range.0.clone(),
         end: range.1.clone(),
         start_ts: TimeStamp::new(start_ts),
+        old_value: false,
     };
     Feed::open(cluster, &spec)
 }
