@@ -162,19 +162,6 @@ impl ChangefeedDef {
         };
         strip(self) == strip(other)
     }
-
-    /// The exclusive end of the keys under `prefix` (empty when every key
-    /// from `prefix` on is under it, e.g. `ff ff`).
-    pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-        let mut end = prefix.to_vec();
-        while let Some(last) = end.pop() {
-            if last < 0xff {
-                end.push(last + 1);
-                return end;
-            }
-        }
-        Vec::new()
-    }
 }
 
 /// Byte strings as lower-case hex in the stored definition: exact, and
@@ -287,14 +274,6 @@ mod tests {
             ..def()
         };
         assert!(!def().same_feed(&raw));
-    }
-
-    #[test]
-    fn prefix_ends() {
-        assert_eq!(ChangefeedDef::prefix_end(b"user/"), b"user0");
-        assert_eq!(ChangefeedDef::prefix_end(&[b'a', 0xff]), b"b");
-        assert_eq!(ChangefeedDef::prefix_end(&[0xff, 0xff]), Vec::<u8>::new());
-        assert_eq!(ChangefeedDef::prefix_end(b""), Vec::<u8>::new());
     }
 
     #[test]

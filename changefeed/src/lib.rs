@@ -12,10 +12,14 @@
 pub mod def;
 pub mod error;
 pub mod format;
+pub mod runner;
 pub mod sink;
 pub mod sorter;
+pub mod status;
 
 pub use def::{ChangefeedDef, ChangefeedId, Format, Mode};
-pub use error::{DefError, SorterError};
+pub use error::{ChangefeedError, DefError, SorterError};
+pub use runner::{Changefeed, RunOptions};
 pub use sink::{AnySink, Sink, SinkError, SinkUri};
 pub use sorter::Sorter;
+pub use status::{State, Status};

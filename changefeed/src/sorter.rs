@@ -28,6 +28,11 @@ impl Sorter {
         todo!()
     }
 
+    /// The lowest commit ts held.
+    pub fn min_commit_ts(&self) -> Option<TimeStamp> {
+        todo!()
+    }
+
     /// Whether no row is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

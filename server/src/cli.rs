@@ -70,6 +70,13 @@ pub enum Command {
     /// Change a running server's region layout (split, merge, move a
     /// leader) or print it, through its status address.
     Admin(crate::cmd::admin::AdminArgs),
+    /// Deliver the changes of a key range into a sink (files, a webhook)
+    /// exactly once, in commit order, whole transactions together.
+    Changefeed(crate::cmd::changefeed::ChangefeedArgs),
+    /// Check that a changefeed's sink holds exactly the store's history up
+    /// to its checkpoint: every change once, in commit order, transactions
+    /// whole. Exits with status 1 on any problem.
+    Verify(crate::cmd::verify::VerifyArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]

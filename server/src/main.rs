@@ -25,6 +25,8 @@ fn main() -> ExitCode {
         Command::Watch(args) => kvfeed::cmd::watch::run(args).map_err(Into::into),
         Command::Bench(args) => kvfeed_bench::run(args).map_err(Into::into),
         Command::Admin(args) => kvfeed::cmd::admin::run(args).map_err(Into::into),
+        Command::Changefeed(args) => kvfeed::cmd::changefeed::run(args).map_err(Into::into),
+        Command::Verify(args) => kvfeed::cmd::verify::run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

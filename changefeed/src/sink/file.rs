@@ -23,3 +23,9 @@ impl Sink for FileSink {
         todo!()
     }
 }
+impl FileSink {
+    /// stub
+    pub fn new(dir: std::path::PathBuf) -> FileSink {
+        todo!("{dir:?}")
+    }
+}

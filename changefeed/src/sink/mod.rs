@@ -165,6 +165,13 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// Whether retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        todo!()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

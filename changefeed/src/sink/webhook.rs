@@ -23,3 +23,12 @@ impl Sink for WebhookSink {
         todo!()
     }
 }
+/// stub
+#[derive(Debug, Default)]
+pub struct WebhookOptions {}
+impl WebhookSink {
+    /// stub
+    pub fn new(url: String, dir: std::path::PathBuf, o: WebhookOptions) -> WebhookSink {
+        todo!("{dir:?}{url}{o:?}")
+    }
+}

@@ -10,8 +10,10 @@
 //! time, and a single thread starts faster than a pool.
 
 pub mod admin;
+pub mod changefeed;
 pub mod format;
 pub mod kv;
+pub mod verify;
 pub mod watch;
 
 use std::io::{self, Write};

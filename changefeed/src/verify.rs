@@ -1,0 +1,253 @@
+//! `kvfeed verify`: proves that a sink holds every change of its range
+//! exactly once, in commit order, whole transactions together.
+//!
+//! It reads what the sink holds up to its checkpoint, checks the order
+//! rules row by row, replays the rows over the range's state at the start
+//! ts, and compares the result with a snapshot scan at the checkpoint:
+//! - order: `(commit_ts, start_ts, key)` strictly increases through the
+//!   sink, so commit order holds, each transaction's rows are adjacent and
+//!   no row appears twice;
+//! - windows: every row lies in its window `(from, to]` and above the start
+//!   ts, so no transaction is split across windows and none leaks past the
+//!   checkpoint;
+//! - content: every key's value after the replay equals the store's at the
+//!   checkpoint, and no key is missing or extra — a lost or torn
+//!   transaction shows up here.
+//!
+//! Raw keys have no snapshots at a past ts: a raw changefeed is compared
+//! with the store as it is now, which matches only while nothing has been
+//! written to the range since the checkpoint; with a start ts above 0 only
+//! the keys the sink holds are compared (the earlier state is unknown).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use kvfeed_client::feed::{Op, Row};
+use kvfeed_client::text::escape;
+use kvfeed_client::{ClientError, Cluster};
+use kvfeed_types::TimeStamp;
+
+use crate::def::{ChangefeedDef, Mode};
+use crate::sink::file::FileSinkReader;
+use crate::sink::{SinkError, SinkUri};
+
+/// Mismatches listed in full; the rest are only counted.
+pub const MAX_LISTED: usize = 50;
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    /// The changefeed the sink holds.
+    pub id: String,
+    /// The sink's checkpoint (0 when it has none yet).
+    pub checkpoint_ts: u64,
+    /// Rows read.
+    pub rows: u64,
+    /// Transactions read (distinct `(commit_ts, start_ts)`).
+    pub transactions: u64,
+    /// Keys compared with the store.
+    pub keys_compared: u64,
+    /// Problems found, at most [`MAX_LISTED`].
+    pub problems: Vec<String>,
+    /// Problems found in all.
+    pub problem_count: u64,
+}
+
+impl Report {
+    /// Whether the sink is exactly the store's history.
+    pub fn is_clean(&self) -> bool {
+        self.problem_count == 0
+    }
+
+    fn problem(&mut self, text: String) {
+        self.problem_count += 1;
+        if self.problems.len() < MAX_LISTED {
+            self.problems.push(text);
+        }
+    }
+}
+
+/// Why `verify` could not check.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The sink cannot be read.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// A webhook cannot be read back.
+    #[error(
+        "{uri}: a webhook sink cannot be read back; verify the receiver's copy, or use a file:// sink"
+    )]
+    Unreadable {
+        /// The URI given.
+        uri: String,
+    },
+    /// The snapshot scan failed.
+    #[error("scanning the store")]
+    Scan(#[from] ClientError),
+}
+
+/// Reads the sink at `uri` and compares it with `cluster`.
+pub async fn verify(cluster: &Cluster, uri: &str) -> Result<Report, VerifyError> {
+    let dir: PathBuf = match SinkUri::parse(uri)? {
+        SinkUri::File(dir) => dir,
+        SinkUri::Webhook(_) => {
+            return Err(VerifyError::Unreadable {
+                uri: uri.to_owned(),
+            });
+        }
+    };
+    let reader = FileSinkReader::open(&dir)?;
+    let def = reader.def().clone();
+    let checkpoint = reader.checkpoint().unwrap_or(def.start_ts);
+    let mut report = Report {
+        id: def.id.to_string(),
+        checkpoint_ts: checkpoint.into_inner(),
+        ..Report::default()
+    };
+    let mut replay = Replay::new(&def, checkpoint);
+    for item in reader.rows()? {
+        let (row, place) = item?;
+        replay.row(&row, &place, &mut report);
+    }
+    let (expected, complete) = replay.expected(cluster).await?;
+    let actual = snapshot(cluster, &def, checkpoint).await?;
+    compare(expected, actual, complete, &mut report);
+    Ok(report)
+}
+
+/// The rows' effect, and the order checks.
+struct Replay<'a> {
+    def: &'a ChangefeedDef,
+    checkpoint: TimeStamp,
+    last: Option<(TimeStamp, TimeStamp, bytes::Bytes)>,
+    /// Key → value after the rows so far; `None` = deleted.
+    state: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Replay<'a> {
+    fn new(def: &'a ChangefeedDef, checkpoint: TimeStamp) -> Self {
+        Replay {
+            def,
+            checkpoint,
+            last: None,
+            state: BTreeMap::new(),
+        }
+    }
+
+    fn row(&mut self, row: &Row, place: &str, report: &mut Report) {
+        report.rows += 1;
+        let order = (row.commit_ts, row.start_ts, row.key.clone());
+        match &self.last {
+            Some(last) if *last >= order => {
+                let what = if *last == order {
+                    "a duplicate of the row before"
+                } else {
+                    "out of order"
+                };
+                report.problem(format!(
+                    "{place}: key {} at commit_ts {} is {what}",
+                    escape(&row.key),
+                    row.commit_ts
+                ));
+            }
+            Some(last) if (last.0, last.1) == (order.0, order.1) => {}
+            _ => report.transactions += 1,
+        }
+        self.last = Some(order);
+        if row.commit_ts <= self.def.start_ts || row.commit_ts > self.checkpoint {
+            report.problem(format!(
+                "{place}: key {} at commit_ts {} lies outside (start ts {}, checkpoint {}]",
+                escape(&row.key),
+                row.commit_ts,
+                self.def.start_ts,
+                self.checkpoint
+            ));
+        }
+        let key = row.key.as_ref();
+        if key < self.def.start.as_slice() || (!self.def.end.is_empty() && key >= &self.def.end[..])
+        {
+            report.problem(format!(
+                "{place}: key {} lies outside the changefeed's range",
+                escape(key)
+            ));
+        }
+        let value = match row.op {
+            Op::Put => Some(row.value.to_vec()),
+            Op::Delete => None,
+        };
+        self.state.insert(row.key.to_vec(), value);
+    }
+
+    /// The range's state at the checkpoint as the sink tells it (key →
+    /// value, `None` = no value): the state at the start ts with the rows
+    /// applied, and whether it covers the whole range (it does not for a
+    /// raw changefeed that started above 0: only the keys it touched).
+    async fn expected(self, cluster: &Cluster) -> Result<(Expected, bool), ClientError> {
+        let complete = self.def.start_ts.is_zero() || self.def.mode == Mode::Txn;
+        let mut base: Expected = if self.def.start_ts.is_zero() || !complete {
+            BTreeMap::new()
+        } else {
+            snapshot(cluster, self.def, self.def.start_ts)
+                .await?
+                .into_iter()
+                .map(|(k, v)| (k, Some(v)))
+                .collect()
+        };
+        base.extend(self.state);
+        Ok((base, complete))
+    }
+}
+
+/// Key → value, `None` = no value.
+type Expected = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Every pair of the range at `ts` (raw: as it is now).
+async fn snapshot(
+    cluster: &Cluster,
+    def: &ChangefeedDef,
+    ts: TimeStamp,
+) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, ClientError> {
+    let mut scanner = cluster.scan_at(def.mode.into(), &def.start, &def.end, None, ts);
+    let mut out = BTreeMap::new();
+    while let Some(page) = scanner.next_page().await? {
+        out.extend(page.into_iter().map(|p| (p.key, p.value)));
+    }
+    Ok(out)
+}
+
+/// Lists keys whose value differs between what the sink says and the
+/// store; when `complete`, keys the sink never mentioned must not exist.
+fn compare(
+    expected: Expected,
+    mut actual: BTreeMap<Vec<u8>, Vec<u8>>,
+    complete: bool,
+    report: &mut Report,
+) {
+    let show = |v: &Option<Vec<u8>>| match v {
+        Some(v) => format!("{:?}", escape(v)),
+        None => "no value".to_owned(),
+    };
+    for (key, want) in expected {
+        report.keys_compared += 1;
+        let have = actual.remove(&key);
+        if have != want {
+            report.problem(format!(
+                "key {}: the sink says {}, the store has {}",
+                escape(&key),
+                show(&want),
+                show(&have)
+            ));
+        }
+    }
+    if !complete {
+        return;
+    }
+    for (key, have) in actual {
+        report.keys_compared += 1;
+        report.problem(format!(
+            "key {}: the store has {:?}, the sink has no value (a change is missing)",
+            escape(&key),
+            escape(&have)
+        ));
+    }
+}
