@@ -16,6 +16,7 @@ pub mod runner;
 pub mod sink;
 pub mod sorter;
 pub mod status;
+pub mod verify;
 
 pub use def::{ChangefeedDef, ChangefeedId, Format, Mode};
 pub use error::{ChangefeedError, DefError, SorterError};

@@ -187,11 +187,7 @@ impl Changefeed {
         let mut last_hold = Instant::now();
         loop {
             match feed.next().await? {
-                FeedEvent::Row(row) => {
-                    if row.commit_ts > checkpoint {
-                        sorter.add(row)?;
-                    }
-                }
+                FeedEvent::Row(row) if row.commit_ts > checkpoint => sorter.add(row)?,
                 FeedEvent::ResolvedTs(resolved) => {
                     self.status.lock().resolved_ts = resolved.into_inner();
                     if resolved <= checkpoint {

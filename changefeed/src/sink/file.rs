@@ -29,3 +29,26 @@ impl FileSink {
         todo!("{dir:?}")
     }
 }
+/// stub
+#[derive(Debug)]
+pub struct FileSinkReader {}
+impl FileSinkReader {
+    /// stub
+    pub fn open(dir: &std::path::Path) -> Result<FileSinkReader, SinkError> {
+        todo!("{dir:?}")
+    }
+    /// stub
+    pub fn def(&self) -> &ChangefeedDef {
+        todo!()
+    }
+    /// stub
+    pub fn checkpoint(&self) -> Option<TimeStamp> {
+        todo!()
+    }
+    /// stub
+    pub fn rows(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<(Row, String), SinkError>>, SinkError> {
+        Ok(std::iter::empty())
+    }
+}
