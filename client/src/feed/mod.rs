@@ -88,6 +88,7 @@
 //!   but silent is not a failure, though: the feed waits on it.
 
 mod request;
+pub mod staging;
 mod state;
 
 use std::collections::HashMap;
@@ -140,7 +141,8 @@ pub struct FeedSpec {
     /// means "from now on"; an older one replays what was committed since
     /// (the catch-up). kvfeed refuses a start below its GC safe point with
     /// `compatibility`, which ends the feed with [`FeedError::Refused`].
-    pub start_ts: TimeStamp,    /// Whether rows carry the value the key had before the change
+    pub start_ts: TimeStamp,
+    /// Whether rows carry the value the key had before the change
     /// ([`Row::old_value`]): the Register requests then ask for
     /// `extra_op = ReadOldValue`, which costs the server a read per change.
     pub old_value: bool,
@@ -269,6 +271,9 @@ pub enum FeedError {
     /// left to follow: there is no stream to read and no range to retry.
     #[error("no region covers the watched range")]
     NoRegions,
+    /// The staging store failed (see [`Feed::open_with_staging`]).
+    #[error(transparent)]
+    Staging(#[from] staging::StagingError),
 }
 
 /// Why a range waits to be subscribed again: decides its backoff and budget.
@@ -322,6 +327,16 @@ impl Feed {
     /// Starts following `spec` on `cluster`; the first subscriptions are
     /// made by the first [`Feed::next`].
     pub fn open(cluster: &Cluster, spec: &FeedSpec) -> Feed {
+        Feed::open_with_staging(cluster, spec, Box::new(staging::MemoryStaging::default()))
+    }
+
+    /// Like [`Feed::open`], keeping prewritten values in `staging` until
+    /// their COMMIT instead of in memory (see [`staging`]).
+    pub fn open_with_staging(
+        cluster: &Cluster,
+        spec: &FeedSpec,
+        staging: Box<dyn staging::Staging>,
+    ) -> Feed {
         let range = spec.mode.region_range(&spec.start, &spec.end);
         let state = State::new(
             spec.mode,
@@ -329,7 +344,8 @@ impl Feed {
             range,
             spec.start_ts.into_inner(),
         )
-        .with_old_value(spec.old_value);
+        .with_old_value(spec.old_value)
+        .with_staging(staging);
         Feed {
             cluster: cluster.clone(),
             state,

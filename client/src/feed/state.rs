@@ -17,7 +17,7 @@
 //! - the span's resolved ts is the minimum floor over subscribed and parked
 //!   ranges, and is handed out only when it rises.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use bytes::Bytes;
 use kvfeed_proto::cdcpb::event::row::OpType;
@@ -28,6 +28,7 @@ use prost::Message;
 use tokio::time::Instant;
 
 use super::request::{Registration, describe};
+use super::staging::{MemoryStaging, Staged, Staging};
 use super::{Cause, FeedError, FeedEvent, Op, Row};
 use crate::region::clip;
 use crate::{KeyMode, RegionInfo};
@@ -98,7 +99,7 @@ pub(super) struct State {
     initialized: usize,
     pub(super) parked: Vec<Parked>,
     /// Prewritten values by (key, start_ts), until COMMIT or ROLLBACK.
-    staged: HashMap<(Bytes, u64), Bytes>,
+    pub(super) staged: Box<dyn Staging>,
     /// Delivered (commit_ts, key) pairs above the floors.
     delivered: BTreeSet<(u64, Bytes)>,
     /// The last span resolved ts handed out.
@@ -110,6 +111,12 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Keeps prewritten values in `staging`.
+    pub(super) fn with_staging(mut self, staging: Box<dyn Staging>) -> State {
+        self.staged = staging;
+        self
+    }
+
     /// Makes every registration ask for old values.
     pub(super) fn with_old_value(mut self, old_value: bool) -> State {
         self.old_value = old_value;
@@ -126,7 +133,7 @@ impl State {
             floors: BTreeMap::new(),
             initialized: 0,
             parked: vec![Parked::new(range, ts, 0, Cause::Region)],
-            staged: HashMap::new(),
+            staged: Box::new(MemoryStaging::default()),
             delivered: BTreeSet::new(),
             resolved: ts,
             caught_up: false,
@@ -280,7 +287,7 @@ impl State {
                     if self.subs.contains_key(&e.request_id) {
                         self.count_catch_up(&entries.entries);
                         for row in entries.entries {
-                            self.on_row(e.request_id, row);
+                            self.on_row(e.request_id, row)?;
                         }
                     }
                 }
@@ -315,8 +322,7 @@ impl State {
         }
     }
 
-    fn on_row(&mut self, request_id: u64, row: cdcpb::event::Row) {
-        let staged_key = (row.key.clone(), row.start_ts);
+    fn on_row(&mut self, request_id: u64, row: cdcpb::event::Row) -> Result<(), FeedError> {
         match LogType::try_from(row.r#type) {
             Ok(LogType::Initialized) => {
                 if let Some(sub) = self.subs.get_mut(&request_id) {
@@ -329,29 +335,45 @@ impl State {
                 self.on_initialized();
             }
             Ok(LogType::Prewrite) => {
-                self.staged.insert(staged_key, row.value);
+                let staged = Staged {
+                    value: row.value,
+                    old_value: row.old_value,
+                };
+                self.staged.stage(&row.key, row.start_ts, staged)?;
             }
             Ok(LogType::Rollback) => {
-                self.staged.remove(&staged_key);
+                self.staged.take(&row.key, row.start_ts)?;
             }
             Ok(LogType::Commit) => {
-                let staged = self.staged.remove(&staged_key);
-                let value = match staged {
-                    Some(value) if row.value.is_empty() => value,
-                    _ => row.value.clone(),
+                // The COMMIT row carries a short value only; the PREWRITE
+                // carried the rest (and the old value), as TiCDC matches them.
+                let staged = self
+                    .staged
+                    .take(&row.key, row.start_ts)?
+                    .unwrap_or_default();
+                let value = if row.value.is_empty() {
+                    staged.value
+                } else {
+                    row.value.clone()
                 };
-                self.deliver(request_id, row, value);
+                let old_value = if row.old_value.is_empty() {
+                    staged.old_value
+                } else {
+                    row.old_value.clone()
+                };
+                self.deliver(request_id, row, value, old_value);
             }
             Ok(LogType::Committed) => {
-                self.staged.remove(&staged_key);
-                let value = row.value.clone();
-                self.deliver(request_id, row, value);
+                self.staged.take(&row.key, row.start_ts)?;
+                let (value, old_value) = (row.value.clone(), row.old_value.clone());
+                self.deliver(request_id, row, value, old_value);
             }
             Ok(LogType::Unknown) | Err(_) => {}
         }
+        Ok(())
     }
 
-    fn deliver(&mut self, request_id: u64, row: cdcpb::event::Row, value: Bytes) {
+    fn deliver(&mut self, request_id: u64, row: cdcpb::event::Row, value: Bytes, old_value: Bytes) {
         // At or below the floor it was delivered before this registration.
         let floor = self.subs.get(&request_id).map_or(0, |s| s.floor);
         if row.commit_ts <= floor || !self.delivered.insert((row.commit_ts, row.key.clone())) {
@@ -371,7 +393,7 @@ impl State {
             op,
             key: row.key,
             value,
-            old_value: row.old_value,
+            old_value,
         }));
     }
 

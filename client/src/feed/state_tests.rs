@@ -421,3 +421,43 @@ fn many_regions_resolve_to_their_minimum_through_errors_and_both_wire_forms() {
     assert_eq!(state.parked.len(), 1);
     assert_eq!(state.initialized as u64, n - 1);
 }
+
+#[test]
+fn old_values_come_from_the_prewrite_when_the_commit_has_none() {
+    let (mut state, _) = state(vec![region(1, 1, b"a", b"z")]);
+    let with_old = |mut r: WireRow, old: &[u8]| {
+        r.old_value = Bytes::copy_from_slice(old);
+        r
+    };
+    let items = feed(
+        &mut state,
+        rows(
+            1,
+            vec![
+                with_old(
+                    row(LogType::Prewrite, OpType::Put, b"k", b"new", 120, 0),
+                    b"old",
+                ),
+                row(LogType::Commit, OpType::Put, b"k", b"", 120, 121),
+                with_old(
+                    row(LogType::Committed, OpType::Put, b"j", b"v", 122, 122),
+                    b"was",
+                ),
+            ],
+        ),
+    );
+    let changes: Vec<&Row> = items
+        .iter()
+        .filter_map(|i| match i {
+            FeedEvent::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(changes.len(), 2, "{items:?}");
+    assert_eq!(
+        (&changes[0].value[..], &changes[0].old_value[..]),
+        (&b"new"[..], &b"old"[..])
+    );
+    assert_eq!(&changes[1].old_value[..], b"was");
+    assert!(state.staged.is_empty());
+}
