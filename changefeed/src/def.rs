@@ -227,7 +227,14 @@ mod tests {
         for good in ["a", "orders-1", "x_y.z", &"n".repeat(MAX_ID_LEN)] {
             assert!(ChangefeedId::new(good).is_ok(), "{good}");
         }
-        for bad in ["", ".hidden", "a/b", "a b", "é", &"n".repeat(MAX_ID_LEN + 1)] {
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            &"n".repeat(MAX_ID_LEN + 1),
+        ] {
             assert!(ChangefeedId::new(bad).is_err(), "{bad}");
         }
     }

@@ -15,6 +15,7 @@ pub mod format;
 pub mod runner;
 pub mod sink;
 pub mod sorter;
+pub mod staging;
 pub mod status;
 pub mod verify;
 

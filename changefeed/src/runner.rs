@@ -34,6 +34,7 @@ use crate::def::ChangefeedDef;
 use crate::error::ChangefeedError;
 use crate::sink::{AnySink, Sink};
 use crate::sorter::Sorter;
+use crate::staging::DiskStaging;
 use crate::status::{State, Status};
 
 /// Rows moved from the sorter into the sink per call: bounded work, and a
@@ -43,7 +44,9 @@ const DRAIN_CHUNK: usize = 4096;
 /// How a changefeed runs; the defaults suit most.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Rows kept in memory before the sorter spills to disk, in bytes.
+    /// Memory for rows, in bytes: half for rows waiting for the resolved ts
+    /// (the sorter), half for values of open transactions (the staging);
+    /// beyond it they spill to disk in the state directory.
     pub memory_budget: usize,
     /// TTL of the PD service safe point (TiCDC's `gc-ttl`, 24 h): how long
     /// history is kept for a changefeed that stopped without being removed.
@@ -168,7 +171,11 @@ impl Changefeed {
         let resumed = self.sink.open(&def).await?;
         let mut checkpoint = resumed.unwrap_or(def.start_ts);
         self.hold_safe_point(checkpoint, true).await?;
-        let mut sorter = Sorter::open(&self.state_dir.join("sorter"), self.options.memory_budget)?;
+        // Half the budget for rows waiting for the resolved ts, half for
+        // values of transactions still open.
+        let budget = self.options.memory_budget / 2;
+        let mut sorter = Sorter::open(&self.state_dir.join("sorter"), budget)?;
+        let staging = DiskStaging::open(&self.state_dir.join("staging"), budget)?;
         {
             let mut status = self.status.lock();
             status.state = State::Running;
@@ -182,7 +189,7 @@ impl Changefeed {
             start_ts: checkpoint,
             old_value: def.old_value,
         };
-        let mut feed = Feed::open(&self.cluster, &spec);
+        let mut feed = Feed::open_with_staging(&self.cluster, &spec, Box::new(staging));
         let mut last_window = Instant::now();
         let mut last_hold = Instant::now();
         loop {
