@@ -240,14 +240,14 @@ impl Sink for FileSink {
                 reason: "write without begin_window".to_owned(),
             })?;
             let mut done = 0;
+            let mut misplaced = None;
             for row in rows {
                 if row.commit_ts <= w.from || row.commit_ts > w.to {
-                    return Err(SinkError::Protocol {
-                        reason: format!(
-                            "a row committed at {} in the window ({}, {}]",
-                            row.commit_ts, w.from, w.to
-                        ),
-                    });
+                    misplaced = Some(format!(
+                        "a row committed at {} in the window ({}, {}]",
+                        row.commit_ts, w.from, w.to
+                    ));
+                    break;
                 }
                 format::encode(def, row, &mut w.buf);
                 w.buf.push(b'\n');
@@ -256,6 +256,11 @@ impl Sink for FileSink {
                 if w.buf.len() >= FLUSH_BYTES {
                     break;
                 }
+            }
+            if let Some(reason) = misplaced {
+                // The window is broken: the sink must be reopened.
+                self.open = None;
+                return Err(SinkError::Protocol { reason });
             }
             rows = &rows[done..];
             if w.buf.len() >= FLUSH_BYTES {

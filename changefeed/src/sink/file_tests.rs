@@ -106,7 +106,11 @@ async fn empty_windows_advance_the_checkpoint_without_files() {
     // Windows must go on from the checkpoint.
     assert!(sink.begin_window(ts(20), ts(40)).await.is_err());
     sink.begin_window(ts(30), ts(40)).await.unwrap();
+    sink.write(&[row(35, b"ok")]).await.unwrap();
     assert!(sink.write(&[row(30, b"x")]).await.is_err());
+    // The broken window cannot be committed: the sink must be reopened.
+    assert!(sink.commit_window().await.is_err());
+    assert_eq!(sink.open(&def("a")).await.unwrap(), Some(ts(30)));
 }
 
 #[tokio::test]
