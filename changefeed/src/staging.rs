@@ -88,11 +88,7 @@ impl DiskStaging {
     fn spill(&mut self) -> Result<(), StagingError> {
         let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
         for ((key, start_ts), staged) in self.memory.drain() {
-            batch.insert(
-                &self.keyspace,
-                disk_key(&key, start_ts),
-                encode(&staged),
-            );
+            batch.insert(&self.keyspace, disk_key(&key, start_ts), encode(&staged));
             self.spilled += 1;
         }
         self.memory_bytes = 0;
@@ -138,7 +134,11 @@ impl Staging for DiskStaging {
             // A pair staged again (a re-registration resends PREWRITEs) must
             // not leave a stale copy on disk, nor count twice.
             let disk = disk_key(key, start_ts);
-            if self.keyspace.contains_key(&disk).map_err(|e| self.error(e))? {
+            if self
+                .keyspace
+                .contains_key(&disk)
+                .map_err(|e| self.error(e))?
+            {
                 self.keyspace.remove(disk).map_err(|e| self.error(e))?;
                 self.spilled -= 1;
             }

@@ -105,9 +105,10 @@ pub async fn verify(cluster: &Cluster, uri: &str) -> Result<Report, VerifyError>
         ..Report::default()
     };
     let mut replay = Replay::new(&def, checkpoint);
-    for item in reader.rows()? {
-        let (row, place) = item?;
-        replay.row(&row, &place, &mut report);
+    for item in reader.rows() {
+        let item = item?;
+        let place = format!("{} line {}", item.file, item.line);
+        replay.row(&item.row, &place, &mut report);
     }
     let (expected, complete) = replay.expected(cluster).await?;
     let actual = snapshot(cluster, &def, checkpoint).await?;

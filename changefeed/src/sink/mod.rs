@@ -23,18 +23,21 @@
 //! needs nothing but the sink's URI.
 
 pub mod file;
+mod state;
 pub mod webhook;
 
 use std::future::Future;
+use std::io;
 use std::path::PathBuf;
 
 use kvfeed_client::feed::Row;
 use kvfeed_types::TimeStamp;
 
-use crate::def::ChangefeedDef;
+use crate::def::{ChangefeedDef, ChangefeedId};
+use crate::format::FormatError;
 
-pub use file::FileSink;
-pub use webhook::WebhookSink;
+pub use file::{FileRow, FileRows, FileSink, FileSinkReader};
+pub use webhook::{WebhookOptions, WebhookSink};
 
 /// Where rows go; see the module comment for the contract.
 pub trait Sink: Send {
@@ -163,12 +166,129 @@ pub enum SinkError {
         /// What is wrong.
         reason: String,
     },
+    /// The sink's directory cannot be created or written.
+    #[error("cannot create or write the sink directory {path}")]
+    Unwritable {
+        /// The file or directory that failed.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// Another sink (in this or another process) holds the directory's lock.
+    #[error("{path} is held by another changefeed process")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The sink holds a different changefeed.
+    #[error(
+        "{path} holds the changefeed {stored:?}, whose definition differs from that of {given:?}: a sink holds one changefeed"
+    )]
+    DefMismatch {
+        /// The stored definition.
+        path: PathBuf,
+        /// The id in it.
+        stored: ChangefeedId,
+        /// The id of the definition given.
+        given: ChangefeedId,
+    },
+    /// A state or data file that does not parse, or data files that do not
+    /// chain: the sink was damaged or written by something else.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A data file's line that is not a row of the changefeed's format.
+    #[error("{path} line {line}")]
+    BadRow {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// Why it does not decode.
+        #[source]
+        source: FormatError,
+    },
+    /// Reading or writing a file failed after the sink was opened; the
+    /// window may be retried after reopening the sink.
+    #[error("I/O on {path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// The runner broke the window protocol (e.g. `write` without
+    /// `begin_window`, a window that does not start at the checkpoint, a
+    /// row outside its window).
+    #[error("sink used out of order: {reason}")]
+    Protocol {
+        /// What happened.
+        reason: String,
+    },
+    /// A webhook answered with a status that retrying cannot fix.
+    #[error("webhook {url} refused a request with HTTP {status}: {body}")]
+    Refused {
+        /// The endpoint.
+        url: String,
+        /// The status code.
+        status: u16,
+        /// The start of the response body.
+        body: String,
+    },
+    /// A webhook request failed for good (a bad URL, a redirect) without a
+    /// status to blame.
+    #[error("webhook {url}: {reason}")]
+    BadEndpoint {
+        /// The endpoint.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A webhook request kept failing with errors worth retrying.
+    #[error("webhook {url} failed {attempts} times, last: {last}")]
+    Unreachable {
+        /// The endpoint.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// A blocking task of the sink panicked or was cancelled; the sink
+    /// must be reopened.
+    #[error("the sink's blocking task failed: {reason}")]
+    Task {
+        /// What the runtime said.
+        reason: String,
+    },
 }
 
 impl SinkError {
-    /// Whether retrying cannot help.
+    /// Whether retrying (reopening the sink and replaying the window)
+    /// cannot help: bad URIs and endpoints, a definition mismatch, a
+    /// directory that cannot be created or written, a lock held elsewhere,
+    /// damaged files, protocol misuse and HTTP 4xx refusals. Transient I/O,
+    /// exhausted retries and failed tasks are not permanent.
     pub fn is_permanent(&self) -> bool {
-        todo!()
+        match self {
+            SinkError::UnknownScheme { .. }
+            | SinkError::BadUri { .. }
+            | SinkError::Unwritable { .. }
+            | SinkError::Locked { .. }
+            | SinkError::DefMismatch { .. }
+            | SinkError::Corrupt { .. }
+            | SinkError::BadRow { .. }
+            | SinkError::Protocol { .. }
+            | SinkError::Refused { .. }
+            | SinkError::BadEndpoint { .. } => true,
+            SinkError::Io { .. } | SinkError::Unreachable { .. } | SinkError::Task { .. } => false,
+        }
     }
 }
 

@@ -55,11 +55,7 @@ pub fn run(args: &VerifyArgs) -> Result<(), VerifyCmdError> {
     } else {
         println!(
             "changefeed {}: checkpoint {}, {} rows in {} transactions, {} keys compared",
-            report.id,
-            report.checkpoint_ts,
-            report.rows,
-            report.transactions,
-            report.keys_compared
+            report.id, report.checkpoint_ts, report.rows, report.transactions, report.keys_compared
         );
         for problem in &report.problems {
             println!("problem: {problem}");
