@@ -228,6 +228,13 @@ impl StateDir {
         Ok(())
     }
 
+    /// Makes `ts` the checkpoint without writing the checkpoint file, for
+    /// a caller whose own durable write already records it (a data file
+    /// named after its window's end: readers roll forward to it).
+    pub(crate) fn note_checkpoint(&mut self, ts: TimeStamp) {
+        self.checkpoint = Some(ts);
+    }
+
     /// Durably makes `ts` the checkpoint.
     pub(crate) fn set_checkpoint(&mut self, ts: TimeStamp) -> Result<(), SinkError> {
         let text = serde_json::to_vec(&Checkpoint {
