@@ -48,6 +48,16 @@ pub enum SorterError {
         #[source]
         source: fjall::Error,
     },
+    /// A row the spill space cannot hold (fjall caps keys at 64 KiB and
+    /// values at 4 GiB); held in memory alone it could not be ordered
+    /// against the spilled ones.
+    #[error("a row with a {key_len}-byte key and {value_len} bytes of values is too large to sort")]
+    RowTooLarge {
+        /// Bytes of the user key.
+        key_len: usize,
+        /// Bytes of the value and the old value together.
+        value_len: usize,
+    },
     /// A spilled row that does not decode: the spill space is damaged.
     #[error("a spilled row in {path} is damaged")]
     Corrupt {

@@ -200,7 +200,7 @@ impl Changefeed {
                     if resolved <= checkpoint {
                         continue;
                     }
-                    let has_rows = sorter.min_commit_ts().is_some_and(|ts| ts <= resolved);
+                    let has_rows = sorter.min_commit_ts()?.is_some_and(|ts| ts <= resolved);
                     if !has_rows && last_window.elapsed() < self.options.idle_checkpoint_interval {
                         continue;
                     }
