@@ -71,6 +71,10 @@ const MAX_SPILLED_VALUE: usize = u32::MAX as usize;
 /// Most bytes of rows written to fjall in one batch, and most bytes the
 /// outbox holds before it is written.
 const BATCH_BYTES: usize = 4 << 20;
+
+/// Writes of at least this many bytes are ingested as a table rather than
+/// written through the journal (see `Sorter::store`).
+const INGEST_BYTES: usize = 1 << 20;
 /// fjall's block cache: reads are sequential, so little is reused.
 const CACHE_BYTES: u64 = 8 << 20;
 /// fjall's memtable size: up to four sealed ones may wait for a flush.
@@ -319,29 +323,68 @@ impl Sorter {
         // on disk already.
         self.boundary = Some(lowest.clone());
         self.spilled += moved.len() as u64;
-        self.write(moved.into_iter())
+        // Popped highest first: ingestion wants them ascending.
+        self.write(moved.into_iter().rev())
     }
 
-    /// Writes rows to the keyspace in batches of about [`BATCH_BYTES`].
+    /// Writes rows, in ascending order, to the keyspace.
     fn write(&mut self, rows: impl Iterator<Item = (SortKey, Entry)>) -> Result<(), SorterError> {
+        let items: Vec<(Vec<u8>, Option<Vec<u8>>)> = rows
+            .map(|(key, entry)| (key.encode(), Some(entry.encode())))
+            .collect();
+        self.store(items)
+    }
+
+    /// Stores `(key, value)` pairs (`None` = a tombstone), keys ascending.
+    /// A large set is ingested as one table: a bulk load skips the journal
+    /// and the memtable that a write batch goes through row by row (several
+    /// times faster for a spill of a budget's worth). A small one, which
+    /// would make a table of a few rows, goes through a write batch.
+    fn store(&mut self, items: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), SorterError> {
+        let bytes: usize = items
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        if bytes >= INGEST_BYTES {
+            return self.ingest(items.into_iter());
+        }
         let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
-        let mut batch_bytes = 0;
-        for (key, entry) in rows {
-            batch_bytes += row_bytes(&key, &entry);
-            batch.insert(&self.keyspace, key.encode(), entry.encode());
-            if batch_bytes >= BATCH_BYTES {
-                let full = std::mem::replace(
-                    &mut batch,
-                    self.db.batch().durability(Some(PersistMode::Buffer)),
-                );
-                full.commit().map_err(|e| self.spill_err(e))?;
-                batch_bytes = 0;
+        for (key, value) in items {
+            match value {
+                Some(value) => batch.insert(&self.keyspace, key, value),
+                None => batch.remove(&self.keyspace, key),
             }
         }
-        if !batch.is_empty() {
-            batch.commit().map_err(|e| self.spill_err(e))?;
+        batch.commit().map_err(|e| self.spill_err(e))
+    }
+
+    /// Ingests `(key, value)` pairs, `None` = a tombstone, keys ascending.
+    /// Order is checked here, so a bug cannot reach fjall's own assertion.
+    fn ingest(
+        &mut self,
+        items: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<(), SorterError> {
+        let mut items = items.peekable();
+        if items.peek().is_none() {
+            return Ok(());
         }
-        Ok(())
+        let mut ingestion = self
+            .keyspace
+            .start_ingestion()
+            .map_err(|e| self.spill_err(e))?;
+        let mut last: Option<Vec<u8>> = None;
+        for (key, value) in items {
+            if last.as_ref().is_some_and(|l| key <= *l) {
+                return Err(self.corrupt());
+            }
+            match value {
+                Some(value) => ingestion.write(key.clone(), value),
+                None => ingestion.write_tombstone(key.clone()),
+            }
+            .map_err(|e| self.spill_err(e))?;
+            last = Some(key);
+        }
+        ingestion.finish().map_err(|e| self.spill_err(e))
     }
 
     /// Rows held (memory and disk).
@@ -427,7 +470,7 @@ impl Sorter {
             return Ok(());
         };
         let target = self.budget / 2;
-        let mut removes = self.db.batch().durability(Some(PersistMode::Buffer));
+        let mut removes = Vec::new();
         let (mut loaded, mut due, mut kept_bytes) = (0usize, 0usize, 0usize);
         let mut next = None;
         for guard in self.keyspace.range(boundary.encode()..) {
@@ -448,16 +491,14 @@ impl Sorter {
             }
             self.memory_bytes += size;
             self.memory.insert(key, entry);
-            removes.remove(&self.keyspace, raw_key);
+            removes.push(raw_key.to_vec());
             loaded += 1;
         }
         self.spilled = self.spilled.saturating_sub(loaded as u64);
         match next {
             Some(key) => {
                 self.boundary = Some(key);
-                if !removes.is_empty() {
-                    removes.commit().map_err(|e| self.spill_err(e))?;
-                }
+                self.store(removes.into_iter().map(|key| (key, None)).collect())?;
             }
             None => {
                 // Nothing left on disk: one clear drops every table and
