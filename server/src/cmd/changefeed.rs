@@ -157,7 +157,8 @@ impl RunArgs {
             .unwrap_or_else(|| PathBuf::from("kvfeed-changefeed").join(&self.id))
     }
 
-    fn options(&self) -> RunOptions {
+    /// How the changefeed runs: the memory budget and the safe point's TTL.
+    pub(crate) fn options(&self) -> RunOptions {
         RunOptions {
             memory_budget: self.memory_mib.max(1) << 20,
             gc_ttl: Duration::from_secs(self.gc_ttl.max(1)),
