@@ -606,7 +606,15 @@ async fn finish(id: &str, job: &Job, mut run: RunningJob, deadline: tokio::time:
     let failure = match ended {
         Ok(Ok(Ok(()))) => None,
         Ok(Ok(Err(err))) => Some(err),
-        Ok(Err(err)) if err.is_panic() => Some("the changefeed task panicked".to_owned()),
+        Ok(Err(err)) if err.is_panic() => {
+            let payload = err.into_panic();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Some(format!("the changefeed task panicked: {text}"))
+        }
         Ok(Err(_)) => None,
         Err(_) => {
             tracing::warn!(
