@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{ReadableDuration, ReadableSize};
 
+mod changefeed;
 mod regions;
 
+pub use changefeed::ChangefeedConfig;
 pub use regions::{CoprocessorConfig, RaftstoreConfig, ScheduleConfig};
 
 /// Why a configuration could not be loaded.
@@ -38,6 +40,14 @@ pub enum ConfigError {
     },
     #[error("invalid value for {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A `[[changefeed]]` table that cannot run, named by its position
+    /// (1-based, in file order) and id.
+    #[error("invalid [[changefeed]] table {number} (id {id:?}): {reason}")]
+    Changefeed {
+        number: usize,
+        id: String,
+        reason: String,
+    },
 }
 
 /// The whole configuration file.
@@ -56,6 +66,10 @@ pub struct Config {
     pub raftstore: RaftstoreConfig,
     /// `[schedule]`: when small regions merge automatically (PD's names).
     pub schedule: ScheduleConfig,
+    /// `[[changefeed]]` tables: changefeeds the server runs itself (see
+    /// [`ChangefeedConfig`]). Default none.
+    #[serde(rename = "changefeed", skip_serializing_if = "Vec::is_empty")]
+    pub changefeed: Vec<ChangefeedConfig>,
 }
 
 /// `[server]` section.
@@ -290,7 +304,8 @@ impl Config {
         if cdc.sink_memory_quota.as_bytes() == 0 {
             return invalid("cdc.sink-memory-quota", "must be greater than 0".to_owned());
         }
-        regions::validate(&self.coprocessor, &self.raftstore)
+        regions::validate(&self.coprocessor, &self.raftstore)?;
+        changefeed::validate(&self.changefeed)
     }
 
     /// The storage durability this configuration asks for.

@@ -14,11 +14,14 @@
 //!   `etcd` the read-only etcd `KV` of PD's address.
 //! - `changedata`: the `cdcpb.ChangeData` service over the `kvfeed-cdc`
 //!   feed; `faults`: test-only fault injection into it.
+//! - `changefeeds`: the `[[changefeed]]` tables run inside `kvfeed serve`,
+//!   managed through the status server.
 //! - [`cmd`]: `put`, `get`, `delete`, `scan` and `watch`, on `kvfeed-client`.
 //! - [`logging`]: the tracing subscriber.
 
 mod admin;
 mod changedata;
+mod changefeeds;
 pub mod cli;
 pub mod cmd;
 mod config;

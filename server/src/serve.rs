@@ -6,17 +6,25 @@
 //! 2. the data-dir lock, so a second server on the same directory fails
 //!    before it binds ports or touches the database;
 //! 3. both listeners, so the real ports (for port 0) are known;
-//! 4. the node (storage, cluster id, oracle), then the servers;
+//! 4. the node (storage, cluster id, oracle), then the gRPC servers, then
+//!    the embedded changefeeds (`[[changefeed]]`, which are clients of
+//!    those servers and connect in the background), then the status server
+//!    (whose routes manage them);
 //! 5. the startup line on stdout, which promises that both addresses accept
 //!    connections.
 //!
 //! Shutdown (first SIGINT/SIGTERM, or a server failing): trigger the node's
-//! shutdown signal, stop the change feed, wait (bounded by
+//! shutdown signal, stop the embedded changefeeds, stop the change feed,
+//! wait (bounded by
 //! [`SHUTDOWN_GRACE`]) for the servers and every other signal holder, sync
 //! the store, then drop the node, which closes the engine and releases the
 //! lock last. The feed is stopped before the gRPC server is waited for
 //! because its streams are calls in flight: tonic's graceful shutdown waits
-//! for them, and stopping the feed is what ends each one (with OK). A
+//! for them, and stopping the feed is what ends each one (with OK). The
+//! embedded changefeeds stop first (each within
+//! [`crate::changefeeds::JOB_STOP_GRACE`]): their feed streams are such
+//! calls too, and a changefeed that outlived the feed would only see its
+//! streams end and retry against a server going away. A
 //! second signal during shutdown exits at once with status 1; the OS
 //! releases the lock.
 
@@ -32,7 +40,7 @@ use crate::cli::ServeArgs;
 use crate::config::{Config, ConfigError};
 use crate::node::{ClusterId, DataDirLock, Endpoints, Node, NodeError};
 use crate::shutdown::OsSignals;
-use crate::{gc, grpc, split_check, status};
+use crate::{changefeeds, gc, grpc, split_check, status};
 
 /// How long shutdown waits for connections and tasks to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -96,6 +104,7 @@ async fn serve(config: Config) -> (Option<Arc<Node>>, Result<(), ServeError>) {
         node,
         mut grpc_task,
         mut status_task,
+        mut changefeeds_task,
     } = match start(config).await {
         Ok(started) => started,
         Err(err) => return (None, Err(err)),
@@ -137,6 +146,15 @@ async fn serve(config: Config) -> (Option<Arc<Node>>, Result<(), ServeError>) {
     // error, if any, is the one to report), then every other holder of a
     // shutdown signal, which includes the status server and its connections.
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    // The manager saw the trigger too; it stops its jobs within its own,
+    // shorter bound. Their streams to this server close with them.
+    if tokio::time::timeout_at(deadline, &mut changefeeds_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the embedded changefeeds did not stop within the grace period");
+        changefeeds_task.abort();
+    }
     if let Some(feed) = node.feed()
         && tokio::time::timeout_at(deadline, feed.shutdown())
             .await
@@ -185,6 +203,8 @@ struct Started {
     node: Arc<Node>,
     grpc_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     status_task: tokio::task::JoinHandle<()>,
+    /// The embedded changefeeds' owner; it ends once its jobs stopped.
+    changefeeds_task: tokio::task::JoinHandle<()>,
 }
 
 /// Steps 2–5 of the start-up order.
@@ -230,9 +250,17 @@ async fn start(config: Config) -> Result<Started, ServeError> {
         }
         Ok(())
     });
+    // After the gRPC servers: the changefeeds connect to them (in the
+    // background, retrying, so nothing here waits for them).
+    let (changefeeds, changefeeds_task) = changefeeds::start(
+        &node.config().changefeed,
+        node.data_dir(),
+        node.endpoints().advertise_addr.clone(),
+        node.shutdown().subscribe(),
+    );
     let status_task = tokio::spawn(status::serve(
         status_listener,
-        status::routes(&node),
+        changefeeds::routes(status::routes(&node), &changefeeds),
         node.shutdown().subscribe(),
     ));
 
@@ -268,6 +296,7 @@ async fn start(config: Config) -> Result<Started, ServeError> {
         node,
         grpc_task,
         status_task,
+        changefeeds_task,
     })
 }
 

@@ -14,13 +14,16 @@ use super::CmdError;
 use super::format::Style;
 use kvfeed_bench::scrape::{http_get, http_post};
 
+/// Where `kvfeed serve`'s status server listens by default.
+pub const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:20180";
+
 /// How long one admin request may take (a change is one fsynced write).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
     /// The server's HTTP status address.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:20180")]
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_STATUS_ADDR)]
     pub status_addr: String,
 
     #[command(subcommand)]

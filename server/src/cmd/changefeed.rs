@@ -1,5 +1,7 @@
 //! `kvfeed changefeed run`: one changefeed in this process, against any
 //! PD address (`kvfeed serve` or a TiKV cluster), until Ctrl-C or SIGTERM.
+//! `list`, `status`, `pause`, `resume` and `remove` manage the changefeeds
+//! a server runs itself instead (see [`super::changefeed_admin`]).
 //!
 //! Everything it does lives in `kvfeed-changefeed`; this module turns flags
 //! into a [`ChangefeedDef`] and a sink, checks them before anything runs,
@@ -18,6 +20,7 @@ use kvfeed_client::region::prefix_successor;
 use kvfeed_types::TimeStamp;
 
 use super::CmdError;
+use super::changefeed_admin::{self, Action, ServerArgs};
 use super::format::Style;
 
 /// `kvfeed changefeed …`.
@@ -37,6 +40,45 @@ pub enum ChangefeedCommand {
     /// again with the same --id and --sink to resume from the sink's
     /// checkpoint.
     Run(RunArgs),
+    /// List the changefeeds a running server runs itself (its
+    /// [[changefeed]] tables): state, checkpoint, lag, rows, bytes, last
+    /// error.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show one of a server's changefeeds in detail.
+    Status {
+        /// The changefeed's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Stop one of a server's changefeeds until `resume`, also across
+    /// restarts; PD keeps its history for the table's gc-ttl.
+    Pause {
+        /// The changefeed's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Start a paused (or failed) changefeed of a server again, from its
+    /// sink's checkpoint.
+    Resume {
+        /// The changefeed's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Stop one of a server's changefeeds for good and release its PD
+    /// service safe point. It is not started again while its table stays
+    /// in the config; a table with a new id is a new changefeed.
+    Remove {
+        /// The changefeed's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 /// `kvfeed changefeed run`.
@@ -157,7 +199,8 @@ impl RunArgs {
             .unwrap_or_else(|| PathBuf::from("kvfeed-changefeed").join(&self.id))
     }
 
-    fn options(&self) -> RunOptions {
+    /// How the changefeed runs: the memory budget and the safe point's TTL.
+    pub(crate) fn options(&self) -> RunOptions {
         RunOptions {
             memory_budget: self.memory_mib.max(1) << 20,
             gc_ttl: Duration::from_secs(self.gc_ttl.max(1)),
@@ -193,6 +236,21 @@ pub enum ChangefeedCmdError {
 pub fn run(args: &ChangefeedArgs) -> Result<(), ChangefeedCmdError> {
     match &args.command {
         ChangefeedCommand::Run(run) => run_one(run),
+        ChangefeedCommand::List { server } => {
+            Ok(changefeed_admin::run(Action::List, None, server)?)
+        }
+        ChangefeedCommand::Status { id, server } => {
+            Ok(changefeed_admin::run(Action::Status, Some(id), server)?)
+        }
+        ChangefeedCommand::Pause { id, server } => {
+            Ok(changefeed_admin::run(Action::Pause, Some(id), server)?)
+        }
+        ChangefeedCommand::Resume { id, server } => {
+            Ok(changefeed_admin::run(Action::Resume, Some(id), server)?)
+        }
+        ChangefeedCommand::Remove { id, server } => {
+            Ok(changefeed_admin::run(Action::Remove, Some(id), server)?)
+        }
     }
 }
 

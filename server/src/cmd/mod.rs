@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod changefeed;
+pub mod changefeed_admin;
 pub mod format;
 pub mod kv;
 pub mod verify;
