@@ -30,6 +30,15 @@
 //!   Rows that arrive later and sort below it stay in memory again, so a feed
 //!   that spilled once during a burst returns to memory-only work once the
 //!   backlog drains, instead of sending every later row through disk.
+//! - **Drained rows stay dead.** A drain hands rows out lowest first, and
+//!   a row added later that sorts at or below the last one handed out is
+//!   dropped (a consumer emits in order, so it can only be a repeat). Rows
+//!   moved from disk back into memory are therefore not deleted from disk:
+//!   the boundary rises above them, every later spill moves rows that sort
+//!   above every drained row (memory holds only such rows), so the
+//!   boundary never sinks below a dead copy again and no scan, which
+//!   starts at the boundary, meets one. The copies go when the disk
+//!   empties and is cleared; until then they cost disk, not tombstones.
 //! - **Disk is scratch.** Nothing spilled is needed after a crash: the
 //!   changefeed resumes the feed from its checkpoint and the rows come
 //!   again. Writes therefore never fsync, [`Sorter::open`] clears whatever an
@@ -182,6 +191,8 @@ pub struct Sorter {
     outbox_bytes: usize,
     /// `None` while nothing is spilled: every row is in memory.
     boundary: Option<SortKey>,
+    /// The highest row drained so far.
+    drained: Option<SortKey>,
     /// Rows in the outbox and on disk together; a row sent again after it
     /// was written to disk counts twice until the disk empties.
     spilled: u64,
@@ -231,6 +242,7 @@ impl Sorter {
             outbox: BTreeMap::new(),
             outbox_bytes: 0,
             boundary: None,
+            drained: None,
             spilled: 0,
             db,
             keyspace,
@@ -250,8 +262,17 @@ impl Sorter {
         }
     }
 
-    /// Adds a row; a row with the same (commit_ts, start_ts, key) as one held replaces it.
+    /// Adds a row; a row with the same (commit_ts, start_ts, key) as one
+    /// held replaces it. A row that sorts at or below one already drained
+    /// is dropped: it was handed out (a consumer emits windows in order, so
+    /// such a row can only be a repeat of an emitted one).
     pub fn add(&mut self, row: Row) -> Result<(), SorterError> {
+        if let Some(drained) = &self.drained
+            && (row.commit_ts, row.start_ts, &row.key[..])
+                <= (drained.commit_ts, drained.start_ts, &drained.key[..])
+        {
+            return Ok(());
+        }
         let value_len = row.value.len().saturating_add(row.old_value.len());
         if row.key.len() > MAX_USER_KEY || value_len > MAX_SPILLED_VALUE - VALUE_HEADER {
             return Err(SorterError::RowTooLarge {
@@ -437,6 +458,18 @@ impl Sorter {
     /// Removes and returns up to `max_rows` rows with commit_ts <= `upto`,
     /// lowest first in (commit_ts, start_ts, key) order.
     pub fn drain(&mut self, upto: TimeStamp, max_rows: usize) -> Result<Vec<Row>, SorterError> {
+        let out = self.drain_rows(upto, max_rows)?;
+        if let Some(last) = out.last() {
+            self.drained = Some(SortKey {
+                commit_ts: last.commit_ts,
+                start_ts: last.start_ts,
+                key: last.key.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn drain_rows(&mut self, upto: TimeStamp, max_rows: usize) -> Result<Vec<Row>, SorterError> {
         let mut out = Vec::with_capacity(max_rows.min(self.memory.len().max(1024)));
         loop {
             while out.len() < max_rows {
@@ -470,7 +503,6 @@ impl Sorter {
             return Ok(());
         };
         let target = self.budget / 2;
-        let mut removes = Vec::new();
         let (mut loaded, mut due, mut kept_bytes) = (0usize, 0usize, 0usize);
         let mut next = None;
         for guard in self.keyspace.range(boundary.encode()..) {
@@ -491,19 +523,16 @@ impl Sorter {
             }
             self.memory_bytes += size;
             self.memory.insert(key, entry);
-            removes.push(raw_key.to_vec());
             loaded += 1;
         }
         self.spilled = self.spilled.saturating_sub(loaded as u64);
         match next {
-            Some(key) => {
-                self.boundary = Some(key);
-                self.store(removes.into_iter().map(|key| (key, None)).collect())?;
-            }
+            // The loaded rows stay on disk, below the new boundary, where no
+            // scan reaches (see "Drained rows stay dead" above): deleting
+            // them would cost a tombstone each.
+            Some(key) => self.boundary = Some(key),
             None => {
-                // Nothing left on disk: one clear drops every table and
-                // tombstone instead of adding more tombstones.
-                drop(removes);
+                // Nothing left on disk: one clear drops every table.
                 self.keyspace.clear().map_err(|e| self.spill_err(e))?;
                 self.spilled = 0;
             }

@@ -339,12 +339,17 @@ proptest! {
     ) {
         let (_dir, mut sorter) = open(budget);
         let mut model: BTreeMap<ModelKey, Row> = BTreeMap::new();
+        // The highest key drained: rows at or below it are dropped.
+        let mut drained: Option<ModelKey> = None;
         for a in actions {
             match a {
                 Action::Add { commit, start, key, value } => {
                     let r = row(commit, start, &format!("key{key}"), &format!("v{value}"));
                     sorter.add(r.clone()).expect("add");
-                    model.insert(model_key(&r), r);
+                    let k = model_key(&r);
+                    if drained.as_ref().is_none_or(|d| k > *d) {
+                        model.insert(k, r);
+                    }
                 }
                 Action::Drain { upto, max_rows } => {
                     let got = sorter.drain(TimeStamp::new(upto), max_rows).expect("drain");
@@ -357,6 +362,9 @@ proptest! {
                     let want: Vec<Row> =
                         expected.iter().filter_map(|k| model.remove(k)).collect();
                     prop_assert_eq!(got, want);
+                    if let Some(last) = expected.last() {
+                        drained = Some(last.clone());
+                    }
                 }
             }
             prop_assert!(sorter.len() >= model.len() as u64);
@@ -410,4 +418,23 @@ fn timing_one_million_rows() {
             start.elapsed()
         );
     }
+}
+
+#[test]
+fn rows_at_or_below_what_was_drained_are_dropped() {
+    let (_dir, mut sorter) = open(TINY);
+    for i in 0..20 {
+        sorter.add(row(10 + i, 5, "k", "v")).expect("add");
+    }
+    let first = sorter.drain(TimeStamp::new(19), 100).expect("drain");
+    assert_eq!(first.len(), 10);
+    // A repeat of a drained row, and an older row: both already emitted.
+    sorter.add(row(15, 5, "k", "again")).expect("add");
+    sorter.add(row(3, 1, "old", "v")).expect("add");
+    // A new row above the last drained one is kept.
+    sorter.add(row(19, 6, "k", "new")).expect("add");
+    let rest = sorter.drain(TimeStamp::MAX, 100).expect("drain");
+    let commits: Vec<u64> = rest.iter().map(|r| r.commit_ts.into_inner()).collect();
+    assert_eq!(commits, [19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]);
+    assert_eq!(rest[0], row(19, 6, "k", "new"));
 }
