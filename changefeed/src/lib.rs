@@ -9,6 +9,8 @@
 //! the window durable, its end is the new checkpoint. See [`sink`] for the
 //! rules that make this exactly once.
 
+#![warn(missing_docs)]
+
 pub mod def;
 pub mod error;
 pub mod format;
