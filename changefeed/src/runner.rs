@@ -286,7 +286,12 @@ impl Changefeed {
     }
 }
 
-/// Creates `dir` and takes the exclusive lock of its `LOCK` file.
+/// The runner's lock file in the state directory. Not the sinks' `LOCK`:
+/// a webhook sink keeps its own state (and locks it) in the same
+/// directory, from the same process, while the runner holds this one.
+const RUN_LOCK_FILE: &str = "changefeed.lock";
+
+/// Creates `dir` and takes the exclusive lock of its [`RUN_LOCK_FILE`].
 fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ChangefeedError> {
     let io = |source| ChangefeedError::StateDir {
         path: dir.to_path_buf(),
@@ -297,7 +302,7 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ChangefeedErro
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join("LOCK"))
+        .open(dir.join(RUN_LOCK_FILE))
         .map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
