@@ -85,12 +85,12 @@ const BATCH_BYTES: usize = 4 << 20;
 /// written through the journal (see `Sorter::store`).
 const INGEST_BYTES: usize = 1 << 20;
 /// fjall's block cache: reads are sequential, so little is reused.
-const CACHE_BYTES: u64 = 8 << 20;
+pub(crate) const CACHE_BYTES: u64 = 8 << 20;
 /// fjall's memtable size: up to four sealed ones may wait for a flush.
-const MEMTABLE_BYTES: u64 = 8 << 20;
+pub(crate) const MEMTABLE_BYTES: u64 = 8 << 20;
 /// fjall's journal limit (its minimum): bounds the disk an earlier run's
 /// leftovers take and the replay when the sorter opens.
-const JOURNAL_BYTES: u64 = 64 << 20;
+pub(crate) const JOURNAL_BYTES: u64 = 64 << 20;
 
 /// Where a row sorts: the order windows are delivered in.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -280,15 +280,17 @@ impl Sorter {
                 value_len,
             });
         }
+        // Copied: the feed's rows are slices of whole received messages
+        // (up to megabytes each), and one row kept would keep its message.
         let key = SortKey {
             commit_ts: row.commit_ts,
             start_ts: row.start_ts,
-            key: row.key,
+            key: Bytes::copy_from_slice(&row.key),
         };
         let entry = Entry {
             op: row.op,
-            value: row.value,
-            old_value: row.old_value,
+            value: Bytes::copy_from_slice(&row.value),
+            old_value: Bytes::copy_from_slice(&row.old_value),
         };
         let size = row_bytes(&key, &entry);
         if self.boundary.as_ref().is_some_and(|b| key >= *b) {

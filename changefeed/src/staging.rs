@@ -11,10 +11,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use kvfeed_client::feed::staging::{Staged, Staging, StagingError};
 
 use crate::error::SorterError;
+use crate::sorter::{CACHE_BYTES, JOURNAL_BYTES, MEMTABLE_BYTES};
 
 /// Bytes counted per staged pair on top of its key and values: the map
 /// entry, the `Bytes` handles, the allocation headers.
@@ -28,7 +29,8 @@ pub struct DiskStaging {
     /// Pairs on disk.
     spilled: usize,
     path: PathBuf,
-    db: Database,
+    /// Kept open for the keyspace's sake.
+    _db: Database,
     keyspace: Keyspace,
 }
 
@@ -54,12 +56,17 @@ impl DiskStaging {
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| spill(fjall::Error::Io(e)))?;
         }
+        // The sorter's limits: fjall's defaults (64 MiB memtables, a 512 MiB
+        // journal) would let its own buffers outgrow the budget.
         let db = Database::builder(dir)
-            .cache_size(4 << 20)
+            .cache_size(CACHE_BYTES)
+            .max_journaling_size(JOURNAL_BYTES)
             .open()
             .map_err(spill)?;
         let keyspace = db
-            .keyspace("staging", KeyspaceCreateOptions::default)
+            .keyspace("staging", || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
             .map_err(spill)?;
         Ok(DiskStaging {
             memory: HashMap::new(),
@@ -67,7 +74,7 @@ impl DiskStaging {
             budget,
             spilled: 0,
             path: dir.to_path_buf(),
-            db,
+            _db: db,
             keyspace,
         })
     }
@@ -84,15 +91,28 @@ impl DiskStaging {
         }))
     }
 
-    /// Moves every in-memory pair to disk in one batch.
+    /// Moves every in-memory pair to disk, as one ingested table: sorted,
+    /// it skips the journal and the memtable a write batch goes through.
     fn spill(&mut self) -> Result<(), StagingError> {
-        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
-        for ((key, start_ts), staged) in self.memory.drain() {
-            batch.insert(&self.keyspace, disk_key(&key, start_ts), encode(&staged));
-            self.spilled += 1;
-        }
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = self
+            .memory
+            .drain()
+            .map(|((key, start_ts), staged)| (disk_key(&key, start_ts), encode(&staged)))
+            .collect();
         self.memory_bytes = 0;
-        batch.commit().map_err(|e| self.error(e))
+        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Keys are unique in the map, so strictly ascending once sorted.
+        if pairs.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(StagingError(Box::new(SorterError::Corrupt {
+                path: self.path.clone(),
+            })));
+        }
+        self.spilled += pairs.len();
+        let mut ingestion = self.keyspace.start_ingestion().map_err(|e| self.error(e))?;
+        for (key, value) in pairs {
+            ingestion.write(key, value).map_err(|e| self.error(e))?;
+        }
+        ingestion.finish().map_err(|e| self.error(e))
     }
 }
 
@@ -143,6 +163,13 @@ impl Staging for DiskStaging {
                 self.spilled -= 1;
             }
         }
+        // Copied: the feed's values are slices of whole received messages,
+        // and one value kept would keep its message.
+        let staged = Staged {
+            value: Bytes::copy_from_slice(&staged.value),
+            old_value: Bytes::copy_from_slice(&staged.old_value),
+        };
+        let key = &Bytes::copy_from_slice(key);
         self.memory_bytes += size(key, &staged);
         if let Some(old) = self.memory.insert((key.clone(), start_ts), staged) {
             self.memory_bytes = self.memory_bytes.saturating_sub(size(key, &old));
