@@ -435,7 +435,10 @@ fn changefeed_live_passes_every_acknowledged_commit() {
     assert_eq!(json_int(&json, "txn_errors"), 0, "{json}");
     assert_eq!(json_int(&json, "rows_in_sink"), 4 * txns, "{json}");
     let p50 = json_number(&json, "latency_p50_ms");
-    assert!(p50 >= 0.0 && p50 <= json_number(&json, "latency_max_ms"), "{json}");
+    assert!(
+        p50 >= 0.0 && p50 <= json_number(&json, "latency_max_ms"),
+        "{json}"
+    );
     // The interval comes from the server's /metrics.
     assert!(json_number(&json, "min_ts_interval_ms") > 0.0, "{json}");
     assert_eq!(json["verify_clean"], true, "{json}");
