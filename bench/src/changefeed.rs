@@ -95,7 +95,7 @@ pub struct ChangefeedArgs {
 
     /// Concurrent writer tasks, each starting `--rate / --writers`
     /// transactions per second (live, kill).
-    #[arg(long, value_name = "W", default_value_t = 8)]
+    #[arg(long, value_name = "W", default_value_t = 32)]
     pub writers: u32,
 
     /// How long the writers run [default: 30s for live, 60s for kill].
