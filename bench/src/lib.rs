@@ -21,7 +21,8 @@
 //! as the last line of stdout; progress goes to stderr.
 //!
 //! Subcommands, one module each: [`feed`], [`scan`], [`kv_scan`],
-//! [`batch_put`], [`regions`], [`churn`], [`idle`], [`slow`], [`engine`] (with
+//! [`batch_put`], [`regions`], [`churn`], [`idle`], [`slow`], [`changefeed`],
+//! [`engine`] (with
 //! [`grpc`]). Shared pieces: [`load`] (writers
 //! and preloading), [`subscribe`] and [`watcher`] (the consumer side),
 //! [`scrape`] (`/metrics`), [`stats`] and [`report`]. `feed`, `churn` and
@@ -31,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod batch_put;
+pub mod changefeed;
 pub mod churn;
 pub mod engine;
 #[cfg(feature = "etcd")]
@@ -110,6 +112,10 @@ pub enum BenchCommand {
     /// then a split of a subscribed region under load (exactly-once,
     /// time until resolved ts resumes, rows re-scanned).
     Regions(regions::RegionsArgs),
+    /// A changefeed (`kvfeed changefeed run`, a child process with a file
+    /// sink): initial delivery rows/s, commit → checkpoint latency, memory
+    /// growth under one huge transaction, exactly-once across SIGKILLs.
+    Changefeed(changefeed::ChangefeedArgs),
     /// The physical limits, in this process: fjall writes and scans on a
     /// temporary directory, and (--grpc) loopback gRPC streaming.
     Engine(engine::EngineArgs),
@@ -343,6 +349,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         BenchCommand::Churn(a) => block_on(churn::run(a))?,
         BenchCommand::Idle(a) => block_on(idle::run(a))?,
         BenchCommand::Slow(a) => block_on(slow::run(a))?,
+        BenchCommand::Changefeed(a) => block_on(changefeed::run(a))?,
         // The engine benchmark times blocking work; it builds its own
         // runtime for the gRPC part.
         BenchCommand::Engine(a) => engine::run(a)?,

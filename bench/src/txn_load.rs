@@ -38,9 +38,22 @@ pub async fn preload_txn(
     count: u64,
     value_size: usize,
 ) -> Result<Duration, BenchError> {
+    Ok(preload_txn_ts(server, prefix, count, value_size).await?.0)
+}
+
+/// [`preload_txn`], also returning the highest commit ts of its
+/// transactions: once a changefeed's checkpoint reaches it, every
+/// preloaded key has been delivered.
+pub async fn preload_txn_ts(
+    server: &Server,
+    prefix: &[u8],
+    count: u64,
+    value_size: usize,
+) -> Result<(Duration, u64), BenchError> {
     let (start, end) = KeyMode::Txn.region_range(prefix, &prefix_end(prefix));
     let regions = server.cluster.regions_in_range(&start, &end).await?;
     let started = Instant::now();
+    let mut max_commit_ts = 0;
     let mut txns = JoinSet::new();
     let mut next = 0u64;
     while next < count || !txns.is_empty() {
@@ -52,28 +65,43 @@ pub async fn preload_txn(
             next = end;
         }
         if let Some(done) = txns.join_next().await {
-            done.map_err(|e| BenchError::Feed(format!("a preload transaction failed: {e}")))??;
+            let written =
+                done.map_err(|e| BenchError::Feed(format!("a preload transaction failed: {e}")))??;
+            max_commit_ts = max_commit_ts.max(written.commit_ts);
         }
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), max_commit_ts))
+}
+
+/// The timestamps of one written transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnTs {
+    /// Its start ts.
+    pub start_ts: u64,
+    /// Its commit ts (0 for a transaction without keys).
+    pub commit_ts: u64,
 }
 
 /// How often one phase of a preload transaction is retried after a region
 /// error (a split, merge or leader move since the lookup).
-const REGION_RETRIES: u32 = 20;
+pub const REGION_RETRIES: u32 = 20;
 
-/// One transaction putting `keys` (the first is the primary). A phase that
-/// meets a region error looks its keys' regions up again and is repeated:
-/// prewrite and commit are idempotent for one start ts, and the layout may
-/// change under a long preload (automatic splits).
-async fn write_txn(
+/// One transaction putting `keys` (the first is the primary) with values
+/// of `value_size` bytes, found in `regions` (a lookup of their range). A
+/// phase that meets a region error looks its keys' regions up again and is
+/// repeated: prewrite and commit are idempotent for one start ts, and the
+/// layout may change under a long preload (automatic splits).
+pub async fn write_txn(
     server: &Server,
     regions: &[RegionInfo],
     keys: Vec<Vec<u8>>,
     value_size: usize,
-) -> Result<(), BenchError> {
+) -> Result<TxnTs, BenchError> {
     let Some(primary) = keys.first().cloned() else {
-        return Ok(());
+        return Ok(TxnTs {
+            start_ts: 0,
+            commit_ts: 0,
+        });
     };
     let txn_size = keys.len() as u64;
     let start_ts = server.cluster.tso().await?.into_inner();
@@ -81,7 +109,16 @@ async fn write_txn(
     let mut attempt = 0;
     loop {
         match prewrite(
-            server, &layout, &keys, &primary, start_ts, txn_size, value_size,
+            server,
+            &layout,
+            &keys,
+            &primary,
+            Prewrite {
+                start_ts,
+                txn_size,
+                value_size,
+                lock_ttl_ms: LOCK_TTL_MS,
+            },
         )
         .await
         {
@@ -102,13 +139,19 @@ async fn write_txn(
                 tracing::debug!(%e, attempt, "preload commit: region changed");
                 layout = relocate(server, &keys).await?;
             }
-            other => return other,
+            other => {
+                other?;
+                return Ok(TxnTs {
+                    start_ts,
+                    commit_ts,
+                });
+            }
         }
     }
 }
 
-/// The regions holding `keys` now.
-async fn relocate(server: &Server, keys: &[Vec<u8>]) -> Result<Vec<RegionInfo>, BenchError> {
+/// The regions holding `keys` (in key order) now.
+pub async fn relocate(server: &Server, keys: &[Vec<u8>]) -> Result<Vec<RegionInfo>, BenchError> {
     let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
         return Ok(Vec::new());
     };
@@ -138,15 +181,35 @@ fn by_region(regions: &[RegionInfo], keys: &[Vec<u8>]) -> Result<Vec<Group>, Ben
     Ok(groups)
 }
 
-async fn prewrite(
+/// What a prewrite of some of a transaction's keys carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Prewrite {
+    /// The transaction's start ts.
+    pub start_ts: u64,
+    /// Keys in the whole transaction.
+    pub txn_size: u64,
+    /// Bytes per value (every value is `v` repeated).
+    pub value_size: usize,
+    /// The locks' TTL, ms.
+    pub lock_ttl_ms: u64,
+}
+
+/// Prewrites `keys` (one request per region of `regions`) for the
+/// transaction `txn` whose primary is `primary`. A region error comes back
+/// as [`ClientError::Region`]: look the keys up again and repeat.
+pub async fn prewrite(
     server: &Server,
     regions: &[RegionInfo],
     keys: &[Vec<u8>],
     primary: &[u8],
-    start_ts: u64,
-    txn_size: u64,
-    value_size: usize,
+    txn: Prewrite,
 ) -> Result<(), BenchError> {
+    let Prewrite {
+        start_ts,
+        txn_size,
+        value_size,
+        lock_ttl_ms,
+    } = txn;
     for (region, group) in by_region(regions, keys)? {
         let request = kvrpcpb::PrewriteRequest {
             context: Some(region.context()),
@@ -161,7 +224,7 @@ async fn prewrite(
                 .collect(),
             primary_lock: primary.to_vec(),
             start_version: start_ts,
-            lock_ttl: LOCK_TTL_MS,
+            lock_ttl: lock_ttl_ms,
             txn_size,
             ..Default::default()
         };
@@ -182,7 +245,11 @@ async fn prewrite(
     Ok(())
 }
 
-async fn commit(
+/// Commits `keys` (one request per region of `regions`) of the
+/// transaction `start_ts` at `commit_ts`. The primary's group goes first,
+/// so with the primary among `keys` it commits before the others; a region
+/// error comes back as [`ClientError::Region`].
+pub async fn commit(
     server: &Server,
     regions: &[RegionInfo],
     keys: &[Vec<u8>],

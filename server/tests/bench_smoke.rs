@@ -400,3 +400,85 @@ fn regions_subscribes_to_every_region_and_a_split_loses_and_repeats_nothing() {
     // finds the puts since then, never the preloaded region.
     assert!(json_int(&json, "rescanned_rows") < 500, "{json}");
 }
+
+/// `kvfeed bench changefeed --scenario <scenario> <extra>`: must succeed,
+/// with the scenario's name in its JSON line.
+fn changefeed(server: &TestServer, scenario: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["--scenario", scenario];
+    args.extend_from_slice(extra);
+    let json = bench(server, "changefeed", &args).ok("changefeed");
+    assert_eq!(json["scenario"], scenario, "{json}");
+    json
+}
+
+#[test]
+fn changefeed_initial_delivers_every_preloaded_key() {
+    let server = TestServer::start();
+    let json = changefeed(&server, "initial", &["--keys", "2000"]);
+    assert_eq!(json_int(&json, "rows_in_sink"), 2000, "{json}");
+    assert!(json_number(&json, "rows_per_sec") > 0.0, "{json}");
+    assert!(json_int(&json, "peak_rss_bytes") > 0, "{json}");
+    assert_eq!(json["verify_clean"], true, "{json}");
+    assert_eq!(json_int(&json, "verify_rows"), 2000, "{json}");
+}
+
+#[test]
+fn changefeed_live_passes_every_acknowledged_commit() {
+    let server = TestServer::start();
+    let json = changefeed(
+        &server,
+        "live",
+        &["--rate", "200", "--duration", "2s", "--writers", "4"],
+    );
+    let txns = json_int(&json, "txns");
+    assert!(txns > 0, "{json}");
+    assert_eq!(json_int(&json, "txn_errors"), 0, "{json}");
+    assert_eq!(json_int(&json, "rows_in_sink"), 4 * txns, "{json}");
+    let p50 = json_number(&json, "latency_p50_ms");
+    assert!(
+        p50 >= 0.0 && p50 <= json_number(&json, "latency_max_ms"),
+        "{json}"
+    );
+    // The interval comes from the server's /metrics.
+    assert!(json_number(&json, "min_ts_interval_ms") > 0.0, "{json}");
+    assert_eq!(json["verify_clean"], true, "{json}");
+}
+
+#[test]
+fn changefeed_big_txn_delivers_the_whole_transaction() {
+    let server = TestServer::start();
+    let json = changefeed(
+        &server,
+        "big-txn",
+        &["--keys", "5000", "--value-size", "1024"],
+    );
+    assert_eq!(json_int(&json, "txn_rows_in_sink"), 5000, "{json}");
+    assert_eq!(json_int(&json, "rows_in_sink"), 5000, "{json}");
+    assert!(json_int(&json, "baseline_rss_bytes") > 0, "{json}");
+    assert!(json["rss_growth_bytes"].is_u64(), "{json}");
+}
+
+#[test]
+fn changefeed_kill_restarts_and_the_sink_verifies_clean() {
+    let server = TestServer::start();
+    let json = changefeed(
+        &server,
+        "kill",
+        &[
+            "--rate",
+            "100",
+            "--duration",
+            "5s",
+            "--kill-every",
+            "1s",
+            "--writers",
+            "2",
+        ],
+    );
+    assert!(json_int(&json, "restarts") >= 3, "{json}");
+    let txns = json_int(&json, "txns");
+    assert!(txns > 0, "{json}");
+    assert_eq!(json_int(&json, "rows_in_sink"), 4 * txns, "{json}");
+    assert_eq!(json["verify_clean"], true, "{json}");
+    assert_eq!(json_int(&json, "verify_problems"), 0, "{json}");
+}
