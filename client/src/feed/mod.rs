@@ -122,6 +122,10 @@ pub const REGION_ATTEMPTS: u32 = 10;
 /// PD could not be asked where its ranges went); waits start at 100 ms and
 /// double up to 2 s, time enough for a server to restart.
 pub const RECONNECT_ATTEMPTS: u32 = 10;
+/// Items made from a received message at a time: the feed holds one
+/// message and at most this many of its rows as items (see
+/// `State::pump`).
+const PUMP_ITEMS: usize = 256;
 /// The largest `ChangeDataEvent` accepted, in bytes (the gRPC decoding
 /// limit); kvfeed's server batches well below it.
 pub const MAX_EVENT_SIZE: usize = 32 * 1024 * 1024;
@@ -369,6 +373,12 @@ impl Feed {
             if let Some(item) = self.state.out.pop_front() {
                 return Ok(item);
             }
+            // A message is worked through before anything else happens, as
+            // if all at once, but only a few items at a time are made.
+            if self.state.has_inbox() {
+                self.state.pump(REGION_ATTEMPTS, PUMP_ITEMS)?;
+                continue;
+            }
             self.resolve_due().await?;
             if let Some(item) = self.state.out.pop_front() {
                 return Ok(item);
@@ -378,7 +388,7 @@ impl Feed {
                 next = self.streams.next(), if !self.streams.is_empty() => {
                     let Some((store, item)) = next else { continue };
                     match item {
-                        Some(Ok(event)) => self.state.on_event(event, REGION_ATTEMPTS)?,
+                        Some(Ok(event)) => self.state.accept(event),
                         Some(Err(status)) => {
                             let reason = lost_or_fatal("the change feed stream", &status)?;
                             self.lose(store, reason).await?;

@@ -39,6 +39,27 @@ use crate::{KeyMode, RegionInfo};
 /// this many keys however long resolved ts stalls.
 pub const MAX_REMEMBERED: usize = 100_000;
 
+/// Part of a received message still to be worked through.
+#[derive(Debug)]
+enum Pending {
+    /// Change rows of one subscription.
+    Rows {
+        request_id: u64,
+        rows: std::vec::IntoIter<cdcpb::event::Row>,
+    },
+    /// An error ending one subscription.
+    Error {
+        request_id: u64,
+        error: cdcpb::Error,
+    },
+    /// A resolved ts for regions of one stream.
+    Resolved {
+        request_id: u64,
+        regions: Vec<u64>,
+        ts: u64,
+    },
+}
+
 /// One registered subscription.
 #[derive(Debug, Clone)]
 pub(super) struct Sub {
@@ -108,6 +129,9 @@ pub(super) struct State {
     caught_up: bool,
     /// Items for the consumer, in order.
     pub(super) out: VecDeque<FeedEvent>,
+    /// Received messages not yet worked through, in order; see
+    /// [`State::pump`].
+    inbox: VecDeque<Pending>,
 }
 
 impl State {
@@ -138,6 +162,7 @@ impl State {
             resolved: ts,
             caught_up: false,
             out: VecDeque::new(),
+            inbox: VecDeque::new(),
         }
     }
 
@@ -276,32 +301,91 @@ impl State {
         self.subs.contains_key(&request_id)
     }
 
+    /// Takes in one received message and works through it completely.
+    #[cfg(test)]
     pub(super) fn on_event(
         &mut self,
         event: ChangeDataEvent,
         region_limit: u32,
     ) -> Result<(), FeedError> {
+        self.accept(event);
+        self.pump(region_limit, usize::MAX)
+    }
+
+    /// Queues one received message's contents, to be worked through by
+    /// [`State::pump`] in order.
+    pub(super) fn accept(&mut self, event: ChangeDataEvent) {
         for e in event.events {
             match e.event {
                 Some(event::Event::Entries(entries)) => {
                     if self.subs.contains_key(&e.request_id) {
                         self.count_catch_up(&entries.entries);
-                        for row in entries.entries {
-                            self.on_row(e.request_id, row)?;
-                        }
+                        self.inbox.push_back(Pending::Rows {
+                            request_id: e.request_id,
+                            rows: entries.entries.into_iter(),
+                        });
                     }
                 }
                 Some(event::Event::Error(error)) => {
-                    self.on_error(e.request_id, &error, region_limit)?;
+                    self.inbox.push_back(Pending::Error {
+                        request_id: e.request_id,
+                        error,
+                    });
                 }
                 Some(event::Event::ResolvedTs(ts)) => {
-                    self.on_resolved(e.request_id, &[e.region_id], ts);
+                    self.inbox.push_back(Pending::Resolved {
+                        request_id: e.request_id,
+                        regions: vec![e.region_id],
+                        ts,
+                    });
                 }
                 Some(event::Event::Admin(_) | event::Event::LongTxn(_)) | None => {}
             }
         }
         if let Some(resolved) = event.resolved_ts {
-            self.on_resolved(resolved.request_id, &resolved.regions, resolved.ts);
+            self.inbox.push_back(Pending::Resolved {
+                request_id: resolved.request_id,
+                regions: resolved.regions,
+                ts: resolved.ts,
+            });
+        }
+    }
+
+    /// Whether a received message is not yet worked through.
+    pub(super) fn has_inbox(&self) -> bool {
+        !self.inbox.is_empty()
+    }
+
+    /// Works through queued messages until `max_out` items wait for the
+    /// consumer: one message of COMMIT rows can carry tens of thousands of
+    /// rows, each joined with its staged value, and turning all of them
+    /// into items at once would hold them all in memory.
+    pub(super) fn pump(&mut self, region_limit: u32, max_out: usize) -> Result<(), FeedError> {
+        while self.out.len() < max_out {
+            let Some(front) = self.inbox.front_mut() else {
+                return Ok(());
+            };
+            let next_row = match front {
+                Pending::Rows { request_id, rows } => Some((*request_id, rows.next())),
+                _ => None,
+            };
+            match next_row {
+                Some((request_id, Some(row))) => self.on_row(request_id, row)?,
+                Some((_, None)) => {
+                    self.inbox.pop_front();
+                }
+                None => match self.inbox.pop_front() {
+                    Some(Pending::Error { request_id, error }) => {
+                        self.on_error(request_id, &error, region_limit)?;
+                    }
+                    Some(Pending::Resolved {
+                        request_id,
+                        regions,
+                        ts,
+                    }) => self.on_resolved(request_id, &regions, ts),
+                    Some(Pending::Rows { .. }) | None => {}
+                },
+            }
         }
         Ok(())
     }
