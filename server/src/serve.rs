@@ -22,7 +22,7 @@
 //! because its streams are calls in flight: tonic's graceful shutdown waits
 //! for them, and stopping the feed is what ends each one (with OK). The
 //! embedded changefeeds stop first (each within
-//! [`crate::changefeeds::JOB_STOP_GRACE`]): their feed streams are such
+//! `changefeeds::JOB_STOP_GRACE`): their feed streams are such
 //! calls too, and a changefeed that outlived the feed would only see its
 //! streams end and retry against a server going away. A
 //! second signal during shutdown exits at once with status 1; the OS

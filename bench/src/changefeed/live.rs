@@ -50,7 +50,7 @@ pub struct Written {
     pub errors: u64,
     /// The first failure's text.
     pub first_error: Option<String>,
-    /// Transactions started more than [`LATE`] after their schedule.
+    /// Transactions started more than 10 ms after their schedule.
     pub late: u64,
     /// From the first scheduled start to the last answer.
     pub elapsed: Duration,

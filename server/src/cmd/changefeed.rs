@@ -41,7 +41,7 @@ pub enum ChangefeedCommand {
     /// checkpoint.
     Run(RunArgs),
     /// List the changefeeds a running server runs itself (its
-    /// [[changefeed]] tables): state, checkpoint, lag, rows, bytes, last
+    /// `[[changefeed]]` tables): state, checkpoint, lag, rows, bytes, last
     /// error.
     List {
         #[command(flatten)]
@@ -133,7 +133,7 @@ pub struct RunArgs {
     pub old_value: bool,
 
     /// Scratch space (the sorter's spill, a webhook's checkpoint)
-    /// [default: ./kvfeed-changefeed/<id>].
+    /// [default: ./kvfeed-changefeed/ID].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
