@@ -205,6 +205,24 @@ impl PdService {
             .map_err(|err| Status::internal(format!("safe point task failed: {err}")))
     }
 
+    /// Refuses a safe point above every timestamp the oracle has handed
+    /// out (PD itself takes any): GC would be held, or every feed from an
+    /// earlier ts refused, for as long as the oracle takes to catch up —
+    /// for `2^64 - 1`, for good.
+    fn future_safe_point(&self, method: &'static str, ts: TimeStamp) -> Option<ResponseHeader> {
+        let now = self.node.tso().current();
+        if ts <= now {
+            return None;
+        }
+        tracing::warn!(method, %ts, %now, "safe point above the current timestamp refused");
+        self.error_header(
+            ErrorType::InvalidValue,
+            format!(
+                "{method}: safe point {ts} is above the current timestamp {now}; a safe point must be a timestamp the oracle has handed out"
+            ),
+        )
+    }
+
     /// The header for a failed safe point operation.
     fn safe_point_error(
         &self,
@@ -517,6 +535,12 @@ impl Pd for PdService {
             }));
         }
         let target = TimeStamp::new(req.safe_point);
+        if let Some(header) = self.future_safe_point("UpdateGCSafePoint", target) {
+            return Ok(Response::new(UpdateGcSafePointResponse {
+                header: Some(header),
+                new_safe_point: 0,
+            }));
+        }
         let response = match self
             .with_safe_points(move |sp| sp.update_gc_safe_point(target))
             .await?
@@ -547,6 +571,14 @@ impl Pd for PdService {
         }
         let service_id = ServiceId::new(req.service_id);
         let (ttl, safe_point) = (req.ttl, TimeStamp::new(req.safe_point));
+        if ttl > 0
+            && let Some(header) = self.future_safe_point("UpdateServiceGCSafePoint", safe_point)
+        {
+            return Ok(Response::new(UpdateServiceGcSafePointResponse {
+                header: Some(header),
+                ..UpdateServiceGcSafePointResponse::default()
+            }));
+        }
         let log_id = service_id.to_string();
         let outcome = self
             .with_safe_points(move |sp| sp.update_service(&service_id, ttl, safe_point))

@@ -635,3 +635,67 @@ async fn an_open_tso_stream_ends_at_shutdown() {
     );
     drop(tx);
 }
+
+/// A safe point above every timestamp handed out is refused: PD itself
+/// would take it, and from then on GC would be held (service) or every
+/// feed from an earlier timestamp refused (GC) for good.
+#[tokio::test]
+async fn safe_points_from_the_future_are_refused() {
+    let server = TestServer::start();
+    let mut client = pd(&server).await;
+    let cluster_id = server.cluster_id();
+    let refused = |header: Option<ResponseHeader>| {
+        let error = header.and_then(|h| h.error).expect("an error header");
+        assert_eq!(error.r#type, ErrorType::InvalidValue as i32, "{error:?}");
+        assert!(
+            error.message.contains("above the current timestamp"),
+            "{error:?}"
+        );
+    };
+    let gc = client
+        .update_gc_safe_point(UpdateGcSafePointRequest {
+            header: header(cluster_id),
+            safe_point: u64::MAX,
+        })
+        .await
+        .expect("UpdateGCSafePoint")
+        .into_inner();
+    refused(gc.header);
+    let service = client
+        .update_service_gc_safe_point(UpdateServiceGcSafePointRequest {
+            header: header(cluster_id),
+            service_id: b"future".to_vec(),
+            ttl: 3600,
+            safe_point: u64::MAX - 1,
+        })
+        .await
+        .expect("UpdateServiceGCSafePoint")
+        .into_inner();
+    refused(service.header);
+    // Nothing moved: the safe point is still 0, and a current one is taken.
+    let current = client
+        .get_gc_safe_point(GetGcSafePointRequest {
+            header: header(cluster_id),
+        })
+        .await
+        .expect("GetGCSafePoint")
+        .into_inner();
+    assert_eq!(current.safe_point, 0);
+    let now = tso_batch(&mut client, cluster_id, &[1]).await;
+    let now = now[0]
+        .as_ref()
+        .expect("a timestamp")
+        .timestamp
+        .map(|t| TimeStamp::compose(t.physical as u64, t.logical as u64))
+        .expect("a timestamp");
+    let ok = client
+        .update_gc_safe_point(UpdateGcSafePointRequest {
+            header: header(cluster_id),
+            safe_point: now.into_inner(),
+        })
+        .await
+        .expect("UpdateGCSafePoint")
+        .into_inner();
+    assert_ok(&server, ok.header.as_ref());
+    assert_eq!(ok.new_safe_point, now.into_inner());
+}
