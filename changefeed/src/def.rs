@@ -195,16 +195,7 @@ pub mod ts_u64 {
     }
 }
 
-/// Parses lower- or upper-case hex, two digits per byte.
-pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+pub use kvfeed_client::text::parse_hex;
 
 #[cfg(test)]
 mod tests {
@@ -281,13 +272,5 @@ mod tests {
             ..def()
         };
         assert!(!def().same_feed(&raw));
-    }
-
-    #[test]
-    fn hex_parses() {
-        assert_eq!(parse_hex("00ffA0"), Some(vec![0, 0xff, 0xa0]));
-        assert_eq!(parse_hex("0"), None);
-        assert_eq!(parse_hex("zz"), None);
-        assert_eq!(parse_hex("é0"), None);
     }
 }

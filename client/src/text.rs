@@ -6,7 +6,8 @@
 //!   `\xNN` (control characters are escaped per byte of their UTF-8
 //!   encoding). So a message never breaks across lines, and two different
 //!   byte strings never print the same way.
-//! - [`hex`] is the exact form, two lower-case digits per byte.
+//! - [`hex`] is the exact form, two lower-case digits per byte;
+//!   [`parse_hex`] reads it back.
 
 /// Escapes `bytes` for display (see the module comment for the rules).
 pub fn escape(bytes: &[u8]) -> String {
@@ -51,6 +52,20 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// Parses hex, two digits per byte, either case; `None` unless every
+/// character is a hex digit and there is an even number of them. The
+/// inverse of [`hex`].
+pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    // `from_str_radix` alone would take a sign: "+1" is not hex here.
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +82,17 @@ mod tests {
         // A non-ASCII control character (U+0085) is escaped per byte.
         assert_eq!(escape("\u{85}".as_bytes()), "\\xc2\\x85");
         assert_eq!(escape(b""), "");
+    }
+
+    #[test]
+    fn hex_round_trips_and_bad_hex_is_refused() {
+        assert_eq!(parse_hex(&hex(&[0, 0xff, 0xa0])), Some(vec![0, 0xff, 0xa0]));
+        assert_eq!(parse_hex("00FFa0"), Some(vec![0, 0xff, 0xa0]));
+        assert_eq!(parse_hex(""), Some(vec![]));
+        assert_eq!(parse_hex("0"), None);
+        assert_eq!(parse_hex("zz"), None);
+        assert_eq!(parse_hex("é0"), None);
+        assert_eq!(parse_hex("+1"), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use kvfeed_storage::region::{RegionMap, STORE_ID};
 use serde::{Deserialize, Serialize};
 
 use crate::units::{ReadableDuration, ReadableSize};
+use kvfeed_client::text::parse_hex;
 
 mod changefeed;
 mod regions;
@@ -308,14 +309,13 @@ impl Config {
         changefeed::validate(&self.changefeed)
     }
 
-    /// The storage durability this configuration asks for.
     /// The boundaries the server itself keeps: the default split plus
     /// `server.split-keys` (encoded keys). A new data directory starts with
     /// exactly these regions; an existing one is split at any it lacks.
     pub fn split_keys(&self) -> Result<Vec<Vec<u8>>, ConfigError> {
         let mut keys = RegionMap::default_split_keys();
         for text in &self.server.split_keys {
-            let key = parse_hex(text).ok_or_else(|| ConfigError::Invalid {
+            let key = parse_hex(text.trim()).ok_or_else(|| ConfigError::Invalid {
                 key: "server.split-keys",
                 reason: format!("{text:?} is not a hex string"),
             })?;
@@ -362,18 +362,6 @@ fn check_addr(key: &'static str, addr: &str) -> Result<(), ConfigError> {
             reason: format!("{addr:?} is not host:port"),
         })
     }
-}
-
-/// Decodes an even-length hex string (either case).
-fn parse_hex(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim();
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
