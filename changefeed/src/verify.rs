@@ -20,7 +20,6 @@
 //! the keys the sink holds are compared (the earlier state is unknown).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use kvfeed_client::feed::{Op, Row};
 use kvfeed_client::text::escape;
@@ -29,6 +28,7 @@ use kvfeed_types::TimeStamp;
 
 use crate::def::{ChangefeedDef, Mode};
 use crate::sink::file::FileSinkReader;
+use crate::sink::nats::NatsReader;
 use crate::sink::{SinkError, SinkUri};
 
 /// Mismatches listed in full; the rest are only counted.
@@ -47,6 +47,9 @@ pub struct Report {
     pub transactions: u64,
     /// Keys compared with the store.
     pub keys_compared: u64,
+    /// Rows the sink holds without their value (larger than its
+    /// `max-message-bytes`); their keys' values are not compared.
+    pub values_omitted: u64,
     /// Problems found, at most [`MAX_LISTED`].
     pub problems: Vec<String>,
     /// Problems found in all.
@@ -88,32 +91,129 @@ pub enum VerifyError {
 
 /// Reads the sink at `uri` and compares it with `cluster`.
 pub async fn verify(cluster: &Cluster, uri: &str) -> Result<Report, VerifyError> {
-    let dir: PathBuf = match SinkUri::parse(uri)? {
-        SinkUri::File(dir) => dir,
-        SinkUri::Webhook(_) => {
-            return Err(VerifyError::Unreadable {
-                uri: uri.to_owned(),
-            });
+    match SinkUri::parse(uri)? {
+        SinkUri::File(dir) => {
+            let reader = FileSinkReader::open(&dir)?;
+            let def = reader.def().clone();
+            let checkpoint = reader.checkpoint().unwrap_or(def.start_ts);
+            let mut check = Check::new(&def, checkpoint);
+            for item in reader.rows() {
+                let item = item?;
+                let place = format!("{} line {}", item.file, item.line);
+                check.row(&item.row, false, &place);
+            }
+            check.finish(cluster).await
         }
-    };
-    let reader = FileSinkReader::open(&dir)?;
-    let def = reader.def().clone();
-    let checkpoint = reader.checkpoint().unwrap_or(def.start_ts);
-    let mut report = Report {
-        id: def.id.to_string(),
-        checkpoint_ts: checkpoint.into_inner(),
-        ..Report::default()
-    };
-    let mut replay = Replay::new(&def, checkpoint);
-    for item in reader.rows() {
-        let item = item?;
-        let place = format!("{} line {}", item.file, item.line);
-        replay.row(&item.row, &place, &mut report);
+        SinkUri::Nats(nats) => {
+            let mut reader = NatsReader::open(&nats).await?;
+            let def = reader.def().clone();
+            let mut check = Check::new(&def, reader.checkpoint());
+            while let Some(item) = reader.next().await? {
+                check.item(item);
+            }
+            check.finish(cluster).await
+        }
+        SinkUri::Kafka(_) => Err(VerifyError::Unreadable {
+            uri: uri.to_owned(),
+        }),
+        SinkUri::Webhook(_) => Err(VerifyError::Unreadable {
+            uri: uri.to_owned(),
+        }),
     }
-    let (expected, complete) = replay.expected(cluster).await?;
-    let actual = snapshot(cluster, &def, checkpoint).await?;
-    compare(expected, actual, complete, &mut report);
-    Ok(report)
+}
+
+/// A report being filled in.
+struct Check<'a> {
+    report: Report,
+    replay: Replay<'a>,
+    /// The last watermark read from a broker sink.
+    watermark: Option<TimeStamp>,
+}
+
+impl<'a> Check<'a> {
+    fn new(def: &'a ChangefeedDef, checkpoint: TimeStamp) -> Self {
+        Check {
+            report: Report {
+                id: def.id.to_string(),
+                checkpoint_ts: checkpoint.into_inner(),
+                ..Report::default()
+            },
+            replay: Replay::new(def, checkpoint),
+            watermark: None,
+        }
+    }
+
+    fn row(&mut self, row: &Row, value_omitted: bool, place: &str) {
+        if let Some(w) = self.watermark
+            && row.commit_ts <= w
+        {
+            self.report.problem(format!(
+                "{place}: key {} at commit_ts {} comes after the watermark {w}",
+                escape(&row.key),
+                row.commit_ts
+            ));
+        }
+        self.replay.row(row, value_omitted, place, &mut self.report);
+    }
+
+    /// One message of a broker sink.
+    fn item(&mut self, item: SinkItem) {
+        match item {
+            SinkItem::Row {
+                row,
+                value_omitted,
+                place,
+            } => self.row(&row, value_omitted, &place),
+            SinkItem::Watermark { ts, place } => {
+                if let Some(w) = self.watermark
+                    && ts < w
+                {
+                    self.report.problem(format!(
+                        "{place}: watermark {ts} is below the one before, {w}"
+                    ));
+                }
+                if let Some((commit_ts, _, key)) = &self.replay.last
+                    && *commit_ts > ts
+                {
+                    self.report.problem(format!(
+                        "{place}: watermark {ts} comes after key {} at commit_ts {commit_ts}",
+                        escape(key)
+                    ));
+                }
+                self.watermark = Some(self.watermark.map_or(ts, |w| w.max(ts)));
+            }
+        }
+    }
+
+    async fn finish(mut self, cluster: &Cluster) -> Result<Report, VerifyError> {
+        let def = self.replay.def;
+        let checkpoint = self.replay.checkpoint;
+        let (expected, complete) = self.replay.expected(cluster).await?;
+        let actual = snapshot(cluster, def, checkpoint).await?;
+        compare(expected, actual, complete, &mut self.report);
+        Ok(self.report)
+    }
+}
+
+/// What a broker sink's reader yields, in the order the sink holds it.
+#[derive(Debug)]
+pub enum SinkItem {
+    /// A row; `value_omitted` when it was too large and sent key-only.
+    Row {
+        /// The row (its value empty when omitted).
+        row: Row,
+        /// Whether the sink left the value out.
+        value_omitted: bool,
+        /// Where it was read, for problems.
+        place: String,
+    },
+    /// "Every row committed at or below `ts` comes before this."
+    Watermark {
+        /// The watermark.
+        ts: TimeStamp,
+        /// Where it was read.
+        place: String,
+    },
 }
 
 /// The rows' effect, and the order checks.
@@ -121,8 +221,8 @@ struct Replay<'a> {
     def: &'a ChangefeedDef,
     checkpoint: TimeStamp,
     last: Option<(TimeStamp, TimeStamp, bytes::Bytes)>,
-    /// Key → value after the rows so far; `None` = deleted.
-    state: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Key → what the rows so far say of it.
+    state: Expected,
 }
 
 impl<'a> Replay<'a> {
@@ -135,7 +235,7 @@ impl<'a> Replay<'a> {
         }
     }
 
-    fn row(&mut self, row: &Row, place: &str, report: &mut Report) {
+    fn row(&mut self, row: &Row, value_omitted: bool, place: &str, report: &mut Report) {
         report.rows += 1;
         let order = (row.commit_ts, row.start_ts, row.key.clone());
         match &self.last {
@@ -173,8 +273,12 @@ impl<'a> Replay<'a> {
             ));
         }
         let value = match row.op {
-            Op::Put => Some(row.value.to_vec()),
-            Op::Delete => None,
+            _ if value_omitted => {
+                report.values_omitted += 1;
+                Known::Omitted
+            }
+            Op::Put => Known::Value(row.value.to_vec()),
+            Op::Delete => Known::Absent,
         };
         self.state.insert(row.key.to_vec(), value);
     }
@@ -191,7 +295,7 @@ impl<'a> Replay<'a> {
             snapshot(cluster, self.def, self.def.start_ts)
                 .await?
                 .into_iter()
-                .map(|(k, v)| (k, Some(v)))
+                .map(|(k, v)| (k, Known::Value(v)))
                 .collect()
         };
         base.extend(self.state);
@@ -199,8 +303,19 @@ impl<'a> Replay<'a> {
     }
 }
 
-/// Key → value, `None` = no value.
-type Expected = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// What the sink says of a key.
+#[derive(Debug, PartialEq, Eq)]
+enum Known {
+    /// It has this value.
+    Value(Vec<u8>),
+    /// It has no value (deleted, or never written).
+    Absent,
+    /// Its last row was too large and sent without its value.
+    Omitted,
+}
+
+/// Key → what the sink says of it.
+type Expected = BTreeMap<Vec<u8>, Known>;
 
 /// Every pair of the range at `ts` (raw: as it is now).
 async fn snapshot(
@@ -224,13 +339,21 @@ fn compare(
     complete: bool,
     report: &mut Report,
 ) {
-    let show = |v: &Option<Vec<u8>>| match v {
-        Some(v) => format!("{:?}", escape(v)),
-        None => "no value".to_owned(),
+    let show = |v: &Known| match v {
+        Known::Value(v) => format!("{:?}", escape(v)),
+        Known::Absent | Known::Omitted => "no value".to_owned(),
     };
     for (key, want) in expected {
+        let have = match actual.remove(&key) {
+            Some(v) => Known::Value(v),
+            None => Known::Absent,
+        };
+        if want == Known::Omitted {
+            // Too large to send: the sink cannot tell, and the report
+            // counts it in `values_omitted`.
+            continue;
+        }
         report.keys_compared += 1;
-        let have = actual.remove(&key);
         if have != want {
             report.problem(format!(
                 "key {}: the sink says {}, the store has {}",

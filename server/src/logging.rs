@@ -48,7 +48,14 @@ pub fn filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, LogError
                 .to_owned(),
         ));
     }
-    EnvFilter::try_new(text).map_err(|e| error(e.to_string()))
+    // At a plain `info`, the NATS client's every connect and close would
+    // be logged; its warnings and errors still are.
+    let text = if text.eq_ignore_ascii_case("info") {
+        format!("{text},async_nats=warn")
+    } else {
+        text.to_owned()
+    };
+    EnvFilter::try_new(&text).map_err(|e| error(e.to_string()))
 }
 
 /// Installs the global subscriber. Call once, before anything logs.

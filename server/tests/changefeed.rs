@@ -249,8 +249,16 @@ async fn bad_input_is_refused_before_anything_runs() {
     let args = |id: &str, sink: &str| run_args(&server, id, sink, &state);
 
     refused(
-        &args("a", "kafka://localhost:9092/t"),
-        "unknown sink scheme \"kafka\"",
+        &args("a", "amqp://localhost:5672/q"),
+        "unknown sink scheme \"amqp\"",
+    );
+    refused(
+        &args("a", "nats://127.0.0.1:4222/cdc?strem=S"),
+        "unknown parameter \"strem\"",
+    );
+    refused(
+        &args("a", "nats://127.0.0.1:4222/cdc?format=debezium&subject-buckets=0"),
+        "subject-buckets",
     );
     refused(&args("a/b", &good), "invalid changefeed id");
     let blocker = tmp.path().join("a-file");

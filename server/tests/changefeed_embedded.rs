@@ -226,7 +226,7 @@ fn bad_tables_refuse_to_start_naming_the_table() {
     for (tables, expect) in [
         (table("a/b", &out, ""), "invalid changefeed id"),
         (
-            "[[changefeed]]\nid = \"k\"\nsink = \"kafka://b:9092/t\"\n".to_owned(),
+            "[[changefeed]]\nid = \"k\"\nsink = \"amqp://b:5672/q\"\n".to_owned(),
             "unknown sink scheme",
         ),
         (table("f", &out, "format = \"avro\""), "unknown format"),

@@ -23,7 +23,9 @@
 //! needs nothing but the sink's URI.
 
 pub mod file;
+pub mod nats;
 mod state;
+mod uri;
 pub mod webhook;
 
 use std::future::Future;
@@ -37,6 +39,8 @@ use crate::def::{ChangefeedDef, ChangefeedId};
 use crate::format::FormatError;
 
 pub use file::{FileRow, FileRows, FileSink, FileSinkReader};
+pub use nats::NatsSink;
+pub use uri::{KafkaUri, NatsUri, SinkUri};
 pub use webhook::{WebhookOptions, WebhookSink};
 
 /// Where rows go; see the module comment for the contract.
@@ -68,46 +72,6 @@ pub trait Sink: Send {
     fn commit_window(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
-/// A sink's address, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkUri {
-    /// `file:///DIR` (or `file://DIR` for a relative directory).
-    File(PathBuf),
-    /// `http://…` or `https://…`, used as it is.
-    Webhook(String),
-}
-
-impl SinkUri {
-    /// Parses a sink URI; an unknown scheme is refused with the list of
-    /// known ones.
-    pub fn parse(uri: &str) -> Result<SinkUri, SinkError> {
-        if let Some(path) = uri.strip_prefix("file://") {
-            if path.is_empty() {
-                return Err(SinkError::BadUri {
-                    uri: uri.to_owned(),
-                    reason: "no directory after file://".to_owned(),
-                });
-            }
-            return Ok(SinkUri::File(PathBuf::from(path)));
-        }
-        if uri.starts_with("http://") || uri.starts_with("https://") {
-            let host = uri.split_once("://").map(|(_, rest)| rest).unwrap_or("");
-            if host.is_empty() || host.starts_with('/') {
-                return Err(SinkError::BadUri {
-                    uri: uri.to_owned(),
-                    reason: "no host".to_owned(),
-                });
-            }
-            return Ok(SinkUri::Webhook(uri.to_owned()));
-        }
-        let scheme = uri.split_once("://").map_or(uri, |(scheme, _)| scheme);
-        Err(SinkError::UnknownScheme {
-            uri: uri.to_owned(),
-            scheme: scheme.to_owned(),
-        })
-    }
-}
-
 /// A sink of either kind, so the runner needs no trait objects.
 #[derive(Debug)]
 pub enum AnySink {
@@ -115,6 +79,8 @@ pub enum AnySink {
     File(FileSink),
     /// POSTs to an HTTP endpoint.
     Webhook(WebhookSink),
+    /// Publishes to NATS JetStream.
+    Nats(NatsSink),
 }
 
 impl Sink for AnySink {
@@ -122,6 +88,7 @@ impl Sink for AnySink {
         match self {
             AnySink::File(s) => s.open(def).await,
             AnySink::Webhook(s) => s.open(def).await,
+            AnySink::Nats(s) => s.open(def).await,
         }
     }
 
@@ -129,6 +96,7 @@ impl Sink for AnySink {
         match self {
             AnySink::File(s) => s.begin_window(from, to).await,
             AnySink::Webhook(s) => s.begin_window(from, to).await,
+            AnySink::Nats(s) => s.begin_window(from, to).await,
         }
     }
 
@@ -136,6 +104,7 @@ impl Sink for AnySink {
         match self {
             AnySink::File(s) => s.write(rows).await,
             AnySink::Webhook(s) => s.write(rows).await,
+            AnySink::Nats(s) => s.write(rows).await,
         }
     }
 
@@ -143,15 +112,21 @@ impl Sink for AnySink {
         match self {
             AnySink::File(s) => s.commit_window().await,
             AnySink::Webhook(s) => s.commit_window().await,
+            AnySink::Nats(s) => s.commit_window().await,
         }
     }
 }
+
+/// A client library's error, kept as the source of a [`SinkError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A sink that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// A URI whose scheme no sink serves.
-    #[error("unknown sink scheme {scheme:?} in {uri:?}: expected file://, http:// or https://")]
+    #[error(
+        "unknown sink scheme {scheme:?} in {uri:?}: expected file://, http://, https://, kafka:// or nats://"
+    )]
     UnknownScheme {
         /// The URI given.
         uri: String,
@@ -260,6 +235,28 @@ pub enum SinkError {
         /// The last failure.
         last: String,
     },
+    /// A broker (Kafka, NATS) failed in a way worth retrying: it cannot be
+    /// reached, a request timed out, a publish was not acknowledged.
+    #[error("{uri}: {what}")]
+    Broker {
+        /// The sink's URI.
+        uri: String,
+        /// What the sink was doing.
+        what: String,
+        /// What the client library said.
+        #[source]
+        source: BoxError,
+    },
+    /// A broker refused the sink for good: a topic or stream that does not
+    /// exist or does not take the sink's subjects, a checkpoint that does
+    /// not parse, another process that took the changefeed over.
+    #[error("{uri}: {reason}")]
+    BrokerRefused {
+        /// The sink's URI.
+        uri: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A blocking task of the sink panicked or was cancelled; the sink
     /// must be reopened.
     #[error("the sink's blocking task failed: {reason}")]
@@ -286,39 +283,12 @@ impl SinkError {
             | SinkError::BadRow { .. }
             | SinkError::Protocol { .. }
             | SinkError::Refused { .. }
-            | SinkError::BadEndpoint { .. } => true,
-            SinkError::Io { .. } | SinkError::Unreachable { .. } | SinkError::Task { .. } => false,
+            | SinkError::BadEndpoint { .. }
+            | SinkError::BrokerRefused { .. } => true,
+            SinkError::Io { .. }
+            | SinkError::Unreachable { .. }
+            | SinkError::Task { .. }
+            | SinkError::Broker { .. } => false,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uris_parse() {
-        assert_eq!(
-            SinkUri::parse("file:///tmp/out").ok(),
-            Some(SinkUri::File(PathBuf::from("/tmp/out")))
-        );
-        assert_eq!(
-            SinkUri::parse("file://out").ok(),
-            Some(SinkUri::File(PathBuf::from("out")))
-        );
-        assert_eq!(
-            SinkUri::parse("https://example.com/hook").ok(),
-            Some(SinkUri::Webhook("https://example.com/hook".to_owned()))
-        );
-        assert!(matches!(
-            SinkUri::parse("kafka://localhost:9092/t"),
-            Err(SinkError::UnknownScheme { scheme, .. }) if scheme == "kafka"
-        ));
-        assert!(matches!(
-            SinkUri::parse("/tmp/out"),
-            Err(SinkError::UnknownScheme { .. })
-        ));
-        assert!(SinkUri::parse("file://").is_err());
-        assert!(SinkUri::parse("http:///x").is_err());
     }
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use kvfeed_changefeed::sink::{AnySink, FileSink, SinkUri, WebhookSink};
+use kvfeed_changefeed::sink::{AnySink, FileSink, NatsSink, SinkUri, WebhookSink};
 use kvfeed_changefeed::{
     Changefeed, ChangefeedDef, ChangefeedError, ChangefeedId, Format, Mode, RunOptions,
 };
@@ -95,7 +95,8 @@ pub struct RunArgs {
     pub id: String,
 
     /// Where rows go: file:///DIR (NDJSON files), http://… or https://…
-    /// (a webhook).
+    /// (a webhook), nats://HOST:PORT/SUBJECT_PREFIX?stream=… (NATS
+    /// JetStream); see the README for each sink's parameters.
     #[arg(long, value_name = "URI")]
     pub sink: String,
 
@@ -124,9 +125,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "TS")]
     pub start_ts: Option<u64>,
 
-    /// Row format: json or debezium.
-    #[arg(long, default_value = "json")]
-    pub format: String,
+    /// Row format: json or debezium [default: the sink URI's format
+    /// parameter, else json].
+    #[arg(long)]
+    pub format: Option<String>,
 
     /// Rows carry the value before the change (always on for debezium).
     #[arg(long)]
@@ -151,7 +153,7 @@ impl RunArgs {
     pub fn def(&self) -> Result<ChangefeedDef, CmdError> {
         let usage = |e: &dyn std::fmt::Display| CmdError::Usage(e.to_string());
         let id = ChangefeedId::new(self.id.clone()).map_err(|e| usage(&e))?;
-        let format = Format::parse(&self.format).map_err(|e| usage(&e))?;
+        let format = self.format()?;
         let style = if self.hex { Style::Hex } else { Style::Text };
         let parse = |what: &'static str, arg: &str| {
             style
@@ -193,6 +195,27 @@ impl RunArgs {
         Ok(def)
     }
 
+    /// The row format: --format, else the sink URI's `format`, else json;
+    /// the two must agree when both are given.
+    fn format(&self) -> Result<Format, CmdError> {
+        let usage = |e: &dyn std::fmt::Display| CmdError::Usage(e.to_string());
+        let flag = self
+            .format
+            .as_deref()
+            .map(Format::parse)
+            .transpose()
+            .map_err(|e| usage(&e))?;
+        let in_uri = SinkUri::parse(&self.sink).map_err(|e| usage(&e))?.format();
+        match (flag, in_uri) {
+            (Some(f), Some(u)) if f != u => Err(CmdError::Usage(format!(
+                "the format {} contradicts the sink URI's format={}",
+                f.name(),
+                u.name()
+            ))),
+            (f, u) => Ok(f.or(u).unwrap_or(Format::Json)),
+        }
+    }
+
     fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
@@ -217,6 +240,12 @@ pub fn sink_for(uri: &str, state_dir: PathBuf) -> Result<AnySink, CmdError> {
         SinkUri::File(dir) => AnySink::File(FileSink::new(dir)),
         SinkUri::Webhook(url) => {
             AnySink::Webhook(WebhookSink::new(url, state_dir, Default::default()))
+        }
+        SinkUri::Nats(nats) => AnySink::Nats(NatsSink::new(nats)),
+        SinkUri::Kafka(_) => {
+            return Err(CmdError::Usage(format!(
+                "{uri}: the kafka sink is not built into this kvfeed"
+            )));
         }
     })
 }

@@ -65,9 +65,10 @@ pub struct ChangefeedConfig {
     /// when the changefeed starts without a checkpoint in its sink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_ts: Option<u64>,
-    /// `format`: `json` (default) or `debezium`.
-    #[serde(default = "default_format")]
-    pub format: String,
+    /// `format`: `json` or `debezium` (default: the sink URI's `format`
+    /// parameter, else `json`).
+    #[serde(default)]
+    pub format: Option<String>,
     /// `old-value`: rows carry the value before the change. Default false
     /// (always on for debezium).
     #[serde(default)]
@@ -80,10 +81,6 @@ pub struct ChangefeedConfig {
     /// stopped renewing its service safe point. At least 1. Default 86400.
     #[serde(default = "default_gc_ttl")]
     pub gc_ttl: u64,
-}
-
-fn default_format() -> String {
-    "json".to_owned()
 }
 
 fn default_memory_mib() -> usize {
@@ -219,7 +216,7 @@ mod tests {
         let [orders, raw] = cfg.changefeed.as_slice() else {
             panic!("two tables, got {:?}", cfg.changefeed);
         };
-        assert_eq!(orders.format, "json");
+        assert_eq!(orders.format, None);
         assert_eq!(orders.memory_mib, 64);
         assert_eq!(orders.gc_ttl, 86_400);
         assert_eq!(orders.start_ts, None);
@@ -281,8 +278,8 @@ mod tests {
             ),
             (table("", "sink = \"file:///x\""), "invalid changefeed id"),
             (
-                table("k", "sink = \"kafka://broker:9092/t\""),
-                "unknown sink scheme \"kafka\"",
+                table("k", "sink = \"amqp://broker:5672/q\""),
+                "unknown sink scheme \"amqp\"",
             ),
             (table("k", "sink = \"file://\""), "no directory"),
             (
