@@ -257,7 +257,10 @@ async fn bad_input_is_refused_before_anything_runs() {
         "unknown parameter \"strem\"",
     );
     refused(
-        &args("a", "nats://127.0.0.1:4222/cdc?format=debezium&subject-buckets=0"),
+        &args(
+            "a",
+            "nats://127.0.0.1:4222/cdc?format=debezium&subject-buckets=0",
+        ),
         "subject-buckets",
     );
     refused(&args("a/b", &good), "invalid changefeed id");

@@ -31,9 +31,11 @@
 //!    the message ids make JetStream drop repeats as a second line of
 //!    defence (a stream the sink creates keeps them for `duplicate-window`).
 //! 3. The checkpoint is written with the entry's last revision as a
-//!    condition: when another process wrote it meanwhile (it took the
-//!    changefeed over), this one stops with an error instead of
-//!    interleaving its messages.
+//!    condition, and `open` rewrites the entry: the process that opened
+//!    the sink last owns the changefeed, and one still running it stops at
+//!    its next checkpoint with an error. Rows it publishes meanwhile carry
+//!    the ids the new owner gives them too, so the duplicate window drops
+//!    the second copy.
 //!
 //! After any error or a cancelled call the sink must be reopened.
 
@@ -393,6 +395,9 @@ impl Sink for NatsSink {
                         ),
                     ));
                 }
+                // Rewriting the entry takes the changefeed over: a process
+                // still running it fails at its next checkpoint.
+                let revision = write_entry(&store, uri, &entry, revision).await?;
                 (entry, revision, false)
             }
             None => {
@@ -762,6 +767,20 @@ impl NatsReader {
     pub async fn next(&mut self) -> Result<Option<SinkItem>, SinkError> {
         Ok(self.items.next())
     }
+}
+
+/// The checkpoint changefeed `id` holds in the URI's bucket (`None` before
+/// its first window), without reading the stream: for status displays and
+/// tests that wait for a changefeed to pass a timestamp.
+pub async fn read_checkpoint(uri: &NatsUri, id: &str) -> Result<Option<TimeStamp>, SinkError> {
+    let (js, _) = connect(uri, "kvfeed checkpoint").await?;
+    let store = js
+        .get_key_value(&uri.kv_bucket)
+        .await
+        .map_err(|e| broker(uri, "opening the key-value bucket")(e.into()))?;
+    Ok(read_entry(&store, uri, id)
+        .await?
+        .and_then(|(entry, _)| entry.checkpoint_ts.map(TimeStamp::new)))
 }
 
 /// The ids of the changefeeds in the bucket that write to the URI's

@@ -57,6 +57,12 @@ pub fn run(args: &VerifyArgs) -> Result<(), VerifyCmdError> {
             "changefeed {}: checkpoint {}, {} rows in {} transactions, {} keys compared",
             report.id, report.checkpoint_ts, report.rows, report.transactions, report.keys_compared
         );
+        if report.values_omitted > 0 {
+            println!(
+                "{} rows were larger than the sink's max-message-bytes and hold no value; their keys were not compared",
+                report.values_omitted
+            );
+        }
         for problem in &report.problems {
             println!("problem: {problem}");
         }

@@ -61,6 +61,36 @@ impl CfProcess {
             .unwrap_or_default()
     }
 
+    /// Every run's stderr, in order.
+    pub fn all_logs(&self) -> String {
+        (1..=self.runs)
+            .map(|run| {
+                std::fs::read_to_string(self.log.join(format!("changefeed-{run}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "changefeed did not exit within {limit:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// kill -9, then start again with the same flags.
     pub fn kill_and_restart(&mut self) {
         self.kill();
