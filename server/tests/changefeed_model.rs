@@ -6,10 +6,15 @@
 //! range, one `--raw` over the raw range, both from ts 0 — each killed
 //! (-9) and restarted every 0.5–2 s (seeded) while the writers run.
 //!
+//! A third changefeed follows the transactional range into a real NATS
+//! JetStream (`nats-server -js`, started by the test), killed on its own
+//! schedule like the others.
+//!
 //! After the workload a final ts F is taken (every write acknowledged),
-//! both sinks' checkpoints must pass F, and then:
-//! - `verify` is clean for both sinks;
-//! - the transactional sink against the model (`changefeed_model/check.rs`):
+//! every sink's checkpoint must pass F, and then:
+//! - `verify` is clean for every sink;
+//! - the transactional sinks (file and NATS) against the model
+//!   (`changefeed_model/check.rs`; a NATS "data file" is a window):
 //!   every transaction committed at or below the checkpoint is there with
 //!   all its mutations (puts with their values, deletes as deletes) at its
 //!   commit ts, each `(commit_ts, key)` once; nothing of a rolled-back or
@@ -32,6 +37,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
 
+#[path = "brokers/nats.rs"]
+mod broker;
 #[path = "tikv_client/by_hand.rs"]
 #[allow(dead_code)] // only the prewrite and the oracle are used here
 mod by_hand;
@@ -59,7 +66,10 @@ use std::time::{Duration, Instant};
 use by_hand::ByHand;
 use common::TestServer;
 use common::nemesis::{self, Nemesis};
+use kvfeed_changefeed::sink::SinkUri;
 use kvfeed_changefeed::sink::file::{FileRow, FileSinkReader};
+use kvfeed_changefeed::sink::nats::{NatsReader, read_checkpoint};
+use kvfeed_changefeed::verify::SinkItem;
 use kvfeed_client::feed::{Op, Row};
 use kvfeed_client::{Cluster, KeyMode};
 use rand::rngs::StdRng;
@@ -150,6 +160,62 @@ fn file_feed(
     args
 }
 
+/// The NATS sink's URI parts.
+fn nats_uri(sink: &str) -> kvfeed_changefeed::sink::NatsUri {
+    match SinkUri::parse(sink).expect("a sink URI") {
+        SinkUri::Nats(uri) => uri,
+        other => panic!("not a NATS URI: {other:?}"),
+    }
+}
+
+/// Waits until changefeed `id` in the NATS `sink` has a checkpoint of at
+/// least `ts`; answers the checkpoint.
+async fn wait_nats_checkpoint(sink: &str, id: &str, ts: u64, cf: &mut CfProcess) -> u64 {
+    let uri = nats_uri(sink);
+    let deadline = Instant::now() + support::CATCH_UP;
+    loop {
+        let at = read_checkpoint(&uri, id)
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |t| t.into_inner());
+        if at >= ts {
+            return at;
+        }
+        cf.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "NATS checkpoint {at} did not reach {ts}; log:\n{}",
+            cf.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every row of the NATS sink up to its checkpoint, in stream order, as
+/// file rows whose "file" is the window (the watermarks before it).
+async fn nats_rows(sink: &str) -> Vec<FileRow> {
+    let mut reader = NatsReader::open(&nats_uri(sink))
+        .await
+        .expect("read the stream");
+    let (mut rows, mut window) = (Vec::new(), 0u64);
+    while let Some(item) = reader.next().await.expect("an item") {
+        match item {
+            SinkItem::Watermark { .. } => window += 1,
+            SinkItem::Row { row, place, .. } => rows.push(FileRow {
+                file: format!("window {window}"),
+                line: place
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|seq| seq.parse().ok())
+                    .unwrap_or(0),
+                row,
+            }),
+        }
+    }
+    rows
+}
+
 /// Every row of the file sink at `dir` up to its checkpoint, in sink order.
 fn file_rows(dir: &Path) -> Vec<FileRow> {
     let reader = FileSinkReader::open(dir).expect("open the sink");
@@ -179,7 +245,17 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
         .expect("raw client connects");
 
     let (txn_out, raw_out) = (tmp.path().join("txn-sink"), tmp.path().join("raw-sink"));
-    for logs in ["txn-logs", "raw-logs"] {
+    let nats = broker::NatsServer::start(&tmp.path().join("js"));
+    let nats_sink = nats.sink("model.txn", "");
+    let mut nats_args = file_feed(
+        &server,
+        "model-nats",
+        KeyMode::Txn,
+        &txn_out,
+        &tmp.path().join("nats-state"),
+    );
+    nats_args[5] = nats_sink.clone();
+    for logs in ["txn-logs", "raw-logs", "nats-logs"] {
         std::fs::create_dir(tmp.path().join(logs)).expect("a log directory");
     }
     let mut feeds = [
@@ -203,6 +279,7 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
             ),
             &tmp.path().join("raw-logs"),
         ),
+        CfProcess::start(&nats_args, &tmp.path().join("nats-logs")),
     ];
     // Dropped (stopped and joined) before the server on a failure.
     let nemesis = Nemesis::start_among(
@@ -238,8 +315,8 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
     // while the writers run.
     let mut rng = StdRng::seed_from_u64(seed ^ 0xc0ff_ee00);
     let mut next =
-        [0; 2].map(|_| Instant::now() + Duration::from_millis(rng.random_range(KILL_EVERY_MS)));
-    let mut kills = [0u32; 2];
+        [0; 3].map(|_| Instant::now() + Duration::from_millis(rng.random_range(KILL_EVERY_MS)));
+    let mut kills = [0u32; 3];
     let deadline = Instant::now() + writing;
     while !writers.iter().all(|w| w.is_finished()) {
         assert!(
@@ -277,6 +354,7 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
         support::wait_checkpoint(&txn_out, f, &mut feeds[0]);
         support::wait_checkpoint(&raw_out, f, &mut feeds[1]);
     });
+    let nats_checkpoint = wait_nats_checkpoint(&nats_sink, "model-nats", f, &mut feeds[2]).await;
     let caught_up = began.elapsed();
     for feed in &mut feeds {
         feed.kill();
@@ -292,8 +370,12 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
         .expect("cluster connects");
     let mut failures = Vec::new();
     let mut summary = Vec::new();
-    for (name, out) in [("txn", &txn_out), ("raw", &raw_out)] {
-        let uri = format!("file://{}", out.display());
+    let sinks = [
+        ("txn", format!("file://{}", txn_out.display())),
+        ("raw", format!("file://{}", raw_out.display())),
+        ("nats", nats_sink.clone()),
+    ];
+    for (name, uri) in sinks {
         let report = kvfeed_changefeed::verify::verify(&cluster, &uri)
             .await
             .expect("verify reads the sink");
@@ -321,6 +403,11 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
             .into_iter()
             .map(|b| format!("txn sink: {b}")),
     );
+    failures.extend(
+        cf_check::check_txn(&nats_rows(&nats_sink).await, &model, nats_checkpoint)
+            .into_iter()
+            .map(|b| format!("NATS sink: {b}")),
+    );
     let raw_rows = file_rows(&raw_out);
     failures.extend(
         cf_check::check_raw(&raw_rows, &model)
@@ -337,7 +424,7 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
         n
     });
     println!(
-        "transactions committed/rolled back/unknown {outcomes:?}, raw puts {}; kills txn/raw \
+        "transactions committed/rolled back/unknown {outcomes:?}, raw puts {}; kills txn/raw/nats \
          {kills:?}; {}; nemesis {changes:?}; writes took {wrote:?}, caught up at {caught_up:?}",
         model.raw.len(),
         summary.join(", ")

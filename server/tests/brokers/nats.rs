@@ -100,6 +100,7 @@ impl NatsServer {
     }
 
     /// Starts it again on the same port and store.
+    #[allow(dead_code)] // not every test restarts its broker
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
