@@ -62,6 +62,7 @@ impl CfProcess {
     }
 
     /// Every run's stderr, in order.
+    #[allow(dead_code)] // used by the broker tests only
     pub fn all_logs(&self) -> String {
         (1..=self.runs)
             .map(|run| {
@@ -73,6 +74,7 @@ impl CfProcess {
     }
 
     /// Waits for the process to exit by itself; returns its exit code.
+    #[allow(dead_code)] // used by the broker tests only
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let child = self.child.as_mut().expect("running");
         let deadline = Instant::now() + limit;
