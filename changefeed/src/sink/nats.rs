@@ -61,7 +61,10 @@ use super::{BoxError, Sink, SinkError, SinkUri};
 use crate::def::ChangefeedDef;
 use crate::format;
 use crate::sink::uri::NatsUri;
-use crate::verify::SinkItem;
+
+#[path = "nats_read.rs"]
+mod read;
+pub use read::{NatsCheckpoints, NatsReader, read_checkpoint};
 
 /// Unacknowledged publishes at most; past it `write` waits for the oldest.
 pub const MAX_PENDING: usize = 4096;
@@ -298,66 +301,94 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|v| v.as_str().to_owned())
 }
 
-/// Reads the stream's messages of changefeed `id` from `from_seq` on, in
-/// order, up to its last message (or `to_seq`), calling `each` with the
-/// stream sequence, the headers and the body.
-async fn read_stream(
-    js: &jetstream::Context,
-    uri: &NatsUri,
-    id: &str,
-    from_seq: u64,
-    to_seq: Option<u64>,
-    mut each: impl FnMut(u64, &HeaderMap, &Bytes) -> Result<(), SinkError>,
-) -> Result<(), SinkError> {
-    let mut stream = js
-        .get_stream(&uri.stream)
-        .await
-        .map_err(|e| broker(uri, "opening the stream")(e.into()))?;
-    let last = stream
-        .info()
-        .await
-        .map_err(|e| broker(uri, "reading the stream's state")(e.into()))?
-        .state
-        .last_sequence;
-    let last = to_seq.map_or(last, |t| t.min(last));
-    if last < from_seq.max(1) {
-        return Ok(());
-    }
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("{}.>", uri.subject_prefix),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from_seq.max(1),
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| broker(uri, "reading the stream")(e.into()))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| broker(uri, "reading the stream")(e.into()))?;
-    loop {
-        let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next())
+/// The stream's messages of one changefeed, read in order from a start
+/// sequence up to the last message there was when reading began.
+struct Cursor {
+    id: String,
+    last: u64,
+    done: bool,
+    messages: Option<consumer::pull::Ordered>,
+}
+
+/// A message the cursor read: stream sequence, headers, body.
+type Read = (u64, HeaderMap, Bytes);
+
+impl Cursor {
+    /// Starts reading changefeed `id`'s messages from `from_seq` up to
+    /// `to_seq` (or the stream's last message).
+    async fn open(
+        js: &jetstream::Context,
+        uri: &NatsUri,
+        id: &str,
+        from_seq: u64,
+        to_seq: Option<u64>,
+    ) -> Result<Cursor, SinkError> {
+        let mut stream = js
+            .get_stream(&uri.stream)
+            .await
+            .map_err(|e| broker(uri, "opening the stream")(e.into()))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| broker(uri, "reading the stream's state")(e.into()))?
+            .state
+            .last_sequence;
+        let last = to_seq.map_or(last, |t| t.min(last));
+        let mut cursor = Cursor {
+            id: id.to_owned(),
+            last,
+            done: last < from_seq.max(1),
+            messages: None,
+        };
+        if cursor.done {
+            return Ok(cursor);
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.>", uri.subject_prefix),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from_seq.max(1),
+                },
+                ..Default::default()
+            })
             .await
             .map_err(|e| broker(uri, "reading the stream")(e.into()))?;
-        let Some(message) = next else { return Ok(()) };
-        let message = message.map_err(|e| broker(uri, "reading the stream")(e.into()))?;
-        let info = message
-            .info()
-            .map_err(|e| broker(uri, "reading the stream")(e))?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
-        if seq > last {
-            return Ok(());
+        cursor.messages = Some(
+            consumer
+                .messages()
+                .await
+                .map_err(|e| broker(uri, "reading the stream")(e.into()))?,
+        );
+        Ok(cursor)
+    }
+
+    /// The changefeed's next message; `None` at the end.
+    async fn next(&mut self, uri: &NatsUri) -> Result<Option<Read>, SinkError> {
+        while !self.done {
+            let Some(messages) = self.messages.as_mut() else {
+                break;
+            };
+            let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next())
+                .await
+                .map_err(|e| broker(uri, "reading the stream")(e.into()))?;
+            let Some(message) = next else { break };
+            let message = message.map_err(|e| broker(uri, "reading the stream")(e.into()))?;
+            let info = message
+                .info()
+                .map_err(|e| broker(uri, "reading the stream")(e))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > self.last {
+                break;
+            }
+            self.done = seq >= self.last || pending == 0;
+            let headers = message.headers.clone().unwrap_or_default();
+            if header(&headers, H_CHANGEFEED).as_deref() == Some(self.id.as_str()) {
+                return Ok(Some((seq, headers, message.payload.clone())));
+            }
         }
-        let empty = HeaderMap::new();
-        let headers = message.headers.as_ref().unwrap_or(&empty);
-        if header(headers, H_CHANGEFEED).as_deref() == Some(id) {
-            each(seq, headers, &message.payload)?;
-        }
-        if seq >= last || pending == 0 {
-            return Ok(());
-        }
+        self.done = true;
+        self.messages = None;
+        Ok(None)
     }
 }
 
@@ -434,26 +465,18 @@ impl Sink for NatsSink {
         let mut present = HashSet::new();
         let mut present_until = TimeStamp::new(0);
         let mut rolled: Option<(TimeStamp, u64)> = None;
-        read_stream(
-            &js,
-            uri,
-            id,
-            entry.stream_seq + 1,
-            None,
-            |seq, headers, _| {
-                if let Some(to) = ts_header(headers, H_RESOLVED_TS) {
-                    rolled = Some((to, seq));
-                    present.clear();
-                } else if let Some(msg_id) = header(headers, "Nats-Msg-Id") {
-                    present.insert(msg_id);
-                    if let Some(ts) = ts_header(headers, H_COMMIT_TS) {
-                        present_until = present_until.max(ts);
-                    }
+        let mut tail = Cursor::open(&js, uri, id, entry.stream_seq + 1, None).await?;
+        while let Some((seq, headers, _)) = tail.next(uri).await? {
+            if let Some(to) = ts_header(&headers, H_RESOLVED_TS) {
+                rolled = Some((to, seq));
+                present.clear();
+            } else if let Some(msg_id) = header(&headers, "Nats-Msg-Id") {
+                present.insert(msg_id);
+                if let Some(ts) = ts_header(&headers, H_COMMIT_TS) {
+                    present_until = present_until.max(ts);
                 }
-                Ok(())
-            },
-        )
-        .await?;
+            }
+        }
         if let Some((to, seq)) = rolled
             && entry.checkpoint_ts.is_none_or(|c| c < to.into_inner())
         {
@@ -684,123 +707,6 @@ pub fn bucket(key: &[u8], buckets: u32) -> u32 {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     (hash % u64::from(buckets.max(1))) as u32
-}
-
-/// Reads what a NATS sink holds up to its checkpoint, for `kvfeed verify`.
-pub struct NatsReader {
-    def: ChangefeedDef,
-    checkpoint: TimeStamp,
-    items: std::vec::IntoIter<SinkItem>,
-}
-
-impl NatsReader {
-    /// Reads the changefeed the URI's bucket and stream hold. The items
-    /// are read up front (verify needs them all anyway).
-    pub async fn open(uri: &NatsUri) -> Result<NatsReader, SinkError> {
-        let (js, _) = connect(uri, "kvfeed verify").await?;
-        let store = js
-            .get_key_value(&uri.kv_bucket)
-            .await
-            .map_err(|e| broker(uri, "opening the key-value bucket")(e.into()))?;
-        let ids = read_ids(&store, uri).await?;
-        let [id] = ids.as_slice() else {
-            return Err(refused(
-                uri,
-                format!(
-                    "bucket {} holds {} changefeeds writing to {}.>: {ids:?}; verify needs exactly one",
-                    uri.kv_bucket,
-                    ids.len(),
-                    uri.subject_prefix
-                ),
-            ));
-        };
-        let Some((entry, _)) = read_entry(&store, uri, id).await? else {
-            return Err(refused(uri, format!("changefeed {id} has no checkpoint")));
-        };
-        let def = entry.def.clone();
-        let checkpoint = entry.checkpoint_ts.map_or(def.start_ts, TimeStamp::new);
-        let mut items = Vec::new();
-        if entry.checkpoint_ts.is_some() {
-            read_stream(
-                &js,
-                uri,
-                id,
-                1,
-                Some(entry.stream_seq),
-                |seq, headers, body| {
-                    let place = format!("stream {} seq {seq}", uri.stream);
-                    if let Some(ts) = ts_header(headers, H_RESOLVED_TS) {
-                        items.push(SinkItem::Watermark { ts, place });
-                        return Ok(());
-                    }
-                    let row = format::decode(def.format, body)
-                        .map_err(|e| refused(uri, format!("{place}: {e}")))?;
-                    let value_omitted = header(headers, H_VALUE_OMITTED).as_deref() == Some("true");
-                    items.push(SinkItem::Row {
-                        row,
-                        value_omitted,
-                        place,
-                    });
-                    Ok(())
-                },
-            )
-            .await?;
-        }
-        Ok(NatsReader {
-            def,
-            checkpoint,
-            items: items.into_iter(),
-        })
-    }
-
-    /// The changefeed's definition.
-    pub fn def(&self) -> &ChangefeedDef {
-        &self.def
-    }
-
-    /// Its checkpoint (its start ts before the first window).
-    pub fn checkpoint(&self) -> TimeStamp {
-        self.checkpoint
-    }
-
-    /// The next message, in stream order.
-    pub async fn next(&mut self) -> Result<Option<SinkItem>, SinkError> {
-        Ok(self.items.next())
-    }
-}
-
-/// The checkpoint changefeed `id` holds in the URI's bucket (`None` before
-/// its first window), without reading the stream: for status displays and
-/// tests that wait for a changefeed to pass a timestamp.
-pub async fn read_checkpoint(uri: &NatsUri, id: &str) -> Result<Option<TimeStamp>, SinkError> {
-    let (js, _) = connect(uri, "kvfeed checkpoint").await?;
-    let store = js
-        .get_key_value(&uri.kv_bucket)
-        .await
-        .map_err(|e| broker(uri, "opening the key-value bucket")(e.into()))?;
-    Ok(read_entry(&store, uri, id)
-        .await?
-        .and_then(|(entry, _)| entry.checkpoint_ts.map(TimeStamp::new)))
-}
-
-/// The ids of the changefeeds in the bucket that write to the URI's
-/// stream and prefix.
-async fn read_ids(store: &kv::Store, uri: &NatsUri) -> Result<Vec<String>, SinkError> {
-    let mut keys = store
-        .keys()
-        .await
-        .map_err(|e| broker(uri, "listing the key-value bucket")(e.into()))?;
-    let mut ids = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| broker(uri, "listing the key-value bucket")(e.into()))?;
-        if let Some((entry, _)) = read_entry(store, uri, &key).await?
-            && entry.stream == uri.stream
-            && entry.subject_prefix == uri.subject_prefix
-        {
-            ids.push(key);
-        }
-    }
-    Ok(ids)
 }
 
 impl From<NatsUri> for SinkUri {
