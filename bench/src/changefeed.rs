@@ -31,6 +31,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use kvfeed_changefeed::sink::file::FileSinkReader;
+use kvfeed_changefeed::sink::nats::NatsReader;
+use kvfeed_changefeed::sink::{SinkError, SinkUri};
+use kvfeed_changefeed::verify::SinkItem;
+use kvfeed_client::feed::Row;
 use kvfeed_types::TimeStamp;
 use kvfeed_types::units::ReadableDuration;
 use serde_json::json;
@@ -38,7 +42,7 @@ use serde_json::json;
 use super::report::Report;
 use super::stats::per_second;
 use super::{BenchError, Server, TargetArgs, progress, run_prefix, secs, txn_load};
-use child::{Poller, Spec};
+use child::{Poller, SinkTarget, Spec};
 
 const NAME: &str = "changefeed";
 
@@ -118,6 +122,32 @@ pub struct ChangefeedArgs {
     /// Longest wait for the changefeed to deliver what was written.
     #[arg(long, value_name = "D", default_value = "10m")]
     pub timeout: ReadableDuration,
+
+    /// The sink: nats://HOST:PORT/PREFIX?… (a fresh `.r<hex>` token is
+    /// added to the prefix per run, so each run has its own stream)
+    /// [default: a file sink in a scratch directory].
+    #[arg(long, value_name = "URI")]
+    pub sink: Option<String>,
+}
+
+/// The sink `--sink` names, with the run's token added to a broker's
+/// subject prefix (and stream, when the URI leaves it to the default).
+fn sink_target(args: &ChangefeedArgs, dir: &Path, token: &str) -> Result<SinkTarget, BenchError> {
+    let Some(uri) = &args.sink else {
+        return Ok(SinkTarget::File(dir.join("sink")));
+    };
+    let (main, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let with_token = if query.is_empty() {
+        format!("{main}.{token}")
+    } else {
+        format!("{main}.{token}?{query}")
+    };
+    match SinkUri::parse(&with_token).map_err(|e| BenchError::Usage(format!("--sink: {e}")))? {
+        SinkUri::Nats(nats) => Ok(SinkTarget::Nats(nats)),
+        _ => Err(BenchError::Usage(format!(
+            "--sink {uri}: only nats:// sinks (or the default file sink) are measured"
+        ))),
+    }
 }
 
 /// `--kill-every`: a fixed time or a range to draw from.
@@ -186,7 +216,11 @@ impl Setup {
             exe,
             pd: server.cluster.pd_addr().to_owned(),
             id,
-            sink_dir: dir.path().join("sink"),
+            sink: sink_target(
+                args,
+                dir.path(),
+                &format!("r{:x}", super::load::unix_nanos()),
+            )?,
             state_dir: dir.path().join("state"),
             prefix: prefix_text,
             start_ts: 0,
@@ -207,7 +241,12 @@ impl Setup {
     pub async fn start_now(&mut self) -> Result<(child::Proc, Poller), BenchError> {
         self.spec.start_ts = self.server.cluster.tso().await?.into_inner();
         let mut proc = self.spec.spawn()?;
-        let poller = Poller::start(self.spec.sink_dir.clone(), POLL_EVERY, proc.pid())?;
+        let poller = Poller::start(
+            self.spec.sink.clone(),
+            &self.spec.id,
+            POLL_EVERY,
+            proc.pid(),
+        )?;
         poller
             .wait_for(
                 self.spec.start_ts + 1,
@@ -244,6 +283,7 @@ pub async fn run(args: &ChangefeedArgs) -> Result<Report, BenchError> {
     let mut setup = Setup::new(args).await?;
     let mut report = Report::new(NAME);
     report.text("scenario", "scenario", args.scenario.name());
+    report.text("sink", "sink", &setup.spec.sink_uri());
     let outcome = match args.scenario {
         Scenario::Initial => initial(args, &mut setup, &mut report).await,
         Scenario::Live => live::run(args, &mut setup, &mut report).await,
@@ -275,7 +315,12 @@ async fn initial(
     progress(NAME, "starting the changefeed from ts 0");
     let mut proc = setup.spec.spawn()?;
     let started = proc.started;
-    let poller = Poller::start(setup.spec.sink_dir.clone(), POLL_EVERY, proc.pid())?;
+    let poller = Poller::start(
+        setup.spec.sink.clone(),
+        &setup.spec.id,
+        POLL_EVERY,
+        proc.pid(),
+    )?;
     let limit = setup.timeout;
     let all_rows = poller
         .wait_for(last_commit, &mut proc, limit, "initial")
@@ -287,7 +332,7 @@ async fn initial(
     drop(poller.finish());
 
     progress(NAME, "counting the sink's rows");
-    let counted = count_rows(&setup.spec.sink_dir, |_| true)?;
+    let counted = count_rows(&setup.spec.sink, |_| true).await?;
     let elapsed = reached.saturating_duration_since(started);
     let rate = per_second(args.keys as f64, secs(elapsed));
     report.json(
@@ -324,7 +369,11 @@ async fn initial(
         "changefeed peak RSS (sampled every 50 ms)",
         Some(peak_sampled as f64),
     );
-    report.flag("target_met", "≥ 200,000 rows/s", rate >= 200_000.0);
+    let (target, label) = match setup.spec.sink {
+        SinkTarget::Nats(_) => (50_000.0, "≥ 50,000 rows/s acknowledged by JetStream"),
+        SinkTarget::File(_) => (200_000.0, "≥ 200,000 rows/s"),
+    };
+    report.flag("target_met", label, rate >= target);
     if counted.rows != args.keys {
         report.fail(format!(
             "the sink holds {} rows, {} keys were preloaded",
@@ -345,26 +394,45 @@ pub struct Counted {
     pub faults: Vec<String>,
 }
 
-/// Reads every row of the file sink in `dir`.
-pub fn count_rows(
-    dir: &Path,
+/// Reads every row the sink holds up to its checkpoint.
+pub async fn count_rows(
+    sink: &SinkTarget,
     matches: impl Fn(&kvfeed_client::feed::Row) -> bool,
 ) -> Result<Counted, BenchError> {
-    let reader = FileSinkReader::open(dir)
-        .map_err(|e| BenchError::Feed(format!("cannot read the sink: {e}")))?;
     let mut counted = Counted {
         rows: 0,
         matching: 0,
         faults: Vec::new(),
     };
-    for item in reader.rows() {
-        match item {
-            Ok(row) => {
-                counted.rows += 1;
-                counted.matching += u64::from(matches(&row.row));
+    let unreadable = |e: SinkError| BenchError::Feed(format!("cannot read the sink: {e}"));
+    let mut count = |item: Result<Row, SinkError>| match item {
+        Ok(row) => {
+            counted.rows += 1;
+            counted.matching += u64::from(matches(&row));
+        }
+        Err(e) if counted.faults.len() < 10 => counted.faults.push(format!("sink: {e}")),
+        Err(_) => {}
+    };
+    match sink {
+        SinkTarget::File(dir) => {
+            let reader = FileSinkReader::open(dir).map_err(unreadable)?;
+            for item in reader.rows() {
+                count(item.map(|r| r.row));
             }
-            Err(e) if counted.faults.len() < 10 => counted.faults.push(format!("sink: {e}")),
-            Err(_) => {}
+        }
+        SinkTarget::Nats(uri) => {
+            let mut reader = NatsReader::open(uri).await.map_err(unreadable)?;
+            loop {
+                match reader.next().await {
+                    Ok(None) => break,
+                    Ok(Some(SinkItem::Row { row, .. })) => count(Ok(row)),
+                    Ok(Some(SinkItem::Watermark { .. })) => {}
+                    Err(e) => {
+                        count(Err(e));
+                        break;
+                    }
+                }
+            }
         }
     }
     Ok(counted)

@@ -11,6 +11,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
 
+#[path = "brokers/nats.rs"]
+mod broker;
 mod common;
 
 use std::time::Duration;
@@ -420,6 +422,28 @@ fn changefeed_initial_delivers_every_preloaded_key() {
     assert!(json_int(&json, "peak_rss_bytes") > 0, "{json}");
     assert_eq!(json["verify_clean"], true, "{json}");
     assert_eq!(json_int(&json, "verify_rows"), 2000, "{json}");
+}
+
+#[test]
+fn changefeed_initial_into_nats_delivers_every_preloaded_key() {
+    let server = TestServer::start();
+    let store = tempfile::tempdir().expect("tempdir");
+    let nats = broker::NatsServer::start(store.path());
+    let sink = nats.sink("bench", "");
+    let json = changefeed(
+        &server,
+        "initial",
+        &["--keys", "500", "--value-size", "1024", "--sink", &sink],
+    );
+    assert!(
+        json["sink"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{sink}.r"))),
+        "{json}"
+    );
+    assert_eq!(json_int(&json, "rows_in_sink"), 500, "{json}");
+    assert_eq!(json["verify_clean"], true, "{json}");
+    assert_eq!(json_int(&json, "verify_rows"), 500, "{json}");
 }
 
 #[test]

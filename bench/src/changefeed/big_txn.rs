@@ -124,9 +124,10 @@ pub async fn run(
     let delivered = waited?;
 
     progress(NAME, "counting the sink's rows");
-    let counted = count_rows(&setup.spec.sink_dir, |row| {
+    let counted = count_rows(&setup.spec.sink, |row| {
         row.commit_ts.into_inner() == commit_ts && row.start_ts.into_inner() == start_ts
-    })?;
+    })
+    .await?;
     let growth = memory.map(|m| m.hwm.saturating_sub(baseline.rss));
     report.json(
         "params",

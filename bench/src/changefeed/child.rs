@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvfeed_changefeed::sink::NatsUri;
 use kvfeed_changefeed::sink::file::{CHECKPOINT_FILE, DATA_SUFFIX, FileSinkReader};
+use kvfeed_changefeed::sink::nats::NatsCheckpoints;
 
 use crate::BenchError;
 
@@ -34,8 +36,8 @@ pub struct Spec {
     pub pd: String,
     /// The changefeed id (and PD service id).
     pub id: String,
-    /// The file sink's directory.
-    pub sink_dir: PathBuf,
+    /// Where rows go.
+    pub sink: SinkTarget,
     /// The changefeed's state directory.
     pub state_dir: PathBuf,
     /// The key prefix followed (valid UTF-8 without escapes).
@@ -48,10 +50,29 @@ pub struct Spec {
     pub log: PathBuf,
 }
 
+/// The sink under test.
+#[derive(Debug, Clone)]
+pub enum SinkTarget {
+    /// A file sink in this directory (the default).
+    File(PathBuf),
+    /// A NATS JetStream sink (`--sink nats://…`).
+    Nats(NatsUri),
+}
+
+impl SinkTarget {
+    /// The sink's URI.
+    pub fn uri(&self) -> String {
+        match self {
+            SinkTarget::File(dir) => format!("file://{}", dir.display()),
+            SinkTarget::Nats(uri) => uri.uri.clone(),
+        }
+    }
+}
+
 impl Spec {
     /// The sink's URI.
     pub fn sink_uri(&self) -> String {
-        format!("file://{}", self.sink_dir.display())
+        self.sink.uri()
     }
 
     /// Starts the changefeed; its log is appended to [`Spec::log`].
@@ -205,6 +226,62 @@ pub fn quick_checkpoint(dir: &Path) -> Option<u64> {
     best
 }
 
+/// Reads a sink's checkpoint from the poller's thread.
+enum CheckpointReader {
+    File(PathBuf),
+    /// A runtime of the thread's own, and the connection once made.
+    Nats {
+        uri: NatsUri,
+        id: String,
+        runtime: Option<tokio::runtime::Runtime>,
+        checkpoints: Option<NatsCheckpoints>,
+    },
+}
+
+impl CheckpointReader {
+    fn new(sink: SinkTarget, id: String) -> CheckpointReader {
+        match sink {
+            SinkTarget::File(dir) => CheckpointReader::File(dir),
+            SinkTarget::Nats(uri) => CheckpointReader::Nats {
+                uri,
+                id,
+                runtime: tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok(),
+                checkpoints: None,
+            },
+        }
+    }
+
+    /// The checkpoint now; `None` before the first or when unreadable
+    /// (the broker is asked again next time).
+    fn read(&mut self) -> Option<u64> {
+        match self {
+            CheckpointReader::File(dir) => quick_checkpoint(dir),
+            CheckpointReader::Nats {
+                uri,
+                id,
+                runtime,
+                checkpoints,
+            } => {
+                let runtime = runtime.as_ref()?;
+                if checkpoints.is_none() {
+                    *checkpoints = runtime.block_on(NatsCheckpoints::connect(uri)).ok();
+                }
+                let read = runtime.block_on(checkpoints.as_ref()?.get(id));
+                match read {
+                    Ok(ts) => ts.map(|t| t.into_inner()),
+                    Err(_) => {
+                        *checkpoints = None;
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The checkpoint as `kvfeed verify` and a restarted sink see it.
 pub fn durable_checkpoint(dir: &Path) -> Result<Option<u64>, BenchError> {
     let reader = FileSinkReader::open(dir)
@@ -227,8 +304,14 @@ pub struct Poller {
 pub const MEMORY_EVERY: Duration = Duration::from_millis(50);
 
 impl Poller {
-    /// Starts watching `dir`.
-    pub fn start(dir: PathBuf, every: Duration, pid: u32) -> Result<Poller, BenchError> {
+    /// Starts watching changefeed `id`'s checkpoint in `sink`.
+    pub fn start(
+        sink: SinkTarget,
+        id: &str,
+        every: Duration,
+        pid: u32,
+    ) -> Result<Poller, BenchError> {
+        let id = id.to_owned();
         let stop = Arc::new(AtomicBool::new(false));
         let latest = Arc::new(AtomicU64::new(0));
         let pid = Arc::new(AtomicU64::new(u64::from(pid)));
@@ -244,8 +327,9 @@ impl Poller {
             .spawn(move || {
                 let mut seen = Vec::new();
                 let mut last_memory = Instant::now();
+                let mut reader = CheckpointReader::new(sink, id);
                 while !s.load(Ordering::Relaxed) {
-                    if let Some(ts) = quick_checkpoint(&dir)
+                    if let Some(ts) = reader.read()
                         && ts > l.load(Ordering::Relaxed)
                     {
                         seen.push((Instant::now(), ts));

@@ -62,7 +62,7 @@ pub async fn run(
     let caught_up = waited?;
 
     let keys = written.acked.len() as u64 * spec.keys_per_txn;
-    let counted = count_rows(&setup.spec.sink_dir, |_| true)?;
+    let counted = count_rows(&setup.spec.sink, |_| true).await?;
     report.json(
         "params",
         json!({

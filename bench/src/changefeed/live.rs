@@ -277,7 +277,7 @@ pub async fn run(
         ));
     }
     let keys = written.acked.len() as u64 * spec.keys_per_txn;
-    let counted = count_rows(&setup.spec.sink_dir, |_| true)?;
+    let counted = count_rows(&setup.spec.sink, |_| true).await?;
     report.int("rows_in_sink", "rows in the sink", counted.rows);
     if written.errors == 0 && counted.rows != keys {
         report.fail(format!(
