@@ -227,6 +227,7 @@ pub fn quick_checkpoint(dir: &Path) -> Option<u64> {
 }
 
 /// Reads a sink's checkpoint from the poller's thread.
+#[allow(clippy::large_enum_variant)] // one value per poller thread
 enum CheckpointReader {
     File(PathBuf),
     /// A runtime of the thread's own, and the connection once made.
