@@ -66,9 +66,7 @@ use std::time::{Duration, Instant};
 use by_hand::ByHand;
 use common::TestServer;
 use common::nemesis::{self, Nemesis};
-use kvfeed_changefeed::sink::SinkUri;
 use kvfeed_changefeed::sink::file::{FileRow, FileSinkReader};
-use kvfeed_changefeed::sink::nats::{NatsReader, read_checkpoint};
 use kvfeed_changefeed::verify::SinkItem;
 use kvfeed_client::feed::{Op, Row};
 use kvfeed_client::{Cluster, KeyMode};
@@ -160,46 +158,12 @@ fn file_feed(
     args
 }
 
-/// The NATS sink's URI parts.
-fn nats_uri(sink: &str) -> kvfeed_changefeed::sink::NatsUri {
-    match SinkUri::parse(sink).expect("a sink URI") {
-        SinkUri::Nats(uri) => uri,
-        other => panic!("not a NATS URI: {other:?}"),
-    }
-}
-
-/// Waits until changefeed `id` in the NATS `sink` has a checkpoint of at
-/// least `ts`; answers the checkpoint.
-async fn wait_nats_checkpoint(sink: &str, id: &str, ts: u64, cf: &mut CfProcess) -> u64 {
-    let uri = nats_uri(sink);
-    let deadline = Instant::now() + support::CATCH_UP;
-    loop {
-        let at = read_checkpoint(&uri, id)
-            .await
-            .ok()
-            .flatten()
-            .map_or(0, |t| t.into_inner());
-        if at >= ts {
-            return at;
-        }
-        cf.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "NATS checkpoint {at} did not reach {ts}; log:\n{}",
-            cf.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Every row of the NATS sink up to its checkpoint, in stream order, as
 /// file rows whose "file" is the window (the watermarks before it).
 async fn nats_rows(sink: &str) -> Vec<FileRow> {
-    let mut reader = NatsReader::open(&nats_uri(sink))
-        .await
-        .expect("read the stream");
+    let (items, _) = broker::items(sink).await;
     let (mut rows, mut window) = (Vec::new(), 0u64);
-    while let Some(item) = reader.next().await.expect("an item") {
+    for item in items {
         match item {
             SinkItem::Watermark { .. } => window += 1,
             SinkItem::Row { row, place, .. } => rows.push(FileRow {
@@ -354,7 +318,16 @@ async fn changefeeds_killed_under_a_nemesis_deliver_the_model_workload_exactly_o
         support::wait_checkpoint(&txn_out, f, &mut feeds[0]);
         support::wait_checkpoint(&raw_out, f, &mut feeds[1]);
     });
-    let nats_checkpoint = wait_nats_checkpoint(&nats_sink, "model-nats", f, &mut feeds[2]).await;
+    let nats_feed = &mut feeds[2];
+    let nats_checkpoint =
+        broker::wait_checkpoint(&nats_sink, "model-nats", f, support::CATCH_UP, |give_up| {
+            if give_up {
+                return nats_feed.log();
+            }
+            nats_feed.assert_running();
+            String::new()
+        })
+        .await;
     let caught_up = began.elapsed();
     for feed in &mut feeds {
         feed.kill();

@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 
 use broker::NatsServer;
 use common::TestServer;
-use kvfeed_changefeed::sink::SinkUri;
-use kvfeed_changefeed::sink::nats::{NatsReader, read_checkpoint};
 use kvfeed_changefeed::verify::SinkItem;
 use kvfeed_client::Cluster;
 use kvfeed_client::feed::Row;
@@ -55,48 +53,28 @@ fn feed(server: &TestServer, id: &str, sink: &str, prefix: &str, state: &str) ->
     ]
 }
 
-fn nats_uri(sink: &str) -> kvfeed_changefeed::sink::NatsUri {
-    match SinkUri::parse(sink).expect("a sink URI") {
-        SinkUri::Nats(uri) => uri,
-        other => panic!("not a NATS URI: {other:?}"),
-    }
-}
-
 /// Waits until changefeed `id` in `sink` has a checkpoint of at least `ts`.
 async fn wait_checkpoint(sink: &str, id: &str, ts: u64, cf: &mut CfProcess) {
-    let uri = nats_uri(sink);
-    let deadline = Instant::now() + support::CATCH_UP;
-    loop {
-        let at = read_checkpoint(&uri, id)
-            .await
-            .ok()
-            .flatten()
-            .map_or(0, |t| t.into_inner());
-        if at >= ts {
-            return;
+    broker::wait_checkpoint(sink, id, ts, support::CATCH_UP, |give_up| {
+        if give_up {
+            return cf.all_logs();
         }
         cf.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "checkpoint {at} did not reach {ts}; logs:\n{}",
-            cf.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        String::new()
+    })
+    .await;
 }
 
 /// The rows the sink holds up to its checkpoint, and its checkpoint.
 async fn sink_rows(sink: &str) -> (Vec<Row>, u64) {
-    let mut reader = NatsReader::open(&nats_uri(sink))
-        .await
-        .expect("read the stream");
-    let checkpoint = reader.checkpoint().into_inner();
-    let mut rows = Vec::new();
-    while let Some(item) = reader.next().await.expect("an item") {
-        if let SinkItem::Row { row, .. } = item {
-            rows.push(row);
-        }
-    }
+    let (items, checkpoint) = broker::items(sink).await;
+    let rows = items
+        .into_iter()
+        .filter_map(|item| match item {
+            SinkItem::Row { row, .. } => Some(row),
+            SinkItem::Watermark { .. } => None,
+        })
+        .collect();
     (rows, checkpoint)
 }
 
@@ -245,9 +223,8 @@ async fn oversized_rows_go_key_only_and_verify_says_so() {
     .await;
     wait_checkpoint(&sink, "big", done.commit_ts, &mut cf).await;
     cf.kill();
-    let mut reader = NatsReader::open(&nats_uri(&sink)).await.expect("read");
     let mut omitted = Vec::new();
-    while let Some(item) = reader.next().await.expect("an item") {
+    for item in broker::items(&sink).await.0 {
         if let SinkItem::Row {
             row, value_omitted, ..
         } = item

@@ -301,6 +301,24 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|v| v.as_str().to_owned())
 }
 
+/// The sink's stream and the sequence of its last message.
+async fn stream_and_last(
+    js: &jetstream::Context,
+    uri: &NatsUri,
+) -> Result<(stream::Stream, u64), SinkError> {
+    let mut stream = js
+        .get_stream(&uri.stream)
+        .await
+        .map_err(|e| broker(uri, "opening the stream")(e.into()))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| broker(uri, "reading the stream's state")(e.into()))?
+        .state
+        .last_sequence;
+    Ok((stream, last))
+}
+
 /// The stream's messages of one changefeed, read in order from a start
 /// sequence up to the last message there was when reading began.
 struct Cursor {
@@ -323,16 +341,7 @@ impl Cursor {
         from_seq: u64,
         to_seq: Option<u64>,
     ) -> Result<Cursor, SinkError> {
-        let mut stream = js
-            .get_stream(&uri.stream)
-            .await
-            .map_err(|e| broker(uri, "opening the stream")(e.into()))?;
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| broker(uri, "reading the stream's state")(e.into()))?
-            .state
-            .last_sequence;
+        let (stream, last) = stream_and_last(js, uri).await?;
         let last = to_seq.map_or(last, |t| t.min(last));
         let mut cursor = Cursor {
             id: id.to_owned(),
@@ -432,16 +441,7 @@ impl Sink for NatsSink {
                 (entry, revision, false)
             }
             None => {
-                let mut stream = js
-                    .get_stream(&uri.stream)
-                    .await
-                    .map_err(|e| broker(uri, "opening the stream")(e.into()))?;
-                let last = stream
-                    .info()
-                    .await
-                    .map_err(|e| broker(uri, "reading the stream's state")(e.into()))?
-                    .state
-                    .last_sequence;
+                let (_, last) = stream_and_last(&js, uri).await?;
                 let entry = Entry {
                     def: def.clone(),
                     stream: uri.stream.clone(),

@@ -112,3 +112,61 @@ impl Drop for NatsServer {
         self.stop();
     }
 }
+
+/// The parts of a NATS sink URI.
+#[allow(dead_code)] // not every test reads its sink back
+pub fn nats_uri(sink: &str) -> kvfeed_changefeed::sink::NatsUri {
+    match kvfeed_changefeed::sink::SinkUri::parse(sink).expect("a sink URI") {
+        kvfeed_changefeed::sink::SinkUri::Nats(uri) => uri,
+        other => panic!("not a NATS URI: {other:?}"),
+    }
+}
+
+/// Waits until changefeed `id` in the NATS `sink` has a checkpoint of at
+/// least `ts`; answers the checkpoint. `watch(false)` is called while
+/// waiting (to fail when the changefeed died), `watch(true)` once `limit`
+/// passed, for the logs to fail with.
+#[allow(dead_code)] // not every test waits on a checkpoint
+pub async fn wait_checkpoint(
+    sink: &str,
+    id: &str,
+    ts: u64,
+    limit: Duration,
+    mut watch: impl FnMut(bool) -> String,
+) -> u64 {
+    let uri = nats_uri(sink);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let at = kvfeed_changefeed::sink::nats::read_checkpoint(&uri, id)
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |t| t.into_inner());
+        if at >= ts {
+            return at;
+        }
+        watch(false);
+        if std::time::Instant::now() >= deadline {
+            panic!(
+                "NATS checkpoint {at} did not reach {ts}; logs:\n{}",
+                watch(true)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every item the NATS sink holds up to its checkpoint, in stream order,
+/// and the checkpoint.
+#[allow(dead_code)] // not every test reads its sink back
+pub async fn items(sink: &str) -> (Vec<kvfeed_changefeed::verify::SinkItem>, u64) {
+    let mut reader = kvfeed_changefeed::sink::nats::NatsReader::open(&nats_uri(sink))
+        .await
+        .expect("read the stream");
+    let checkpoint = reader.checkpoint().into_inner();
+    let mut items = Vec::new();
+    while let Some(item) = reader.next().await.expect("an item") {
+        items.push(item);
+    }
+    (items, checkpoint)
+}
