@@ -12,10 +12,14 @@
 //! Invariants clients rely on (several panic otherwise):
 //! - every response carries `header { cluster_id }`; an error goes into
 //!   `header.error`, never a missing header;
-//! - a request naming another cluster (non-zero, different id) is answered
-//!   with a header error quoting both ids in PD's wording ("mismatch cluster
-//!   id, need X but got Y", which clients match on); zero or a missing header
-//!   means "not known yet" and is accepted;
+//! - a request naming another cluster is answered with a header error
+//!   quoting both ids in PD's wording ("mismatch cluster id, need X but got
+//!   Y", which clients match on). Zero or a missing header means "not known
+//!   yet" and is accepted only where a client cannot know it yet —
+//!   `GetMembers`, which tells it, and `GetClusterInfo`, which client-go
+//!   sends without a header — as PD does; everywhere else it is a mismatch,
+//!   so a client that never asked which cluster this is cannot move safe
+//!   points or take timestamps by accident;
 //! - a region always comes with its epoch, a store always with its address;
 //! - the `Tso` stream answers each request exactly once, in order, with the
 //!   *highest* timestamp of the batch and the requested count.
@@ -147,10 +151,11 @@ impl PdService {
         }
     }
 
-    /// `Some(error header)` if the request names another cluster.
+    /// `Some(error header)` if the request names another cluster (or
+    /// none, where it must name one).
     fn reject(&self, requested: u64, method: &'static str) -> Option<Option<ResponseHeader>> {
         let ours = self.cluster_id();
-        if requested == 0 || requested == ours {
+        if requested == ours || (requested == 0 && ZERO_CLUSTER_ID_OK.contains(&method)) {
             return None;
         }
         tracing::warn!(
@@ -609,6 +614,9 @@ impl Pd for PdService {
     }
 }
 
+/// The calls a client may make before it knows the cluster id.
+const ZERO_CLUSTER_ID_OK: [&str; 2] = ["GetMembers", "GetClusterInfo"];
+
 /// One client's `Tso` stream: requests are answered strictly one at a time,
 /// which is what keeps responses in request order.
 struct TsoSession {
@@ -636,7 +644,20 @@ impl TsoSession {
                 Ok(Some(request)) => request,
                 Ok(None) => break,
                 Err(status) => {
+                    // A request that does not decode is the client's
+                    // error, and it hears so (a stream that just ended
+                    // would read as a clean close); a broken connection
+                    // has no one left to tell, and the send fails quietly.
                     tracing::debug!(stream_id, %status, "tso stream broken by the client");
+                    let reply = if status.code() == tonic::Code::Internal {
+                        Status::invalid_argument(format!(
+                            "undecodable Tso request: {}",
+                            status.message()
+                        ))
+                    } else {
+                        status
+                    };
+                    let _ = self.tx.send(Err(reply)).await;
                     break;
                 }
             };
@@ -656,7 +677,7 @@ impl TsoSession {
 
     async fn answer(&self, request: &TsoRequest) -> Result<TsoResponse, Status> {
         let requested = request_cluster_id(request.header.as_ref());
-        if requested != 0 && requested != self.cluster_id {
+        if requested != self.cluster_id {
             tracing::warn!(
                 stream_id = self.stream_id,
                 cluster_id = self.cluster_id,

@@ -7,6 +7,7 @@ mod common;
 
 use common::TestServer;
 use kvfeed_proto::metapb;
+use kvfeed_proto::pdpb;
 use kvfeed_proto::pdpb::pd_client::PdClient;
 use kvfeed_proto::pdpb::{
     ErrorType, GetAllStoresRequest, GetClusterInfoRequest, GetGcSafePointRequest,
@@ -175,7 +176,7 @@ async fn tso_answers_each_request_in_order_with_the_highest_of_the_batch() {
         previous_highest = highest;
     }
     // A second stream continues above the first.
-    let again = tso_batch(&mut client, 0, &[1]).await;
+    let again = tso_batch(&mut client, server.cluster_id(), &[1]).await;
     let next = ts_of(again[0].as_ref().expect("no error"));
     assert!(next > previous_highest, "{next} > {previous_highest}");
     // The physical part is wall-clock milliseconds.
@@ -428,9 +429,37 @@ async fn get_store_describes_the_one_store() {
 #[tokio::test]
 async fn requests_for_another_cluster_get_a_header_error() {
     let server = TestServer::start();
-    let mut client = pd(&server).await;
     let ours = server.cluster_id();
-    let wrong = ours.wrapping_add(1).max(1);
+    refused_for_cluster(&server, ours.wrapping_add(1).max(1), true).await;
+}
+
+/// A client that never asked `GetMembers` which cluster this is sends 0:
+/// only `GetMembers` and `GetClusterInfo` (which client-go sends without a
+/// header) answer it, as PD does.
+#[tokio::test]
+async fn requests_without_a_cluster_id_are_refused_but_for_members_and_cluster_info() {
+    let server = TestServer::start();
+    refused_for_cluster(&server, 0, false).await;
+    let mut client = pd(&server).await;
+    let members = client
+        .get_members(GetMembersRequest { header: None })
+        .await
+        .expect("GetMembers")
+        .into_inner();
+    assert_ok(&server, members.header.as_ref());
+    let info = client
+        .get_cluster_info(GetClusterInfoRequest { header: None })
+        .await
+        .expect("GetClusterInfo")
+        .into_inner();
+    assert_ok(&server, info.header.as_ref());
+}
+
+/// Asserts that requests naming cluster `wrong` are refused with a header
+/// error (`GetMembers` too when `members`) and change nothing.
+async fn refused_for_cluster(server: &TestServer, wrong: u64, members: bool) {
+    let mut client = pd(server).await;
+    let ours = server.cluster_id();
     let check = |header: Option<ResponseHeader>| {
         let header = header.expect("header");
         assert_eq!(header.cluster_id, ours);
@@ -474,14 +503,16 @@ async fn requests_for_another_cluster_get_a_header_error() {
         .into_inner();
     assert_eq!(store.store, None);
     check(store.header);
-    let members = client
-        .get_members(GetMembersRequest {
-            header: header(wrong),
-        })
-        .await
-        .expect("GetMembers")
-        .into_inner();
-    check(members.header);
+    if members {
+        let members = client
+            .get_members(GetMembersRequest {
+                header: header(wrong),
+            })
+            .await
+            .expect("GetMembers")
+            .into_inner();
+        check(members.header);
+    }
     let gc = client
         .update_gc_safe_point(UpdateGcSafePointRequest {
             header: header(wrong),
@@ -502,11 +533,13 @@ async fn requests_for_another_cluster_get_a_header_error() {
 
     // The refused update changed nothing.
     let current = client
-        .get_gc_safe_point(GetGcSafePointRequest { header: None })
+        .get_gc_safe_point(GetGcSafePointRequest {
+            header: header(server.cluster_id()),
+        })
         .await
         .expect("GetGCSafePoint")
         .into_inner();
-    assert_ok(&server, current.header.as_ref());
+    assert_ok(server, current.header.as_ref());
     assert_eq!(current.safe_point, 0);
 }
 
@@ -698,4 +731,51 @@ async fn safe_points_from_the_future_are_refused() {
         .into_inner();
     assert_ok(&server, ok.header.as_ref());
     assert_eq!(ok.new_safe_point, now.into_inner());
+}
+
+/// A client that pipelines its Tso requests (tikv-client does) gets every
+/// answer, in order, however far it runs ahead of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_tso_client_gets_every_answer_in_order() {
+    let server = TestServer::start();
+    let mut client = pd(&server).await;
+    let counts = vec![1u32; 30_000];
+    let responses = tso_batch(&mut client, server.cluster_id(), &counts).await;
+    assert_eq!(responses.len(), counts.len(), "{:?}", responses.last());
+    let mut previous = TimeStamp::new(0);
+    for response in &responses {
+        let response = response.as_ref().expect("answered");
+        let ts = ts_of(response);
+        assert!(ts > previous, "{ts} after {previous}");
+        previous = ts;
+    }
+}
+
+/// A Tso request that does not decode ends the stream with an error status,
+/// never with the OK of a clean close.
+#[tokio::test]
+async fn an_undecodable_tso_request_ends_the_stream_with_an_error() {
+    let server = TestServer::start();
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.expect("ready");
+    // Field 1 of a TsoRequest is its header, a message; a Timestamp's is a
+    // number: the wire types clash.
+    let garbage = pdpb::Timestamp {
+        physical: 5,
+        ..pdpb::Timestamp::default()
+    };
+    let codec = tonic_prost::ProstCodec::<pdpb::Timestamp, TsoResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/pdpb.PD/Tso");
+    let request = tonic::Request::new(tokio_stream::iter(vec![garbage]));
+    let mut inbound = grpc
+        .streaming(request, path, codec)
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let status = inbound
+        .message()
+        .await
+        .expect_err("an error status, not a clean end");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("undecodable"), "{status:?}");
 }

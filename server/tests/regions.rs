@@ -10,7 +10,7 @@ use common::{TestServer, WAIT, kvfeed};
 use kvfeed_proto::kvrpcpb::{self, Context, RawPutRequest, SplitRegionRequest};
 use kvfeed_proto::metapb;
 use kvfeed_proto::pdpb::pd_client::PdClient;
-use kvfeed_proto::pdpb::{GetRegionRequest, ScanRegionsRequest};
+use kvfeed_proto::pdpb::{GetMembersRequest, GetRegionRequest, RequestHeader, ScanRegionsRequest};
 use kvfeed_proto::tikvpb::tikv_client::TikvClient;
 use kvfeed_storage::mvcc::encode_bytes;
 use kvfeed_storage::region::RegionMap;
@@ -31,8 +31,24 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The header PD requests need, with the cluster id learnt from
+/// `GetMembers` as a client learns it.
+async fn pd_header(pd: &mut PdClient<Channel>) -> Option<RequestHeader> {
+    let members = pd
+        .get_members(GetMembersRequest { header: None })
+        .await
+        .expect("GetMembers")
+        .into_inner();
+    Some(RequestHeader {
+        cluster_id: members.header.expect("a header").cluster_id,
+        ..RequestHeader::default()
+    })
+}
+
 async fn region_for(pd: &mut PdClient<Channel>, key: &[u8]) -> metapb::Region {
+    let header = pd_header(pd).await;
     pd.get_region(GetRegionRequest {
+        header,
         region_key: key.to_vec(),
         ..GetRegionRequest::default()
     })
@@ -89,8 +105,12 @@ async fn split_region_rpc_answers_as_tikv() {
     // PD serves the new layout.
     let mid = region_for(&mut pd, &encode_bytes(b"k")).await;
     assert_eq!(mid, split.regions[1]);
+    let header = pd_header(&mut pd).await;
     let all = pd
-        .scan_regions(ScanRegionsRequest::default())
+        .scan_regions(ScanRegionsRequest {
+            header,
+            ..ScanRegionsRequest::default()
+        })
         .await
         .expect("ScanRegions")
         .into_inner();
@@ -330,8 +350,8 @@ async fn the_layout_survives_kill_9() {
 #[tokio::test]
 async fn pd_split_scatter_and_operators_answer_as_pd() {
     use kvfeed_proto::pdpb::{
-        GetAllStoresRequest, GetOperatorRequest, OperatorStatus, RequestHeader,
-        ScatterRegionRequest, SplitRegionsRequest,
+        GetAllStoresRequest, GetOperatorRequest, OperatorStatus, ScatterRegionRequest,
+        SplitRegionsRequest,
     };
     let server = TestServer::start_with(&["--stores", "3"]);
     let mut pd = PdClient::new(server.channel().await);
