@@ -141,12 +141,19 @@ pub struct StorageConfig {
     /// write reached the engine: faster, but a power loss can drop the most
     /// recent acknowledged writes. Default `true`.
     pub sync_on_commit: bool,
+    /// `max-ts-drift-allowance` (TiKV's name): how far beyond the current
+    /// timestamp a client's read or write timestamp may lie. One further is
+    /// refused: it would raise the store's `max_ts`, and with it the commit
+    /// timestamps of async-commit and 1PC writes, past what reads at the
+    /// oracle's time see. From 1s to 24h. Default `"60s"`.
+    pub max_ts_drift_allowance: ReadableDuration,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             sync_on_commit: true,
+            max_ts_drift_allowance: ReadableDuration::secs(60),
         }
     }
 }
@@ -273,6 +280,18 @@ impl Config {
         self.split_keys()?;
         if self.server.data_dir.as_os_str().is_empty() {
             return invalid("server.data-dir", "must not be empty".to_owned());
+        }
+        let drift = self.storage.max_ts_drift_allowance.as_duration();
+        if drift < std::time::Duration::from_secs(1)
+            || drift > std::time::Duration::from_secs(86_400)
+        {
+            return invalid(
+                "storage.max-ts-drift-allowance",
+                format!(
+                    "must be from 1s to 24h, got {}",
+                    self.storage.max_ts_drift_allowance
+                ),
+            );
         }
         let cdc = &self.cdc;
         if cdc.min_ts_interval.as_duration() < MIN_TS_INTERVAL_FLOOR {
@@ -465,6 +484,12 @@ mod tests {
         assert_eq!(invalid_key(&cfg), "cdc.min-ts-interval");
         cfg.cdc.min_ts_interval = ReadableDuration::millis(10);
         cfg.validate().expect("10ms is the floor");
+
+        let mut cfg = Config::default();
+        cfg.storage.max_ts_drift_allowance = ReadableDuration::millis(999);
+        assert_eq!(invalid_key(&cfg), "storage.max-ts-drift-allowance");
+        cfg.storage.max_ts_drift_allowance = ReadableDuration::secs(86_401);
+        assert_eq!(invalid_key(&cfg), "storage.max-ts-drift-allowance");
 
         let mut cfg = Config::default();
         cfg.cdc.incremental_scan_threads = 0;

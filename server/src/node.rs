@@ -365,6 +365,23 @@ impl Node {
         // raising max_ts to it keeps 1PC / async-commit commit_ts above every
         // earlier read.
         txn.concurrency_manager().update_max_ts(first_ts);
+        // Client timestamps are checked against the oracle's time plus the
+        // allowed drift before they may raise max_ts (see the storage
+        // crate's concurrency module).
+        let drift_ms = u64::try_from(
+            config
+                .storage
+                .max_ts_drift_allowance
+                .as_duration()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
+        let oracle = Arc::clone(&tso);
+        txn.concurrency_manager()
+            .set_max_ts_limit(Box::new(move || {
+                let now = oracle.current();
+                TimeStamp::compose(now.physical().saturating_add(drift_ms), 0)
+            }));
         let raw = Arc::new(RawStore::new(store.clone(), tso.clone()));
         let safe_ts = SafeTs::new(store.clone(), tso.clone(), txn.clone(), raw.clone());
         let metrics = Metrics::new()?;

@@ -18,6 +18,7 @@ use common::TestServer;
 use kvfeed_proto::kvrpcpb;
 use kvfeed_proto::metapb;
 use support::{Kv, MAX_KEY, MAX_VALUE, ctx, put};
+use tikv_client::TimestampExt;
 
 /// A raw put to the first region, whatever the key.
 async fn raw_put_first(kv: &Kv, key: Vec<u8>, value: Vec<u8>) -> kvrpcpb::RawPutResponse {
@@ -474,4 +475,79 @@ async fn unknown_column_family_and_unsupported_calls_are_named() {
         .into_inner();
     assert!(resp.error.is_none(), "{resp:?}");
     kv.still_serving().await;
+}
+
+/// A read at a timestamp far beyond the oracle's would raise the store's
+/// `max_ts`, and with it every later 1PC commit timestamp past what reads
+/// at the oracle's time see: it is refused, and a 1PC write after it is
+/// visible at the next timestamp, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_far_beyond_the_oracle_is_refused_and_moves_nothing() {
+    let mut server = TestServer::start();
+    let kv = Kv::connect(&server).await;
+    let far = u64::MAX - 1;
+    let got = kv.get(b"k", far).await;
+    let abort = got
+        .error
+        .as_ref()
+        .map(|e| e.abort.clone())
+        .unwrap_or_default();
+    assert!(
+        abort.contains("max-ts-drift-allowance") && abort.contains(&far.to_string()),
+        "{got:?}"
+    );
+    let prewrite = kv
+        .c()
+        .kv_prewrite(kvrpcpb::PrewriteRequest {
+            context: kv.txn_ctx(b"k"),
+            mutations: vec![put(b"k", b"v")],
+            primary_lock: b"k".to_vec(),
+            start_version: far,
+            lock_ttl: 3000,
+            txn_size: 1,
+            try_one_pc: true,
+            ..Default::default()
+        })
+        .await
+        .expect("prewrite answered")
+        .into_inner();
+    assert!(
+        prewrite
+            .errors
+            .first()
+            .is_some_and(|e| e.abort.contains("start_version")),
+        "{prewrite:?}"
+    );
+
+    let client = tikv_client::TransactionClient::new(vec![server.pd_endpoint()])
+        .await
+        .expect("tikv-client connects");
+    let mut txn = client
+        .begin_with_options(tikv_client::TransactionOptions::new_optimistic().try_one_pc())
+        .await
+        .expect("begin");
+    txn.put(b"k".to_vec(), b"v".to_vec()).await.expect("put");
+    let commit_ts = txn.commit().await.expect("commit").expect("a commit ts");
+    let now = client.current_timestamp().await.expect("tso");
+    assert!(
+        commit_ts.version() < now.version(),
+        "1PC committed at {} above the next timestamp {}",
+        commit_ts.version(),
+        now.version()
+    );
+    let mut snapshot = client.snapshot(now, tikv_client::TransactionOptions::new_optimistic());
+    assert_eq!(
+        snapshot.get(b"k".to_vec()).await.expect("get"),
+        Some(b"v".to_vec())
+    );
+    server.restart();
+    let client = tikv_client::TransactionClient::new(vec![server.pd_endpoint()])
+        .await
+        .expect("tikv-client connects");
+    let now = client.current_timestamp().await.expect("tso");
+    let mut snapshot = client.snapshot(now, tikv_client::TransactionOptions::new_optimistic());
+    assert_eq!(
+        snapshot.get(b"k".to_vec()).await.expect("get"),
+        Some(b"v".to_vec())
+    );
 }

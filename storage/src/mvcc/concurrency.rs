@@ -23,9 +23,18 @@
 //! The change feed uses the same two operations to compute resolved
 //! timestamps: raise `max_ts` to the candidate, then take
 //! [`ConcurrencyManager::global_min_lock_ts`] into account.
+//!
+//! `max_ts` only grows, and async-commit/1PC commit timestamps follow it,
+//! so one read at a timestamp far in the future would push every later
+//! such commit there — invisible to reads at the oracle's time. A client
+//! timestamp is therefore checked against a limit first
+//! ([`ConcurrencyManager::check_ts`]: the oracle's current time plus an
+//! allowance, as TiKV's `max-ts-drift-allowance`), and one beyond it is
+//! refused before it can move anything.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
@@ -40,7 +49,12 @@ pub struct ConcurrencyManager {
     /// Raw key → start_ts of the prewrite holding it.
     table: Mutex<BTreeMap<Vec<u8>, TimeStamp>>,
     released: Condvar,
+    /// The highest timestamp a client may use now; unset: no limit.
+    limit: OnceLock<MaxTsLimit>,
 }
+
+/// The highest timestamp a client may name now (see the module comment).
+pub type MaxTsLimit = Box<dyn Fn() -> TimeStamp + Send + Sync>;
 
 /// Removes its keys from the table (and wakes waiting readers) on drop.
 #[must_use = "the in-memory locks are released when the guard is dropped"]
@@ -70,6 +84,31 @@ impl ConcurrencyManager {
         if ts != TimeStamp::MAX {
             self.max_ts.fetch_max(ts.into_inner(), Ordering::SeqCst);
         }
+    }
+
+    /// Sets the limit client timestamps are checked against, once (later
+    /// calls are ignored).
+    pub fn set_max_ts_limit(&self, limit: MaxTsLimit) {
+        let _ = self.limit.set(limit);
+    }
+
+    /// Refuses `ts` (the request field `what`) when it lies beyond the
+    /// limit. `TimeStamp::MAX` ("read the latest") is always accepted.
+    pub fn check_ts(&self, ts: TimeStamp, what: &str) -> crate::Result<()> {
+        let Some(limit) = self.limit.get() else {
+            return Ok(());
+        };
+        if ts == TimeStamp::MAX {
+            return Ok(());
+        }
+        let limit = limit();
+        if ts > limit {
+            return Err(crate::Error::InvalidInput(format!(
+                "{what} {ts} lies beyond {limit}, the current timestamp plus the allowed drift \
+                 (storage.max-ts-drift-allowance): use a timestamp from PD"
+            )));
+        }
+        Ok(())
     }
 
     /// The smallest start_ts among in-flight async-commit/1PC prewrites.
@@ -139,6 +178,20 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+
+    #[test]
+    fn timestamps_beyond_the_limit_are_refused_and_move_nothing() {
+        let cm = ConcurrencyManager::new(TimeStamp::new(5));
+        assert!(cm.check_ts(TimeStamp::new(u64::MAX - 1), "version").is_ok());
+        cm.set_max_ts_limit(Box::new(|| TimeStamp::new(100)));
+        assert!(cm.check_ts(TimeStamp::new(100), "version").is_ok());
+        assert!(cm.check_ts(TimeStamp::MAX, "version").is_ok());
+        let err = cm
+            .check_ts(TimeStamp::new(u64::MAX - 1), "version")
+            .expect_err("beyond the limit");
+        assert!(err.to_string().contains("version"), "{err}");
+        assert_eq!(cm.max_ts(), TimeStamp::new(5));
+    }
 
     #[test]
     fn max_ts_only_grows_and_ignores_max() {

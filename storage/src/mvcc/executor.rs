@@ -103,6 +103,7 @@ impl TxnStore {
         bypass: &[TimeStamp],
     ) -> TxnResult<Option<(TimeStamp, Vec<u8>)>> {
         check_key(key)?;
+        self.cm.check_ts(ts, "read ts")?;
         self.cm.update_max_ts(ts);
         self.cm.wait_for_keys(&[key], ts);
         let snap = self.store.snapshot();
@@ -127,6 +128,7 @@ impl TxnStore {
         for k in keys {
             check_key(k)?;
         }
+        self.cm.check_ts(ts, "read ts")?;
         self.cm.update_max_ts(ts);
         let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         self.cm.wait_for_keys(&refs, ts);
@@ -150,6 +152,7 @@ impl TxnStore {
 
     /// A transactional range read; see [`MvccReader::scan`].
     pub fn scan(&self, opts: &ScanOptions<'_>) -> TxnResult<Vec<ScanItem>> {
+        self.cm.check_ts(opts.ts, "read ts")?;
         self.cm.update_max_ts(opts.ts);
         self.cm.wait_for_range(opts.start, opts.end, opts.ts);
         let snap = self.store.snapshot();
@@ -174,6 +177,10 @@ impl TxnStore {
     /// Prewrite (kvrpcpb `KvPrewrite`): locks the request's keys, or with
     /// 1PC commits them directly.
     pub fn prewrite(&self, req: &PrewriteRequest) -> TxnResult<PrewriteOutcome> {
+        // Commit timestamps chosen here (async commit, 1PC) start from these.
+        self.cm.check_ts(req.start_ts, "start_version")?;
+        self.cm.check_ts(req.for_update_ts, "for_update_ts")?;
+        self.cm.check_ts(req.min_commit_ts, "min_commit_ts")?;
         let keys = req.mutations.iter().map(|m| m.key.as_slice());
         if req
             .mutations
@@ -213,6 +220,7 @@ impl TxnStore {
         start_ts: TimeStamp,
         commit_ts: TimeStamp,
     ) -> TxnResult<()> {
+        self.cm.check_ts(commit_ts, "commit_version")?;
         self.run(slices(keys), BatchSource::Client, |r| {
             Ok((commit::commit(r, keys, start_ts, commit_ts)?, ()))
         })
@@ -240,6 +248,7 @@ impl TxnStore {
     pub fn check_txn_status(&self, req: &CheckTxnStatusRequest) -> TxnResult<TxnStatus> {
         // The caller will read at caller_start_ts after this: async-commit/1PC
         // transactions must commit above it.
+        self.cm.check_ts(req.caller_start_ts, "caller_start_ts")?;
         self.cm.update_max_ts(req.caller_start_ts);
         self.run([req.primary_key.as_slice()], BatchSource::Client, |r| {
             status::check_txn_status(r, req)
@@ -267,6 +276,7 @@ impl TxnStore {
     ) -> TxnResult<SecondaryLocksStatus> {
         // A rollback written here must not be overtaken by a commit at a
         // timestamp at or below start_ts.
+        self.cm.check_ts(start_ts, "start_ts")?;
         self.cm.update_max_ts(start_ts);
         self.run(slices(keys), BatchSource::Client, |r| {
             status::check_secondary_locks(r, keys, start_ts)
@@ -278,6 +288,7 @@ impl TxnStore {
         &self,
         req: &PessimisticLockRequest,
     ) -> TxnResult<PessimisticLockOutcome> {
+        self.cm.check_ts(req.for_update_ts, "for_update_ts")?;
         if req.return_values || req.check_existence {
             self.cm.update_max_ts(req.for_update_ts);
         }
@@ -310,6 +321,7 @@ impl TxnStore {
         start_ts: TimeStamp,
         commit_ts: TimeStamp,
     ) -> TxnResult<()> {
+        self.cm.check_ts(commit_ts, "commit_version")?;
         self.run(slices(keys), BatchSource::Client, |r| {
             Ok((commit::resolve_lock_keys(r, keys, start_ts, commit_ts)?, ()))
         })
@@ -324,6 +336,9 @@ impl TxnStore {
         start: &[u8],
         end: &[u8],
     ) -> TxnResult<()> {
+        for commit_ts in txn_status.values() {
+            self.cm.check_ts(*commit_ts, "commit_version")?;
+        }
         let end_key = (!end.is_empty()).then(|| Key::from_raw(end));
         let mut from = Key::from_raw(start);
         loop {
