@@ -147,6 +147,11 @@ pub struct StorageConfig {
     /// timestamps of async-commit and 1PC writes, past what reads at the
     /// oracle's time see. From 1s to 24h. Default `"60s"`.
     pub max_ts_drift_allowance: ReadableDuration,
+    /// `max-service-safe-point-ttl`: the longest TTL a PD service GC safe
+    /// point (`UpdateServiceGCSafePoint`) is granted; a longer one is cut to
+    /// it, so no client can hold GC back for
+    /// good. From 1s to 365d. Default `"7d"` (changefeeds ask for 24h).
+    pub max_service_safe_point_ttl: ReadableDuration,
 }
 
 impl Default for StorageConfig {
@@ -154,6 +159,7 @@ impl Default for StorageConfig {
         StorageConfig {
             sync_on_commit: true,
             max_ts_drift_allowance: ReadableDuration::secs(60),
+            max_service_safe_point_ttl: ReadableDuration::secs(7 * 86_400),
         }
     }
 }
@@ -290,6 +296,18 @@ impl Config {
                 format!(
                     "must be from 1s to 24h, got {}",
                     self.storage.max_ts_drift_allowance
+                ),
+            );
+        }
+        let ttl = self.storage.max_service_safe_point_ttl.as_duration();
+        if ttl < std::time::Duration::from_secs(1)
+            || ttl > std::time::Duration::from_secs(365 * 86_400)
+        {
+            return invalid(
+                "storage.max-service-safe-point-ttl",
+                format!(
+                    "must be from 1s to 365d, got {}",
+                    self.storage.max_service_safe_point_ttl
                 ),
             );
         }
@@ -490,6 +508,10 @@ mod tests {
         assert_eq!(invalid_key(&cfg), "storage.max-ts-drift-allowance");
         cfg.storage.max_ts_drift_allowance = ReadableDuration::secs(86_401);
         assert_eq!(invalid_key(&cfg), "storage.max-ts-drift-allowance");
+
+        let mut cfg = Config::default();
+        cfg.storage.max_service_safe_point_ttl = ReadableDuration::millis(10);
+        assert_eq!(invalid_key(&cfg), "storage.max-service-safe-point-ttl");
 
         let mut cfg = Config::default();
         cfg.cdc.incremental_scan_threads = 0;

@@ -575,7 +575,18 @@ impl Pd for PdService {
             }));
         }
         let service_id = ServiceId::new(req.service_id);
-        let (ttl, safe_point) = (req.ttl, TimeStamp::new(req.safe_point));
+        // A TTL past the configured cap is cut to it: the answer's ttl is
+        // what was granted.
+        let cap = i64::try_from(
+            self.node
+                .config()
+                .storage
+                .max_service_safe_point_ttl
+                .as_duration()
+                .as_secs(),
+        )
+        .unwrap_or(i64::MAX);
+        let (ttl, safe_point) = (req.ttl.min(cap), TimeStamp::new(req.safe_point));
         if ttl > 0
             && let Some(header) = self.future_safe_point("UpdateServiceGCSafePoint", safe_point)
         {

@@ -779,3 +779,50 @@ async fn an_undecodable_tso_request_ends_the_stream_with_an_error() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("undecodable"), "{status:?}");
 }
+
+/// A service safe point asked for with a TTL beyond
+/// `storage.max-service-safe-point-ttl` is granted that TTL only, so no
+/// client pins GC for good.
+#[tokio::test]
+async fn service_safe_point_ttls_are_capped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("kvfeed.toml");
+    std::fs::write(&config, "[storage]\nmax-service-safe-point-ttl = \"1h\"\n").expect("config");
+    let config = config.display().to_string();
+    let server = TestServer::start_in_with(&tmp.path().join("data"), &["--config", &config]);
+    let mut client = pd(&server).await;
+    let update = |service: &str, ttl: i64, safe_point: u64| UpdateServiceGcSafePointRequest {
+        header: header(server.cluster_id()),
+        service_id: service.as_bytes().to_vec(),
+        ttl,
+        safe_point,
+    };
+    let pinned = client
+        .update_service_gc_safe_point(update("pinned", 1 << 62, 1))
+        .await
+        .expect("UpdateServiceGCSafePoint")
+        .into_inner();
+    assert_ok(&server, pinned.header.as_ref());
+    // The answer describes the minimum, which is the service's own entry
+    // once the GC safe point passed it: raise it, and ask with another.
+    let gc = client
+        .update_gc_safe_point(UpdateGcSafePointRequest {
+            header: header(server.cluster_id()),
+            safe_point: 5,
+        })
+        .await
+        .expect("UpdateGCSafePoint")
+        .into_inner();
+    assert_ok(&server, gc.header.as_ref());
+    let min = client
+        .update_service_gc_safe_point(update("probe", 60, 10))
+        .await
+        .expect("UpdateServiceGCSafePoint")
+        .into_inner();
+    assert_eq!(min.service_id, b"pinned");
+    assert!(
+        (3500..=3600).contains(&min.ttl),
+        "pinned for {} s, past the 1h cap",
+        min.ttl
+    );
+}
