@@ -551,3 +551,93 @@ async fn a_timestamp_far_beyond_the_oracle_is_refused_and_moves_nothing() {
         Some(b"v".to_vec())
     );
 }
+
+/// A scan whose answer would pass 16 MiB is refused, whatever its limit
+/// asks for — raw, batch (the budget is shared by its ranges) and
+/// transactional — while one that fits is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_whose_answer_would_pass_the_byte_cap_are_refused() {
+    let server = TestServer::start();
+    let kv = Kv::connect(&server).await;
+    let big = vec![b'x'; 4 << 20];
+    for i in 0..5u8 {
+        kv.raw_put(&[b'r', i], &big, 0).await;
+        kv.write(&[(&[b't', i][..], &big[..])]).await;
+    }
+    let raw_scan = |limit: u32| kvrpcpb::RawScanRequest {
+        context: kv.raw_ctx(b"r"),
+        start_key: b"r".to_vec(),
+        end_key: b"s".to_vec(),
+        limit,
+        ..Default::default()
+    };
+    let refused = |pairs: &[kvrpcpb::KvPair]| {
+        pairs.len() == 1
+            && pairs[0]
+                .error
+                .as_ref()
+                .is_some_and(|e| e.abort.contains("would exceed"))
+    };
+    let all = kv
+        .c()
+        .raw_scan(raw_scan(u32::MAX))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(refused(&all.kvs), "{} pairs", all.kvs.len());
+    let some = kv
+        .c()
+        .raw_scan(raw_scan(3))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(some.kvs.len(), 3);
+    assert!(
+        some.kvs
+            .iter()
+            .all(|p| p.error.is_none() && p.value.len() == big.len())
+    );
+
+    let batch = kv
+        .c()
+        .raw_batch_scan(kvrpcpb::RawBatchScanRequest {
+            context: kv.raw_ctx(b"r"),
+            ranges: vec![
+                kvrpcpb::KeyRange {
+                    start_key: b"r".to_vec(),
+                    end_key: b"s".to_vec(),
+                };
+                20
+            ],
+            each_limit: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(refused(&batch.kvs), "{} pairs", batch.kvs.len());
+
+    let txn_scan = |limit: u32| kvrpcpb::ScanRequest {
+        context: kv.txn_ctx(b"t"),
+        start_key: b"t".to_vec(),
+        end_key: b"u".to_vec(),
+        limit,
+        version: kv.ts(),
+        ..Default::default()
+    };
+    let all = kv
+        .c()
+        .kv_scan(txn_scan(u32::MAX))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(refused(&all.pairs), "{} pairs", all.pairs.len());
+    let some = kv
+        .c()
+        .kv_scan(txn_scan(2))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(some.pairs.len(), 2, "{:?}", some.error);
+    kv.still_serving().await;
+}

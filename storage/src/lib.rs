@@ -37,4 +37,10 @@ pub mod versioned;
 pub use kvfeed_types::timestamp;
 
 pub use error::{Error, Result};
+
+/// The most bytes (keys plus values) one scan answer may hold: a request
+/// asking for more is refused rather than built, so no single small
+/// request can make the server allocate without bound. Room for a maximal
+/// value (8 MiB) with its key.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 pub use timestamp::TimeStamp;

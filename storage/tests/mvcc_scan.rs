@@ -186,6 +186,7 @@ proptest! {
             key_only,
             reverse: false,
             bypass: &[],
+            max_bytes: usize::MAX,
         };
         // TiKV's reverse scan is over the same [start, end) range.
         let opts = ScanOptions { reverse, ..opts };

@@ -297,6 +297,7 @@ fn run_command(txn: &TxnStore, line: &str) -> String {
                 key_only: args.flag("key_only"),
                 reverse: args.flag("reverse"),
                 bypass: &bypass,
+                max_bytes: usize::MAX,
             };
             txn.scan(&opts).map(|items| fmt_items(&items))
         }

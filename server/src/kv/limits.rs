@@ -9,6 +9,7 @@
 //! | prewrite mutations / pessimistic lock keys | at least one, no key twice | input error |
 //! | start_ts of a write command | non-zero | input error |
 //! | commit_ts | non-zero and above start_ts | input error |
+//! | one scan answer (`RawScan`, `RawBatchScan` — its ranges together — and `KvScan`) | ≤ [`kvfeed_storage::MAX_ANSWER_BYTES`] (16 MiB) of keys and values | input error (one error pair), raised as soon as the scan passes it, so no more than that is ever read into memory |
 //!
 //! An "input error" is the response's own error field: `KeyError.abort` for
 //! transactional calls, the `error` string (or one pair carrying a

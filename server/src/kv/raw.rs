@@ -175,6 +175,8 @@ pub fn delete_range(
 
 /// One scan of a range given in the request's convention: forward
 /// `[start, end)`; reverse with `start` the exclusive upper bound.
+/// The answer's bytes come out of `budget`, shared by a request's scans.
+#[allow(clippy::too_many_arguments)] // the request's fields, one by one
 fn scan_range(
     node: &Node,
     scope: &Scope,
@@ -183,17 +185,18 @@ fn scan_range(
     limit: u32,
     key_only: bool,
     reverse: bool,
+    budget: &mut usize,
 ) -> Result<Vec<kvrpcpb::KvPair>, KvError> {
     limits::check_bound(start)?;
     limits::check_bound(end)?;
     let kvs = if reverse {
         let r = scope.clamp(KeySpace::Raw, end, start, Direction::Reverse)?;
         node.raw()
-            .scan(&r.upper, &r.lower, limit as usize, key_only, true)?
+            .scan_within(&r.upper, &r.lower, limit as usize, key_only, true, budget)?
     } else {
         let r = scope.clamp(KeySpace::Raw, start, end, Direction::Forward)?;
         node.raw()
-            .scan(&r.lower, &r.upper, limit as usize, key_only, false)?
+            .scan_within(&r.lower, &r.upper, limit as usize, key_only, false, budget)?
     };
     Ok(pairs(kvs))
 }
@@ -204,6 +207,7 @@ pub fn scan(
     req: kvrpcpb::RawScanRequest,
 ) -> Result<kvrpcpb::RawScanResponse, KvError> {
     check_cf(&req.cf)?;
+    let mut budget = kvfeed_storage::MAX_ANSWER_BYTES;
     let kvs = scan_range(
         node,
         scope,
@@ -212,6 +216,7 @@ pub fn scan(
         req.limit,
         req.key_only,
         req.reverse,
+        &mut budget,
     )?;
     Ok(kvrpcpb::RawScanResponse {
         kvs,
@@ -226,6 +231,7 @@ pub fn batch_scan(
 ) -> Result<kvrpcpb::RawBatchScanResponse, KvError> {
     check_cf(&req.cf)?;
     let mut kvs = Vec::new();
+    let mut budget = kvfeed_storage::MAX_ANSWER_BYTES;
     for range in &req.ranges {
         kvs.extend(scan_range(
             node,
@@ -235,6 +241,7 @@ pub fn batch_scan(
             req.each_limit,
             req.key_only,
             req.reverse,
+            &mut budget,
         )?);
     }
     Ok(kvrpcpb::RawBatchScanResponse {

@@ -169,6 +169,7 @@ pub fn scan(
         key_only: req.key_only,
         reverse: req.reverse,
         bypass: &bypass,
+        max_bytes: kvfeed_storage::MAX_ANSWER_BYTES,
     };
     let mut resp = kvrpcpb::ScanResponse::default();
     match node.txn().scan(&opts) {

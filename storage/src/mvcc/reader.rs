@@ -395,6 +395,7 @@ impl<'a> MvccReader<'a> {
             )?;
         let mut visible = visible.into_iter().peekable();
         let mut out = Vec::new();
+        let mut budget = opts.max_bytes;
         // Merge in scan order: a key either side may come first.
         let before = |a: &[u8], b: &[u8]| (a < b) != opts.reverse;
         while out.len() < opts.limit {
@@ -408,7 +409,9 @@ impl<'a> MvccReader<'a> {
             };
             if !take_lock {
                 if let Some((key, write)) = visible.next() {
-                    out.push(Ok(self.entry(key, &write, opts.key_only)?));
+                    let entry = self.entry(key, &write, opts.key_only)?;
+                    crate::raw::take_budget(&mut budget, entry.0.len() + entry.1.len())?;
+                    out.push(Ok(entry));
                 }
                 continue;
             }
@@ -422,7 +425,9 @@ impl<'a> MvccReader<'a> {
             {
                 out.push(Err(info));
             } else if let Some((key, write)) = put {
-                out.push(Ok(self.entry(key, &write, opts.key_only)?));
+                let entry = self.entry(key, &write, opts.key_only)?;
+                crate::raw::take_budget(&mut budget, entry.0.len() + entry.1.len())?;
+                out.push(Ok(entry));
             }
         }
         Ok(out)
@@ -539,6 +544,9 @@ pub struct ScanOptions<'a> {
     /// Start timestamps of transactions whose locks the caller has resolved
     /// (kvrpcpb `Context.resolved_locks`).
     pub bypass: &'a [TimeStamp],
+    /// The most bytes (keys plus values) the answer may hold; a scan that
+    /// would exceed it is refused (`InvalidInput`). `usize::MAX`: no limit.
+    pub max_bytes: usize,
 }
 
 #[cfg(test)]

@@ -261,6 +261,23 @@ impl RawStore {
         key_only: bool,
         reverse: bool,
     ) -> Result<Vec<KvPair>> {
+        let mut unbounded = usize::MAX;
+        self.scan_within(start, end, limit, key_only, reverse, &mut unbounded)
+    }
+
+    /// As [`RawStore::scan`], taking the pairs' bytes (key + value) out of
+    /// `budget`: a scan whose answer would not fit is refused
+    /// (`InvalidInput`) as soon as it would overflow, having read no more
+    /// than the budget. Several scans of one request share one budget.
+    pub fn scan_within(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        key_only: bool,
+        reverse: bool,
+        budget: &mut usize,
+    ) -> Result<Vec<KvPair>> {
         check_bound(start)?;
         check_bound(end)?;
         let empty_range = !start.is_empty()
@@ -285,7 +302,9 @@ impl RawStore {
             } else {
                 record.value.to_vec()
             };
-            out.push((decode_user_key(&encoded)?, value));
+            let key = decode_user_key(&encoded)?;
+            take_budget(budget, key.len() + value.len())?;
+            out.push((key, value));
             if out.len() >= limit {
                 break;
             }
@@ -599,5 +618,19 @@ impl Iterator for Newest<'_> {
         } else {
             self.next_forward()
         }
+    }
+}
+
+/// Takes `bytes` out of a scan's answer budget, or refuses the scan.
+pub fn take_budget(budget: &mut usize, bytes: usize) -> Result<()> {
+    match budget.checked_sub(bytes) {
+        Some(left) => {
+            *budget = left;
+            Ok(())
+        }
+        None => Err(crate::Error::InvalidInput(format!(
+            "the answer would exceed {} bytes: ask for fewer pairs (a smaller limit) per request",
+            crate::MAX_ANSWER_BYTES
+        ))),
     }
 }
