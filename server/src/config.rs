@@ -109,6 +109,14 @@ pub struct ServerConfig {
     /// directory keeps the number it was created with. Default 1, at most
     /// 16.
     pub stores: u64,
+    /// `max-connections`: most connections open at once on each gRPC port;
+    /// past it a new connection is closed at once. 0 (the default): the
+    /// process's open-file limit less 256 for the store's files, at least 64.
+    pub max_connections: usize,
+    /// `handshake-timeout`: a gRPC connection that has not sent its HTTP/2
+    /// preface within it is closed, so stalled peers cannot pile up. From
+    /// 100ms to 1h. Default `"10s"`.
+    pub handshake_timeout: ReadableDuration,
     /// Test-only: serve `/debug/fault/feed` (see [`crate::faults`]). Set by
     /// the hidden `--fault-injection` flag, never read from the file.
     #[serde(skip)]
@@ -124,6 +132,8 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./kvfeed-data"),
             split_keys: Vec::new(),
             stores: 1,
+            max_connections: 0,
+            handshake_timeout: ReadableDuration::secs(10),
             fault_injection: false,
         }
     }
@@ -286,6 +296,18 @@ impl Config {
         self.split_keys()?;
         if self.server.data_dir.as_os_str().is_empty() {
             return invalid("server.data-dir", "must not be empty".to_owned());
+        }
+        let handshake = self.server.handshake_timeout.as_duration();
+        if handshake < std::time::Duration::from_millis(100)
+            || handshake > std::time::Duration::from_secs(3600)
+        {
+            return invalid(
+                "server.handshake-timeout",
+                format!(
+                    "must be from 100ms to 1h, got {}",
+                    self.server.handshake_timeout
+                ),
+            );
         }
         let drift = self.storage.max_ts_drift_allowance.as_duration();
         if drift < std::time::Duration::from_secs(1)

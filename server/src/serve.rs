@@ -234,9 +234,23 @@ async fn start(config: Config) -> Result<Started, ServeError> {
     // first fails).
     let kv = crate::kv::KvService::new(Arc::clone(&node)).map_err(NodeError::from)?;
     let mut servers = tokio::task::JoinSet::new();
+    let server_config = &node.config().server;
+    let admission = grpc::Admission {
+        max_connections: match server_config.max_connections {
+            0 => grpc::default_max_connections(),
+            n => n,
+        },
+        handshake_timeout: server_config.handshake_timeout.as_duration(),
+    };
+    tracing::debug!(?admission, "gRPC connection admission");
     for (listener, store) in grpc_listeners.into_iter().zip(node.endpoints().store_ids()) {
         let router = grpc::grpc_router(&node, kv.for_store(store)).map_err(NodeError::from)?;
-        servers.spawn(grpc::serve(router, listener, node.shutdown().subscribe()));
+        servers.spawn(grpc::serve(
+            router,
+            listener,
+            admission,
+            node.shutdown().subscribe(),
+        ));
     }
     let grpc_task = tokio::spawn(async move {
         while let Some(ended) = servers.join_next().await {

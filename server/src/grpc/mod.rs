@@ -10,17 +10,23 @@
 //! services must therefore end their streams on the same signal (each holds
 //! its own [`crate::shutdown::ShutdownSignal`], or, for the change feed,
 //! `serve` stops the feed right after triggering it), or the wait lasts
-//! until the grace period in `serve` runs out. A peer that never completes the HTTP/2
-//! handshake, or ignores GOAWAY, also holds the wait until then; a real
-//! client closes at once.
+//! until the grace period in `serve` runs out. A peer that ignores GOAWAY
+//! also holds the wait until then (a real client closes at once); one that
+//! never completes the HTTP/2 handshake is closed by the accept loop
+//! ([`incoming`]) after `server.handshake-timeout`.
+
+mod incoming;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use incoming::{Admission, default_max_connections};
+
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::server::Router;
 
 use crate::kv::KvService;
 use crate::metrics::MetricsError;
@@ -55,13 +61,15 @@ pub fn grpc_router(node: &Arc<Node>, kv: KvService) -> Result<Router, MetricsErr
 }
 
 /// Serves `router` on the already bound `listener` until `shutdown` fires
-/// and every connection has closed.
+/// and every connection has closed; connections are admitted as
+/// [`incoming`] describes.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
+    admission: Admission,
     mut shutdown: ShutdownSignal,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = ReceiverStream::new(incoming::admit(listener, admission));
     router
         .serve_with_incoming_shutdown(incoming, async move { shutdown.recv().await })
         .await
