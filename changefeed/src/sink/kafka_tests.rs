@@ -28,9 +28,11 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
+use super::read::{committed_consumer, read_topic};
 use super::*;
 use crate::def::{ChangefeedId, Format, Mode};
 use crate::sink::Sink;
+use crate::verify::SinkItem;
 
 fn def(id: &str) -> ChangefeedDef {
     ChangefeedDef {
