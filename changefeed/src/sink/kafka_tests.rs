@@ -659,3 +659,27 @@ async fn the_reader_flags_a_partition_out_of_order() {
     // The equal pair stays two rows, for `Check` to call a duplicate.
     assert_eq!(rows, [15, 15, 25]);
 }
+
+#[tokio::test]
+async fn the_reader_needs_exactly_one_changefeed_on_the_topic() {
+    let broker = Broker::mock();
+    let uri = broker.topic("shared", 2).await;
+    let err = KafkaReader::open_with_timeout(&uri, T)
+        .await
+        .err()
+        .expect("an empty progress topic holds no changefeed");
+    assert!(err.to_string().contains("holds 0 changefeeds"), "{err}");
+    for id in ["one", "two"] {
+        let mut sink = KafkaSink::new(uri.clone()).with_timeout(T);
+        sink.open(&def(id)).await.unwrap();
+        window(&mut sink, 10, 20, &[row(12, id)]).await;
+    }
+    let err = KafkaReader::open_with_timeout(&uri, T)
+        .await
+        .err()
+        .expect("two changefeeds on one topic");
+    assert!(
+        matches!(&err, SinkError::BrokerRefused { reason, .. } if reason.contains("holds 2 changefeeds")),
+        "{err}"
+    );
+}
