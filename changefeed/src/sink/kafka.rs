@@ -52,10 +52,11 @@
 //! with `read_committed` also see the rows of aborted transactions.
 //! Exactly once needs a broker that keeps transaction markers and lists
 //! aborted transactions in its fetch answers, as Apache Kafka does:
-//! librdkafka's mock cluster and tansu 0.6 answer an empty list, so there
-//! a `read_committed` consumer (and this sink's own checkpoint read) sees
+//! librdkafka's mock cluster answers an empty list, so there a
+//! `read_committed` consumer (and this sink's own checkpoint read) sees
 //! aborted records too — a replayed window shows up twice, and the
-//! checkpoint of an aborted window counts.
+//! checkpoint of an aborted window counts; tansu 0.6 does not offer the
+//! `EndTxn` versions librdkafka speaks, so the sink cannot commit there.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
