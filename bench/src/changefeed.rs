@@ -405,7 +405,7 @@ pub async fn count_rows(
         faults: Vec::new(),
     };
     let unreadable = |e: SinkError| BenchError::Feed(format!("cannot read the sink: {e}"));
-    let mut count = |item: Result<Row, SinkError>| match item {
+    let mut count = |item: Result<Row, String>| match item {
         Ok(row) => {
             counted.rows += 1;
             counted.matching += u64::from(matches(&row));
@@ -417,7 +417,7 @@ pub async fn count_rows(
         SinkTarget::File(dir) => {
             let reader = FileSinkReader::open(dir).map_err(unreadable)?;
             for item in reader.rows() {
-                count(item.map(|r| r.row));
+                count(item.map(|r| r.row).map_err(|e| e.to_string()));
             }
         }
         SinkTarget::Nats(uri) => {
@@ -427,8 +427,9 @@ pub async fn count_rows(
                     Ok(None) => break,
                     Ok(Some(SinkItem::Row { row, .. })) => count(Ok(row)),
                     Ok(Some(SinkItem::Watermark { .. })) => {}
+                    Ok(Some(SinkItem::Problem(problem))) => count(Err(problem)),
                     Err(e) => {
-                        count(Err(e));
+                        count(Err(e.to_string()));
                         break;
                     }
                 }

@@ -166,6 +166,7 @@ async fn nats_rows(sink: &str) -> Vec<FileRow> {
     for item in items {
         match item {
             SinkItem::Watermark { .. } => window += 1,
+            SinkItem::Problem(problem) => panic!("the NATS stream: {problem}"),
             SinkItem::Row { row, place, .. } => rows.push(FileRow {
                 file: format!("window {window}"),
                 line: place

@@ -73,6 +73,7 @@ async fn sink_rows(sink: &str) -> (Vec<Row>, u64) {
         .filter_map(|item| match item {
             SinkItem::Row { row, .. } => Some(row),
             SinkItem::Watermark { .. } => None,
+            SinkItem::Problem(problem) => panic!("the stream: {problem}"),
         })
         .collect();
     (rows, checkpoint)

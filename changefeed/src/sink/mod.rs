@@ -23,6 +23,7 @@
 //! needs nothing but the sink's URI.
 
 pub mod file;
+pub mod kafka;
 pub mod nats;
 mod state;
 mod uri;
@@ -39,6 +40,7 @@ use crate::def::{ChangefeedDef, ChangefeedId};
 use crate::format::FormatError;
 
 pub use file::{FileRow, FileRows, FileSink, FileSinkReader};
+pub use kafka::{KafkaReader, KafkaSink};
 pub use nats::NatsSink;
 pub use uri::{KafkaUri, NatsUri, SinkUri};
 pub use webhook::{WebhookOptions, WebhookSink};
@@ -81,6 +83,8 @@ pub enum AnySink {
     Webhook(WebhookSink),
     /// Publishes to NATS JetStream.
     Nats(NatsSink),
+    /// Produces to Kafka in transactions.
+    Kafka(KafkaSink),
 }
 
 impl Sink for AnySink {
@@ -89,6 +93,7 @@ impl Sink for AnySink {
             AnySink::File(s) => s.open(def).await,
             AnySink::Webhook(s) => s.open(def).await,
             AnySink::Nats(s) => s.open(def).await,
+            AnySink::Kafka(s) => s.open(def).await,
         }
     }
 
@@ -97,6 +102,7 @@ impl Sink for AnySink {
             AnySink::File(s) => s.begin_window(from, to).await,
             AnySink::Webhook(s) => s.begin_window(from, to).await,
             AnySink::Nats(s) => s.begin_window(from, to).await,
+            AnySink::Kafka(s) => s.begin_window(from, to).await,
         }
     }
 
@@ -105,6 +111,7 @@ impl Sink for AnySink {
             AnySink::File(s) => s.write(rows).await,
             AnySink::Webhook(s) => s.write(rows).await,
             AnySink::Nats(s) => s.write(rows).await,
+            AnySink::Kafka(s) => s.write(rows).await,
         }
     }
 
@@ -113,8 +120,21 @@ impl Sink for AnySink {
             AnySink::File(s) => s.commit_window().await,
             AnySink::Webhook(s) => s.commit_window().await,
             AnySink::Nats(s) => s.commit_window().await,
+            AnySink::Kafka(s) => s.commit_window().await,
         }
     }
+}
+
+/// The bucket of `key` among `buckets`: FNV-1a of the key, modulo
+/// `buckets`. Stable across versions and machines, so a key always goes to
+/// one NATS subject or Kafka partition.
+pub fn key_bucket(key: &[u8], buckets: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(buckets.max(1))) as u32
 }
 
 /// A client library's error, kept as the source of a [`SinkError`].

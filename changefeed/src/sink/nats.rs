@@ -3,7 +3,7 @@
 //!
 //! Messages (all in one stream, so a consumer of `PREFIX.>` reads them in
 //! the order they were published):
-//! - a row goes to `PREFIX.<n>`, `n` = a stable hash of the key modulo
+//! - a row goes to `PREFIX.<n>`, `n` = a stable hash of the key ([`super::key_bucket`]) modulo
 //!   `subject-buckets` (so a consumer of one subject still sees each key's
 //!   changes in order); its body is the row [`format::encode`]d;
 //! - at the end of every window a watermark goes to `PREFIX.resolved`,
@@ -57,7 +57,7 @@ use kvfeed_types::TimeStamp;
 use serde::{Deserialize, Serialize};
 
 use super::state::not_open;
-use super::{BoxError, Sink, SinkError, SinkUri};
+use super::{BoxError, Sink, SinkError, SinkUri, key_bucket};
 use crate::def::ChangefeedDef;
 use crate::format;
 use crate::sink::uri::NatsUri;
@@ -588,7 +588,7 @@ impl Open {
             let subject = format!(
                 "{}.{}",
                 uri.subject_prefix,
-                bucket(&row.key, uri.subject_buckets)
+                key_bucket(&row.key, uri.subject_buckets)
             );
             self.publish(uri, subject, publish.message_id(msg_id))
                 .await?;
@@ -698,17 +698,6 @@ fn publish_error(uri: &NatsUri, e: jetstream::context::PublishError) -> SinkErro
     }
 }
 
-/// The row subject of `key`: FNV-1a of the key, modulo `buckets`. Stable
-/// across versions and machines, so a key always goes to one subject.
-pub fn bucket(key: &[u8], buckets: u32) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash % u64::from(buckets.max(1))) as u32
-}
-
 impl From<NatsUri> for SinkUri {
     fn from(uri: NatsUri) -> SinkUri {
         SinkUri::Nats(uri)
@@ -736,15 +725,15 @@ mod tests {
     fn buckets_are_stable_and_in_range() {
         // FNV-1a of "" is the offset basis; of "a" a known constant.
         assert_eq!(
-            bucket(b"", 1 << 16),
+            key_bucket(b"", 1 << 16),
             (0xcbf2_9ce4_8422_2325u64 % 65536) as u32
         );
         assert_eq!(
-            bucket(b"a", u32::MAX),
+            key_bucket(b"a", u32::MAX),
             (0xaf63_dc4c_8601_ec8cu64 % u64::from(u32::MAX)) as u32
         );
         for n in 1..50u32 {
-            assert!(bucket(&n.to_be_bytes(), 7) < 7);
+            assert!(key_bucket(&n.to_be_bytes(), 7) < 7);
         }
     }
 }

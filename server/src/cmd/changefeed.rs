@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use kvfeed_changefeed::sink::{AnySink, FileSink, NatsSink, SinkUri, WebhookSink};
+use kvfeed_changefeed::sink::{AnySink, FileSink, KafkaSink, NatsSink, SinkUri, WebhookSink};
 use kvfeed_changefeed::{
     Changefeed, ChangefeedDef, ChangefeedError, ChangefeedId, Format, Mode, RunOptions,
 };
@@ -242,11 +242,7 @@ pub fn sink_for(uri: &str, state_dir: PathBuf) -> Result<AnySink, CmdError> {
             AnySink::Webhook(WebhookSink::new(url, state_dir, Default::default()))
         }
         SinkUri::Nats(nats) => AnySink::Nats(NatsSink::new(nats)),
-        SinkUri::Kafka(_) => {
-            return Err(CmdError::Usage(format!(
-                "{uri}: the kafka sink is not built into this kvfeed"
-            )));
-        }
+        SinkUri::Kafka(kafka) => AnySink::Kafka(KafkaSink::new(kafka)),
     })
 }
 
