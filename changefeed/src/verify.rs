@@ -51,6 +51,11 @@ pub struct Report {
     /// Rows the sink holds without their value (larger than its
     /// `max-message-bytes`); their keys' values are not compared.
     pub values_omitted: u64,
+    /// Rows a Kafka sink holds twice because the broker shows the rows of
+    /// aborted transactions (replays after a restart), dropped by their
+    /// partition's order as a consumer would drop them; 0 for other sinks
+    /// and for brokers that hide aborted transactions.
+    pub replayed_rows: u64,
     /// Problems found, at most [`MAX_LISTED`].
     pub problems: Vec<String>,
     /// Problems found in all.
@@ -118,6 +123,7 @@ pub async fn verify(cluster: &Cluster, uri: &str) -> Result<Report, VerifyError>
             let mut reader = KafkaReader::open(&kafka).await?;
             let def = reader.def().clone();
             let mut check = Check::new(&def, reader.checkpoint());
+            check.report.replayed_rows = reader.replayed();
             while let Some(item) = reader.next().await? {
                 check.item(item);
             }

@@ -54,9 +54,12 @@
 //! aborted transactions in its fetch answers, as Apache Kafka does:
 //! librdkafka's mock cluster answers an empty list, so there a
 //! `read_committed` consumer (and this sink's own checkpoint read) sees
-//! aborted records too — a replayed window shows up twice, and the
-//! checkpoint of an aborted window counts; tansu 0.6 does not offer the
-//! `EndTxn` versions librdkafka speaks, so the sink cannot commit there.
+//! aborted records too — a replayed window shows up twice in the topic
+//! (delivery is at least once), which a consumer undoes by dropping a row
+//! not above the last one it read from the same partition, as
+//! [`KafkaReader`] (and so `kvfeed verify`) does, counting them; tansu 0.6
+//! does not offer the `EndTxn` versions librdkafka speaks, so the sink
+//! cannot commit there.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;

@@ -463,12 +463,14 @@ async fn an_interrupted_window_is_replayed() {
                 rows.push(String::from_utf8(row.key.to_vec()).unwrap());
             }
         }
+        assert_eq!(rows, ["a", "b", "c", "d"], "{}", broker.name());
         if hides {
-            assert_eq!(rows, ["a", "b", "c", "d"], "{}", broker.name());
+            assert_eq!(reader.replayed(), 0, "{}", broker.name());
         } else {
-            // The aborted rows leak, once each, next to their replay, so
-            // `verify` reports them as duplicates.
-            assert_eq!(rows, ["a", "b", "c", "c", "d", "d"], "{}", broker.name());
+            // The aborted rows leak, and come again in the replay: the
+            // reader drops the second copies by their partition's order,
+            // as a consumer would, and counts them.
+            assert_eq!(reader.replayed(), 2, "{}", broker.name());
             eprintln!(
                 "NOTICE: {} shows aborted transactions: exactly once on replay not provable on it",
                 broker.name()
@@ -659,7 +661,7 @@ async fn an_unreachable_broker_is_a_transient_error_in_bounded_time() {
 }
 
 #[tokio::test]
-async fn the_reader_flags_a_partition_out_of_order() {
+async fn the_reader_drops_rows_not_above_their_partitions_last() {
     let broker = Broker::mock();
     let uri = broker.topic("disorder", 1).await;
     let producer: FutureProducer = client_config(&uri, T).create().unwrap();
@@ -700,10 +702,12 @@ async fn the_reader_flags_a_partition_out_of_order() {
             SinkItem::Watermark { .. } => {}
         }
     }
-    assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].contains("partition 0 offset 1"), "{problems:?}");
-    // The equal pair stays two rows, for `Check` to call a duplicate.
-    assert_eq!(rows, [15, 15, 25]);
+    // 15 after 25 in one partition, twice: dropped as replays (a row that
+    // were really out of order would be missing where it belongs, which
+    // the state comparison of `verify` reports).
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(rows, [25]);
+    assert_eq!(reader.replayed(), 2);
 }
 
 #[tokio::test]

@@ -57,6 +57,12 @@ pub fn run(args: &VerifyArgs) -> Result<(), VerifyCmdError> {
             "changefeed {}: checkpoint {}, {} rows in {} transactions, {} keys compared",
             report.id, report.checkpoint_ts, report.rows, report.transactions, report.keys_compared
         );
+        if report.replayed_rows > 0 {
+            println!(
+                "{} rows were there twice (a window written again after a restart, which this broker shows although its transaction was aborted) and were read once",
+                report.replayed_rows
+            );
+        }
         if report.values_omitted > 0 {
             println!(
                 "{} rows were larger than the sink's max-message-bytes and hold no value; their keys were not compared",
