@@ -221,12 +221,7 @@ impl Sink for FileSink {
 
     async fn begin_window(&mut self, from: TimeStamp, to: TimeStamp) -> Result<(), SinkError> {
         let open = self.open.as_mut().ok_or_else(not_open)?;
-        if open.window.is_some() {
-            return Err(SinkError::Protocol {
-                reason: "begin_window before the last window was committed".to_owned(),
-            });
-        }
-        open.state.check_window(from, to)?;
+        open.state.check_window(from, to, open.window.is_some())?;
         open.window = Some(Window {
             from,
             to,

@@ -81,7 +81,7 @@ use serde::{Deserialize, Serialize};
 pub use read::KafkaReader;
 use read::read_progress;
 
-use super::state::not_open;
+use super::state::{check_window, not_open};
 use super::{SinkError, SinkUri, key_bucket};
 use crate::def::ChangefeedDef;
 use crate::format;
@@ -340,14 +340,7 @@ impl super::Sink for KafkaSink {
 
     async fn begin_window(&mut self, from: TimeStamp, to: TimeStamp) -> Result<(), SinkError> {
         let mut open = self.open.take().ok_or_else(not_open)?;
-        if from != open.checkpoint || to < from || open.window.is_some() {
-            return Err(SinkError::Protocol {
-                reason: format!(
-                    "window ({from}, {to}] does not start at the checkpoint {}",
-                    open.checkpoint
-                ),
-            });
-        }
+        check_window(open.checkpoint, from, to, open.window.is_some())?;
         open.begin(&self.uri)?;
         open.window = Some((from, to));
         self.open = Some(open);

@@ -56,7 +56,7 @@ use kvfeed_client::text::hex;
 use kvfeed_types::TimeStamp;
 use serde::{Deserialize, Serialize};
 
-use super::state::not_open;
+use super::state::{check_window, not_open};
 use super::{BoxError, Sink, SinkError, SinkUri, key_bucket};
 use crate::def::ChangefeedDef;
 use crate::format;
@@ -514,13 +514,7 @@ impl Sink for NatsSink {
             .entry
             .checkpoint_ts
             .map_or(open.entry.def.start_ts, TimeStamp::new);
-        if from != expected || to < from || open.window.is_some() {
-            return Err(SinkError::Protocol {
-                reason: format!(
-                    "window ({from}, {to}] does not start at the checkpoint {expected}"
-                ),
-            });
-        }
+        check_window(expected, from, to, open.window.is_some())?;
         open.window = Some((from, to));
         self.open = Some(open);
         Ok(())

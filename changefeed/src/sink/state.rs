@@ -215,17 +215,14 @@ impl StateDir {
         self.checkpoint.unwrap_or(self.def.start_ts)
     }
 
-    /// Checks that `(from, to]` is the next window.
-    pub(crate) fn check_window(&self, from: TimeStamp, to: TimeStamp) -> Result<(), SinkError> {
-        let expected = self.next_from();
-        if from != expected || to < from {
-            return Err(SinkError::Protocol {
-                reason: format!(
-                    "window ({from}, {to}] does not start at the checkpoint {expected}"
-                ),
-            });
-        }
-        Ok(())
+    /// Checks that `(from, to]` is the next window and none is `open`.
+    pub(crate) fn check_window(
+        &self,
+        from: TimeStamp,
+        to: TimeStamp,
+        open: bool,
+    ) -> Result<(), SinkError> {
+        check_window(self.next_from(), from, to, open)
     }
 
     /// Makes `ts` the checkpoint without writing the checkpoint file, for
@@ -248,6 +245,24 @@ impl StateDir {
         self.checkpoint = Some(ts);
         Ok(())
     }
+}
+
+/// Checks that `(from, to]` is the window after checkpoint `expected`, and
+/// that no window is `open` already: the runner's side of the protocol.
+pub(crate) fn check_window(
+    expected: TimeStamp,
+    from: TimeStamp,
+    to: TimeStamp,
+    open: bool,
+) -> Result<(), SinkError> {
+    if from != expected || to < from || open {
+        return Err(SinkError::Protocol {
+            reason: format!(
+                "window ({from}, {to}] does not start at the checkpoint {expected}, or another window is open"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Runs blocking `f` on the blocking pool.
