@@ -35,6 +35,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::FutureExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvfeed_cdc::meta::{leader_peer, region_meta};
@@ -625,11 +627,19 @@ impl Pd for PdService {
     }
 }
 
+/// Requests of one `Tso` stream answered together at most.
+const TSO_BATCH: usize = 256;
+
+/// Timestamps one call to the oracle hands out at most for a batch (well
+/// within the logical timestamps of a millisecond, 2^18).
+const TSO_BATCH_COUNT: u64 = 1 << 16;
+
 /// The calls a client may make before it knows the cluster id.
 const ZERO_CLUSTER_ID_OK: [&str; 2] = ["GetMembers", "GetClusterInfo"];
 
-/// One client's `Tso` stream: requests are answered strictly one at a time,
-/// which is what keeps responses in request order.
+/// One client's `Tso` stream: requests are read as they come, those
+/// already sent answered together (one call to the oracle), and the answers
+/// sent in request order.
 struct TsoSession {
     stream_id: u64,
     cluster_id: u64,
@@ -651,39 +661,165 @@ impl TsoSession {
                 () = shutdown.recv() => break,
                 next = self.inbound.message() => next,
             };
-            let request = match next {
-                Ok(Some(request)) => request,
+            let mut batch = Vec::new();
+            let mut end = None;
+            match next {
+                Ok(Some(request)) => batch.push(request),
                 Ok(None) => break,
                 Err(status) => {
-                    // A request that does not decode is the client's
-                    // error, and it hears so (a stream that just ended
-                    // would read as a clean close); a broken connection
-                    // has no one left to tell, and the send fails quietly.
-                    tracing::debug!(stream_id, %status, "tso stream broken by the client");
-                    let reply = if status.code() == tonic::Code::Internal {
-                        Status::invalid_argument(format!(
-                            "undecodable Tso request: {}",
-                            status.message()
-                        ))
-                    } else {
-                        status
-                    };
-                    let _ = self.tx.send(Err(reply)).await;
+                    self.broken(status).await;
                     break;
                 }
-            };
-            let reply = self.answer(&request).await;
-            let fatal = reply.is_err();
-            if self.tx.send(reply).await.is_err() {
-                // The client stopped reading the responses.
-                break;
             }
-            if fatal {
-                break;
+            // Whatever else the client has already sent (a pipelining
+            // client sends many before reading) is answered with it, by one
+            // call to the oracle: reading keeps up however far the client
+            // runs ahead. `message()` keeps its state in the stream, so
+            // asking without waiting loses nothing.
+            while batch.len() < TSO_BATCH {
+                match self.inbound.message().now_or_never() {
+                    Some(Ok(Some(request))) => batch.push(request),
+                    Some(Ok(None)) => {
+                        end = Some(None);
+                        break;
+                    }
+                    Some(Err(status)) => {
+                        end = Some(Some(status));
+                        break;
+                    }
+                    None => break,
+                }
             }
-            answered += 1;
+            let mut stop = false;
+            for reply in self.answer_batch(&batch).await {
+                let fatal = reply.is_err();
+                if self.tx.send(reply).await.is_err() {
+                    // The client stopped reading the responses.
+                    stop = true;
+                    break;
+                }
+                if fatal {
+                    stop = true;
+                    break;
+                }
+                answered += 1;
+            }
+            match end {
+                _ if stop => break,
+                Some(None) => break,
+                Some(Some(status)) => {
+                    self.broken(status).await;
+                    break;
+                }
+                None => {}
+            }
         }
         tracing::debug!(stream_id, answered, "tso stream closed");
+    }
+
+    /// The inbound stream failed. A request that does not decode is the
+    /// client's error, and it hears so (a stream that just ended would read
+    /// as a clean close); a broken connection has no one left to tell, and
+    /// the send fails quietly.
+    async fn broken(&self, status: Status) {
+        tracing::debug!(stream_id = self.stream_id, %status, "tso stream broken by the client");
+        let reply = if status.code() == tonic::Code::Internal {
+            Status::invalid_argument(format!("undecodable Tso request: {}", status.message()))
+        } else {
+            status
+        };
+        let _ = self.tx.send(Err(reply)).await;
+    }
+
+    /// The answers to `batch`, in order: each request checked on its own
+    /// (an invalid one is answered as alone, and a fatal one ends the
+    /// answers), the valid ones between them served by one call to the
+    /// oracle for all their timestamps, each getting its own consecutive
+    /// run, earlier requests lower.
+    async fn answer_batch(&self, batch: &[TsoRequest]) -> Vec<Result<TsoResponse, Status>> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut run: Vec<u32> = Vec::new();
+        for request in batch {
+            let valid = request_cluster_id(request.header.as_ref()) == self.cluster_id
+                && request.count > 0
+                && u64::from(request.count) <= TSO_BATCH_COUNT
+                && run.iter().map(|&c| u64::from(c)).sum::<u64>() + u64::from(request.count)
+                    <= TSO_BATCH_COUNT;
+            if valid {
+                run.push(request.count);
+                continue;
+            }
+            out.extend(self.serve_run(&mut run).await);
+            if out.last().is_some_and(Result::is_err) {
+                return out;
+            }
+            if request_cluster_id(request.header.as_ref()) == self.cluster_id
+                && request.count > 0
+                && u64::from(request.count) <= TSO_BATCH_COUNT
+            {
+                // Valid, only too much for the run: it starts the next.
+                run.push(request.count);
+                continue;
+            }
+            let reply = self.answer(request).await;
+            let fatal = reply.is_err();
+            out.push(reply);
+            if fatal {
+                return out;
+            }
+        }
+        out.extend(self.serve_run(&mut run).await);
+        out
+    }
+
+    /// Serves a run of valid requests (their counts) with one call to the
+    /// oracle; empties `run`.
+    async fn serve_run(&self, run: &mut Vec<u32>) -> Vec<Result<TsoResponse, Status>> {
+        if run.is_empty() {
+            return Vec::new();
+        }
+        let counts = std::mem::take(run);
+        let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+        let Ok(total) = u32::try_from(total) else {
+            return vec![Err(Status::internal("tso batch count overflow"))];
+        };
+        let highest = match self.oracle(total).await {
+            Ok(highest) => highest,
+            Err(status) => return vec![Err(status)],
+        };
+        // The batch is one run of consecutive timestamps within a
+        // millisecond ending at `highest`; each request's ends where the
+        // ones after it begin.
+        let mut after: u64 = total.into();
+        counts
+            .into_iter()
+            .map(|count| {
+                after -= u64::from(count);
+                Ok(TsoResponse {
+                    header: Some(ResponseHeader {
+                        cluster_id: self.cluster_id,
+                        error: None,
+                    }),
+                    count,
+                    timestamp: Some(timestamp(TimeStamp::new(highest.into_inner() - after))),
+                })
+            })
+            .collect()
+    }
+
+    /// `count` consecutive timestamps from the oracle; the highest.
+    async fn oracle(&self, count: u32) -> Result<TimeStamp, Status> {
+        let tso = Arc::clone(&self.tso);
+        tokio::task::spawn_blocking(move || tso.get(count))
+            .await
+            .map_err(|err| Status::internal(format!("timestamp task failed: {err}")))?
+            .map_err(|err| match err {
+                kvfeed_storage::Error::InvalidInput(msg) => Status::invalid_argument(msg),
+                other => {
+                    tracing::error!(stream_id = self.stream_id, %other, "timestamp oracle failed");
+                    Status::unavailable(format!("timestamp oracle: {other}"))
+                }
+            })
     }
 
     async fn answer(&self, request: &TsoRequest) -> Result<TsoResponse, Status> {
@@ -715,17 +851,7 @@ impl TsoSession {
                 "tso request count must be at least 1",
             ));
         }
-        let tso = Arc::clone(&self.tso);
-        let highest = tokio::task::spawn_blocking(move || tso.get(count))
-            .await
-            .map_err(|err| Status::internal(format!("timestamp task failed: {err}")))?
-            .map_err(|err| match err {
-                kvfeed_storage::Error::InvalidInput(msg) => Status::invalid_argument(msg),
-                other => {
-                    tracing::error!(stream_id = self.stream_id, %other, "timestamp oracle failed");
-                    Status::unavailable(format!("timestamp oracle: {other}"))
-                }
-            })?;
+        let highest = self.oracle(count).await?;
         Ok(TsoResponse {
             header: Some(ResponseHeader {
                 cluster_id: self.cluster_id,

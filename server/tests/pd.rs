@@ -826,3 +826,50 @@ async fn service_safe_point_ttls_are_capped() {
         min.ttl
     );
 }
+
+/// Requests the client sent ahead are answered together, yet each keeps
+/// its own answer, in order: valid ones their own disjoint, increasing
+/// runs of timestamps, one for another cluster its header error.
+#[tokio::test]
+async fn pipelined_tso_requests_keep_their_own_answers() {
+    let server = TestServer::start();
+    let mut client = pd(&server).await;
+    let ours = server.cluster_id();
+    let wrong = ours.wrapping_add(1).max(1);
+    let sent = [(ours, 3), (ours, 5), (wrong, 1), (ours, 2), (ours, 1)];
+    let (tx, rx) = mpsc::channel(sent.len());
+    for (cluster_id, count) in sent {
+        tx.send(TsoRequest {
+            header: header(cluster_id),
+            count,
+            dc_location: String::new(),
+        })
+        .await
+        .expect("queue");
+    }
+    drop(tx);
+    let mut inbound = client
+        .tso(ReceiverStream::new(rx))
+        .await
+        .expect("Tso stream")
+        .into_inner();
+    let mut previous = TimeStamp::new(0);
+    for (cluster_id, count) in sent {
+        let response = inbound
+            .message()
+            .await
+            .expect("no error")
+            .expect("an answer per request");
+        if cluster_id != ours {
+            assert!(response.header.and_then(|h| h.error).is_some());
+            assert_eq!(response.timestamp, None);
+            continue;
+        }
+        assert_eq!(response.count, count);
+        let highest = ts_of(&response);
+        let lowest = TimeStamp::new(highest.into_inner() - u64::from(count) + 1);
+        assert!(lowest > previous, "{lowest} after {previous}");
+        previous = highest;
+    }
+    assert!(inbound.message().await.expect("clean end").is_none());
+}
