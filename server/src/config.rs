@@ -297,42 +297,24 @@ impl Config {
         if self.server.data_dir.as_os_str().is_empty() {
             return invalid("server.data-dir", "must not be empty".to_owned());
         }
-        let handshake = self.server.handshake_timeout.as_duration();
-        if handshake < std::time::Duration::from_millis(100)
-            || handshake > std::time::Duration::from_secs(3600)
-        {
-            return invalid(
-                "server.handshake-timeout",
-                format!(
-                    "must be from 100ms to 1h, got {}",
-                    self.server.handshake_timeout
-                ),
-            );
-        }
-        let drift = self.storage.max_ts_drift_allowance.as_duration();
-        if drift < std::time::Duration::from_secs(1)
-            || drift > std::time::Duration::from_secs(86_400)
-        {
-            return invalid(
-                "storage.max-ts-drift-allowance",
-                format!(
-                    "must be from 1s to 24h, got {}",
-                    self.storage.max_ts_drift_allowance
-                ),
-            );
-        }
-        let ttl = self.storage.max_service_safe_point_ttl.as_duration();
-        if ttl < std::time::Duration::from_secs(1)
-            || ttl > std::time::Duration::from_secs(365 * 86_400)
-        {
-            return invalid(
-                "storage.max-service-safe-point-ttl",
-                format!(
-                    "must be from 1s to 365d, got {}",
-                    self.storage.max_service_safe_point_ttl
-                ),
-            );
-        }
+        check_duration(
+            "server.handshake-timeout",
+            self.server.handshake_timeout,
+            ReadableDuration::millis(100),
+            ReadableDuration::secs(3600),
+        )?;
+        check_duration(
+            "storage.max-ts-drift-allowance",
+            self.storage.max_ts_drift_allowance,
+            ReadableDuration::secs(1),
+            ReadableDuration::secs(86_400),
+        )?;
+        check_duration(
+            "storage.max-service-safe-point-ttl",
+            self.storage.max_service_safe_point_ttl,
+            ReadableDuration::secs(1),
+            ReadableDuration::secs(365 * 86_400),
+        )?;
         let cdc = &self.cdc;
         if cdc.min_ts_interval.as_duration() < MIN_TS_INTERVAL_FLOOR {
             return invalid(
@@ -407,6 +389,23 @@ fn split_host_port(addr: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some((host, port))
+}
+
+/// Refuses a duration outside `[min, max]`, naming the key and the bounds.
+fn check_duration(
+    key: &'static str,
+    value: ReadableDuration,
+    min: ReadableDuration,
+    max: ReadableDuration,
+) -> Result<(), ConfigError> {
+    let d = value.as_duration();
+    if d < min.as_duration() || d > max.as_duration() {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!("must be from {min} to {max}, got {value}"),
+        });
+    }
+    Ok(())
 }
 
 /// `addr` must be `host:port` with a numeric port; resolution and binding
