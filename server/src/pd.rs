@@ -632,7 +632,7 @@ const TSO_BATCH: usize = 256;
 
 /// Timestamps one call to the oracle hands out at most for a batch (well
 /// within the logical timestamps of a millisecond, 2^18).
-const TSO_BATCH_COUNT: u64 = 1 << 16;
+const TSO_BATCH_COUNT: u32 = 1 << 16;
 
 /// The calls a client may make before it knows the cluster id.
 const ZERO_CLUSTER_ID_OK: [&str; 2] = ["GetMembers", "GetClusterInfo"];
@@ -738,27 +738,27 @@ impl TsoSession {
     /// run, earlier requests lower.
     async fn answer_batch(&self, batch: &[TsoRequest]) -> Vec<Result<TsoResponse, Status>> {
         let mut out = Vec::with_capacity(batch.len());
-        let mut run: Vec<u32> = Vec::new();
+        // The counts of the run being gathered, and their sum.
+        let (mut run, mut total): (Vec<u32>, u32) = (Vec::new(), 0);
         for request in batch {
-            let valid = request_cluster_id(request.header.as_ref()) == self.cluster_id
-                && request.count > 0
-                && u64::from(request.count) <= TSO_BATCH_COUNT
-                && run.iter().map(|&c| u64::from(c)).sum::<u64>() + u64::from(request.count)
-                    <= TSO_BATCH_COUNT;
-            if valid {
-                run.push(request.count);
+            let count = request.count;
+            let batchable = request_cluster_id(request.header.as_ref()) == self.cluster_id
+                && count > 0
+                && count <= TSO_BATCH_COUNT;
+            if batchable && total + count <= TSO_BATCH_COUNT {
+                run.push(count);
+                total += count;
                 continue;
             }
-            out.extend(self.serve_run(&mut run).await);
+            out.extend(self.serve_run(std::mem::take(&mut run), total).await);
+            total = 0;
             if out.last().is_some_and(Result::is_err) {
                 return out;
             }
-            if request_cluster_id(request.header.as_ref()) == self.cluster_id
-                && request.count > 0
-                && u64::from(request.count) <= TSO_BATCH_COUNT
-            {
+            if batchable {
                 // Valid, only too much for the run: it starts the next.
-                run.push(request.count);
+                run.push(count);
+                total = count;
                 continue;
             }
             let reply = self.answer(request).await;
@@ -768,21 +768,16 @@ impl TsoSession {
                 return out;
             }
         }
-        out.extend(self.serve_run(&mut run).await);
+        out.extend(self.serve_run(run, total).await);
         out
     }
 
-    /// Serves a run of valid requests (their counts) with one call to the
-    /// oracle; empties `run`.
-    async fn serve_run(&self, run: &mut Vec<u32>) -> Vec<Result<TsoResponse, Status>> {
-        if run.is_empty() {
+    /// Serves a run of valid requests (their counts, `total` in all) with
+    /// one call to the oracle.
+    async fn serve_run(&self, counts: Vec<u32>, total: u32) -> Vec<Result<TsoResponse, Status>> {
+        if counts.is_empty() {
             return Vec::new();
         }
-        let counts = std::mem::take(run);
-        let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
-        let Ok(total) = u32::try_from(total) else {
-            return vec![Err(Status::internal("tso batch count overflow"))];
-        };
         let highest = match self.oracle(total).await {
             Ok(highest) => highest,
             Err(status) => return vec![Err(status)],
