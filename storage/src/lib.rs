@@ -37,10 +37,24 @@ pub mod versioned;
 pub use kvfeed_types::timestamp;
 
 pub use error::{Error, Result};
+pub use timestamp::TimeStamp;
 
 /// The most bytes (keys plus values) one scan answer may hold: a request
 /// asking for more is refused rather than built, so no single small
 /// request can make the server allocate without bound. Room for a maximal
 /// value (8 MiB) with its key.
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
-pub use timestamp::TimeStamp;
+
+/// Takes `bytes` out of a scan's answer budget, or refuses the scan.
+pub(crate) fn take_answer_budget(budget: &mut usize, bytes: usize) -> Result<()> {
+    match budget.checked_sub(bytes) {
+        Some(left) => {
+            *budget = left;
+            Ok(())
+        }
+        None => Err(Error::InvalidInput(format!(
+            "the answer would exceed {} bytes: ask for fewer pairs (a smaller limit) per request",
+            MAX_ANSWER_BYTES
+        ))),
+    }
+}

@@ -111,6 +111,14 @@ impl ConcurrencyManager {
         Ok(())
     }
 
+    /// A client's timestamp `ts` (the request field `what`): checked
+    /// against the limit, then `max_ts` raised to it.
+    pub fn raise_max_ts(&self, ts: TimeStamp, what: &str) -> crate::Result<()> {
+        self.check_ts(ts, what)?;
+        self.update_max_ts(ts);
+        Ok(())
+    }
+
     /// The smallest start_ts among in-flight async-commit/1PC prewrites.
     pub fn global_min_lock_ts(&self) -> Option<TimeStamp> {
         self.table.lock().values().min().copied()

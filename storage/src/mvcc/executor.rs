@@ -103,8 +103,7 @@ impl TxnStore {
         bypass: &[TimeStamp],
     ) -> TxnResult<Option<(TimeStamp, Vec<u8>)>> {
         check_key(key)?;
-        self.cm.check_ts(ts, "read ts")?;
-        self.cm.update_max_ts(ts);
+        self.cm.raise_max_ts(ts, "read ts")?;
         self.cm.wait_for_keys(&[key], ts);
         let snap = self.store.snapshot();
         let reader = MvccReader::new(&*snap);
@@ -128,8 +127,7 @@ impl TxnStore {
         for k in keys {
             check_key(k)?;
         }
-        self.cm.check_ts(ts, "read ts")?;
-        self.cm.update_max_ts(ts);
+        self.cm.raise_max_ts(ts, "read ts")?;
         let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         self.cm.wait_for_keys(&refs, ts);
         let snap = self.store.snapshot();
@@ -152,8 +150,7 @@ impl TxnStore {
 
     /// A transactional range read; see [`MvccReader::scan`].
     pub fn scan(&self, opts: &ScanOptions<'_>) -> TxnResult<Vec<ScanItem>> {
-        self.cm.check_ts(opts.ts, "read ts")?;
-        self.cm.update_max_ts(opts.ts);
+        self.cm.raise_max_ts(opts.ts, "read ts")?;
         self.cm.wait_for_range(opts.start, opts.end, opts.ts);
         let snap = self.store.snapshot();
         Ok(MvccReader::new(&*snap).scan(opts)?)
@@ -248,8 +245,8 @@ impl TxnStore {
     pub fn check_txn_status(&self, req: &CheckTxnStatusRequest) -> TxnResult<TxnStatus> {
         // The caller will read at caller_start_ts after this: async-commit/1PC
         // transactions must commit above it.
-        self.cm.check_ts(req.caller_start_ts, "caller_start_ts")?;
-        self.cm.update_max_ts(req.caller_start_ts);
+        self.cm
+            .raise_max_ts(req.caller_start_ts, "caller_start_ts")?;
         self.run([req.primary_key.as_slice()], BatchSource::Client, |r| {
             status::check_txn_status(r, req)
         })
@@ -276,8 +273,7 @@ impl TxnStore {
     ) -> TxnResult<SecondaryLocksStatus> {
         // A rollback written here must not be overtaken by a commit at a
         // timestamp at or below start_ts.
-        self.cm.check_ts(start_ts, "start_ts")?;
-        self.cm.update_max_ts(start_ts);
+        self.cm.raise_max_ts(start_ts, "start_ts")?;
         self.run(slices(keys), BatchSource::Client, |r| {
             status::check_secondary_locks(r, keys, start_ts)
         })

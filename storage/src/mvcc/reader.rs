@@ -410,7 +410,7 @@ impl<'a> MvccReader<'a> {
             if !take_lock {
                 if let Some((key, write)) = visible.next() {
                     let entry = self.entry(key, &write, opts.key_only)?;
-                    crate::raw::take_budget(&mut budget, entry.0.len() + entry.1.len())?;
+                    crate::take_answer_budget(&mut budget, entry.0.len() + entry.1.len())?;
                     out.push(Ok(entry));
                 }
                 continue;
@@ -426,7 +426,7 @@ impl<'a> MvccReader<'a> {
                 out.push(Err(info));
             } else if let Some((key, write)) = put {
                 let entry = self.entry(key, &write, opts.key_only)?;
-                crate::raw::take_budget(&mut budget, entry.0.len() + entry.1.len())?;
+                crate::take_answer_budget(&mut budget, entry.0.len() + entry.1.len())?;
                 out.push(Ok(entry));
             }
         }

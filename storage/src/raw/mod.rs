@@ -303,7 +303,7 @@ impl RawStore {
                 record.value.to_vec()
             };
             let key = decode_user_key(&encoded)?;
-            take_budget(budget, key.len() + value.len())?;
+            crate::take_answer_budget(budget, key.len() + value.len())?;
             out.push((key, value));
             if out.len() >= limit {
                 break;
@@ -618,19 +618,5 @@ impl Iterator for Newest<'_> {
         } else {
             self.next_forward()
         }
-    }
-}
-
-/// Takes `bytes` out of a scan's answer budget, or refuses the scan.
-pub fn take_budget(budget: &mut usize, bytes: usize) -> Result<()> {
-    match budget.checked_sub(bytes) {
-        Some(left) => {
-            *budget = left;
-            Ok(())
-        }
-        None => Err(crate::Error::InvalidInput(format!(
-            "the answer would exceed {} bytes: ask for fewer pairs (a smaller limit) per request",
-            crate::MAX_ANSWER_BYTES
-        ))),
     }
 }
