@@ -116,8 +116,6 @@ struct Open {
     /// checkpoint passes it).
     present: HashSet<String>,
     present_until: TimeStamp,
-    /// Rows sent without their value since the sink was opened.
-    omitted: u64,
 }
 
 impl std::fmt::Debug for Open {
@@ -135,11 +133,6 @@ impl NatsSink {
     /// A sink for `uri`; nothing is connected until `open`.
     pub fn new(uri: NatsUri) -> NatsSink {
         NatsSink { uri, open: None }
-    }
-
-    /// Rows sent without their value since the sink was last opened.
-    pub fn values_omitted(&self) -> u64 {
-        self.open.as_ref().map_or(0, |o| o.omitted)
     }
 }
 
@@ -189,8 +182,8 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
 }
 
 /// The stream, created over `PREFIX.>` when missing; an existing stream
-/// must take the sink's subjects.
-async fn ensure_stream(js: &jetstream::Context, uri: &NatsUri) -> Result<(), SinkError> {
+/// must take the sink's subjects. Answers the sequence of its last message.
+async fn ensure_stream(js: &jetstream::Context, uri: &NatsUri) -> Result<u64, SinkError> {
     let probe = [
         format!("{}.resolved", uri.subject_prefix),
         format!("{}.0", uri.subject_prefix),
@@ -211,7 +204,7 @@ async fn ensure_stream(js: &jetstream::Context, uri: &NatsUri) -> Result<(), Sin
                     ),
                 ));
             }
-            Ok(())
+            Ok(info.state.last_sequence)
         }
         Err(e)
             if matches!(
@@ -229,7 +222,7 @@ async fn ensure_stream(js: &jetstream::Context, uri: &NatsUri) -> Result<(), Sin
             };
             js.create_stream(config)
                 .await
-                .map(drop)
+                .map(|created| created.cached_info().state.last_sequence)
                 .map_err(|e| broker(uri, "creating the stream")(e.into()))
         }
         Err(e) => Err(broker(uri, "looking up the stream")(e.into())),
@@ -411,7 +404,7 @@ impl Sink for NatsSink {
         let uri = &self.uri;
         let id = def.id.as_str();
         let (js, max_payload) = connect(uri, &format!("kvfeed changefeed {id}")).await?;
-        ensure_stream(&js, uri).await?;
+        let last = ensure_stream(&js, uri).await?;
         let store = ensure_bucket(&js, uri).await?;
         let (mut entry, mut revision, fresh) = match read_entry(&store, uri, id).await? {
             Some((entry, revision)) => {
@@ -441,7 +434,6 @@ impl Sink for NatsSink {
                 (entry, revision, false)
             }
             None => {
-                let (_, last) = stream_and_last(&js, uri).await?;
                 let entry = Entry {
                     def: def.clone(),
                     stream: uri.stream.clone(),
@@ -503,7 +495,6 @@ impl Sink for NatsSink {
             pending: VecDeque::new(),
             present,
             present_until,
-            omitted: 0,
         }));
         Ok(answer)
     }
@@ -569,7 +560,6 @@ impl Open {
                 body.clear();
                 format::encode(&self.entry.def, &key_only, &mut body);
                 omitted = true;
-                self.omitted += 1;
             }
             let mut publish = PublishMessage::build()
                 .payload(Bytes::copy_from_slice(&body))
