@@ -18,8 +18,6 @@ mod common;
 #[allow(dead_code)] // not every helper is used here
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
@@ -31,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use support::{CfProcess, Committed, commit, txn_client};
+use support::{CfProcess, RandomWriter, txn_client};
 use tikv_client::TimestampExt;
 
 fn kafka_uri(sink: &str) -> kvfeed_changefeed::sink::KafkaUri {
@@ -83,29 +81,7 @@ async fn a_kafka_changefeed_killed_under_writes_delivers_every_transaction() {
     ];
     let mut cf = CfProcess::start(&args, tmp.path());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(Mutex::new(Vec::<Committed>::new()));
-    let writer = {
-        let client = txn_client(&server).await;
-        let (stop, committed) = (stop.clone(), committed.clone());
-        tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let writes: std::collections::BTreeMap<_, _> = (0..rng.random_range(1..4))
-                    .map(|_| {
-                        let key = format!("o/{:03}", rng.random_range(0..100)).into_bytes();
-                        let value = (!rng.random_ratio(1, 5)).then(|| format!("v{n}").into_bytes());
-                        (key, value)
-                    })
-                    .collect();
-                let writes: Vec<_> = writes.into_iter().collect();
-                let done = commit(&client, &writes).await;
-                committed.lock().expect("lock").push(done);
-                n += 1;
-            }
-        })
-    };
+    let writer = RandomWriter::start(&server, seed, "o/", 100, 0).await;
 
     let mut rng = StdRng::seed_from_u64(seed ^ 0x4b61_666b);
     let began = Instant::now();
@@ -119,8 +95,7 @@ async fn a_kafka_changefeed_killed_under_writes_delivers_every_transaction() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    writer.await.expect("writer");
+    let committed = writer.stop().await;
     let f = txn_client(&server)
         .await
         .current_timestamp()
@@ -152,7 +127,6 @@ async fn a_kafka_changefeed_killed_under_writes_delivers_every_transaction() {
             SinkItem::Problem(problem) => panic!("the topic: {problem}"),
         }
     }
-    let committed = committed.lock().expect("lock").clone();
     println!(
         "{} transactions, {} rows, {kills} kills, {replayed} replayed rows dropped",
         committed.len(),

@@ -13,8 +13,6 @@ mod common;
 #[allow(dead_code)] // not every helper is used here
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broker::NatsServer;
@@ -24,7 +22,7 @@ use kvfeed_client::Cluster;
 use kvfeed_client::feed::Row;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use support::{CfProcess, Committed, commit, txn_client};
+use support::{CfProcess, RandomWriter, commit, txn_client};
 use tikv_client::TimestampExt;
 
 /// A server with resolved ts every 50 ms (so windows are short).
@@ -103,31 +101,7 @@ async fn a_nats_changefeed_killed_and_cut_off_from_its_broker_delivers_every_tra
     let state = tmp.path().join("state").display().to_string();
     let mut cf = CfProcess::start(&feed(&server, "orders", &sink, "o/", &state), tmp.path());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(Mutex::new(Vec::<Committed>::new()));
-    let writer = {
-        let client = txn_client(&server).await;
-        let (stop, committed) = (stop.clone(), committed.clone());
-        tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let writes: Vec<_> = (0..rng.random_range(1..5))
-                    .map(|_| {
-                        let key = format!("o/{:03}", rng.random_range(0..200)).into_bytes();
-                        let value = (!rng.random_ratio(1, 5))
-                            .then(|| format!("v{n}-{}", "x".repeat(rng.random_range(0..300))));
-                        (key, value.map(String::into_bytes))
-                    })
-                    .collect::<std::collections::BTreeMap<_, _>>()
-                    .into_iter()
-                    .collect();
-                let done = commit(&client, &writes).await;
-                committed.lock().expect("lock").push(done);
-                n += 1;
-            }
-        })
-    };
+    let writer = RandomWriter::start(&server, seed, "o/", 200, 300).await;
 
     // Kill -9 and restart the changefeed every 0.5-1.5 s for 8 s; at 3 s
     // the broker goes away for 3 s.
@@ -153,15 +127,13 @@ async fn a_nats_changefeed_killed_and_cut_off_from_its_broker_delivers_every_tra
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    writer.await.expect("writer");
+    let committed = writer.stop().await;
     let client = txn_client(&server).await;
     let f = client.current_timestamp().await.expect("tso").version();
     wait_checkpoint(&sink, "orders", f, &mut cf).await;
     let logs = cf.all_logs();
     cf.kill();
 
-    let committed = committed.lock().expect("lock").clone();
     let (rows, checkpoint) = sink_rows(&sink).await;
     println!(
         "{} transactions, {} rows, {kills} kills, checkpoint {checkpoint}",

@@ -242,3 +242,56 @@ pub fn verify(server: &TestServer, sink: &str) -> (Option<i32>, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code(), text)
 }
+
+/// A task committing random transactions until stopped: each of one to
+/// four distinct keys `PREFIX000`…, a fifth of the writes deletes, values
+/// `v<n>` padded with up to `pad` bytes.
+#[allow(dead_code)] // used by the broker tests only
+pub struct RandomWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Committed>>,
+}
+
+#[allow(dead_code)] // used by the broker tests only
+impl RandomWriter {
+    /// Starts writing keys `prefix` + three digits below `keys`.
+    pub async fn start(
+        server: &TestServer,
+        seed: u64,
+        prefix: &str,
+        keys: u32,
+        pad: usize,
+    ) -> RandomWriter {
+        use rand::{RngExt, SeedableRng};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client = txn_client(server).await;
+        let (prefix, stopped) = (prefix.to_owned(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut committed = Vec::new();
+            for n in 0u64.. {
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let writes: BTreeMap<_, _> = (0..rng.random_range(1..5))
+                    .map(|_| {
+                        let key = format!("{prefix}{:03}", rng.random_range(0..keys));
+                        let value = (!rng.random_ratio(1, 5))
+                            .then(|| format!("v{n}-{}", "x".repeat(rng.random_range(0..=pad))));
+                        (key.into_bytes(), value.map(String::into_bytes))
+                    })
+                    .collect();
+                let writes: Vec<_> = writes.into_iter().collect();
+                committed.push(commit(&client, &writes).await);
+            }
+            committed
+        });
+        RandomWriter { stop, task }
+    }
+
+    /// Stops it; answers every transaction it committed, in order.
+    pub async fn stop(self) -> Vec<Committed> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("the writer")
+    }
+}
