@@ -556,7 +556,7 @@ async fn refused_for_cluster(server: &TestServer, wrong: u64, members: bool) {
 // server's GOAWAY while this thread blocks in the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_safe_points_only_rise_and_survive_a_restart() {
-    let mut server = TestServer::start();
+    let mut server = TestServer::start_restartable(&[]);
     let mut client = pd(&server).await;
     let cluster_id = server.cluster_id();
     let update = async |client: &mut PdClient<Channel>, safe_point: u64| {

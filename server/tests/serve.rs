@@ -143,7 +143,7 @@ fn config_file_is_used_and_checked() {
 
 #[test]
 fn harness_restarts_on_the_same_dir_and_can_keep_the_port() {
-    let mut server = TestServer::start();
+    let mut server = TestServer::start_restartable(&[]);
     let dir = server.data_dir();
     let cluster_id = server.cluster_id();
 

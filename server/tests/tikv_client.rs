@@ -39,10 +39,19 @@ const CLIENT_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 /// for as long as the test runs (CI runs this suite both ways). Bind the
 /// nemesis after the server so it stops first.
 fn start() -> (TestServer, Option<Nemesis>) {
+    start_as(TestServer::start_with)
+}
+
+/// [`start`] for a test that restarts the server on the same ports.
+fn start_restartable() -> (TestServer, Option<Nemesis>) {
+    start_as(TestServer::start_restartable)
+}
+
+fn start_as(start: fn(&[&str]) -> TestServer) -> (TestServer, Option<Nemesis>) {
     if std::env::var_os("KVFEED_NEMESIS").is_none() {
-        return (TestServer::start(), None);
+        return (start(&[]), None);
     }
-    let server = TestServer::start_with(&["--stores", "3"]);
+    let server = start(&["--stores", "3"]);
     let nemesis = Nemesis::start(server.status_addr(), nemesis::seed(3), 3);
     (server, Some(nemesis))
 }
@@ -837,7 +846,7 @@ async fn increment(client: &TransactionClient, counter: &[u8]) -> Result<(), Err
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_ride_through_a_restart_on_the_same_port() {
-    let (mut server, _nemesis) = start();
+    let (mut server, _nemesis) = start_restartable();
     bounded(async {
         let client = txn_client(&server).await;
         let raw = raw_client(&server).await;

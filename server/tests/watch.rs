@@ -329,7 +329,7 @@ fn from_ts_replays_what_was_committed_since() {
 
 #[test]
 fn watch_rides_through_a_server_restart_without_repeating_lines() {
-    let mut server = TestServer::start();
+    let mut server = TestServer::start_restartable(&[]);
     let watcher = Watcher::start(&server, &["--prefix", "s"]);
     let (_, c1) = write_json(&server, &["put", "s1", "before"]);
     assert_eq!(

@@ -26,8 +26,9 @@ use std::time::Duration;
 /// Upper bound for the server to print its startup line or to exit.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// How often [`TestServer::restart_same_port`] tries to bind the old port.
-const REBIND_ATTEMPTS: u32 = 10;
+/// How often [`TestServer::start_restartable`] tries another base port, and
+/// [`TestServer::restart_same_port`] tries the old one again.
+const BIND_ATTEMPTS: u32 = 20;
 
 /// How a server process ended.
 #[derive(Debug)]
@@ -357,6 +358,50 @@ impl TestServer {
         TestServer::start_args(args)
     }
 
+    /// A server on a fresh temporary data directory whose gRPC ports (one
+    /// per store with `--stores N`) lie below the kernel's ephemeral range,
+    /// so that [`TestServer::restart_same_port`] finds them free again. The
+    /// base port is random; a taken one is replaced by another.
+    pub fn start_restartable(extra: &[&str]) -> TestServer {
+        use rand::{RngExt, SeedableRng};
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut args = serve_args(&tmp.path().join("data"));
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let stores: u16 =
+            flag_value(&args, "--stores").map_or(1, |n| n.parse().expect("--stores N"));
+        let (low, _) = ephemeral_ports();
+        let range = 10_000..low.saturating_sub(stores).max(10_001);
+        let mut last = String::new();
+        for _ in 0..BIND_ATTEMPTS {
+            let port = rng.random_range(range.clone());
+            let args = with_flag(&args, "--addr", &format!("127.0.0.1:{port}"));
+            match spawn(&args) {
+                Ok(running) => {
+                    return TestServer {
+                        args,
+                        running: Some(running),
+                        _tmp: Some(tmp),
+                    };
+                }
+                Err(failed) if failed.stderr.contains("cannot listen on gRPC") => {
+                    last = failed.stderr;
+                }
+                Err(failed) => panic!(
+                    "no startup line (got {:?}); stderr:\n{}",
+                    failed.line, failed.stderr
+                ),
+            }
+        }
+        panic!(
+            "no free port below the ephemeral range in {BIND_ATTEMPTS} tries; last stderr:\n{last}"
+        );
+    }
+
     /// A server started with exactly `args` (the first being `serve`).
     /// Panics with the process's stderr if no startup line appears.
     pub fn start_args(args: Vec<String>) -> TestServer {
@@ -502,22 +547,23 @@ impl TestServer {
         exited
     }
 
-    /// Like [`TestServer::restart`], but keeps the gRPC port (clients that
-    /// cached the address keep working). Another process may take the port
-    /// while it is free; the start is retried a bounded number of times and
-    /// the test fails if the port stays taken.
+    /// Like [`TestServer::restart`], but keeps the gRPC ports (clients that
+    /// cached the addresses keep working). Only for servers started by
+    /// [`TestServer::start_restartable`]: their ports lie below the
+    /// kernel's ephemeral range, so no outgoing connection of a parallel
+    /// test can take them while the server is down. (An ephemeral port, or
+    /// the ports above it that `--stores N` uses, can be taken that way and
+    /// stay taken for the rest of that test.)
     pub fn restart_same_port(&mut self) -> Exited {
-        let host = {
-            let addr = self.addr();
-            addr.rsplit_once(':')
-                .map(|(host, _)| host.to_owned())
-                .unwrap_or_else(|| panic!("no port in {addr:?}"))
-        };
         let port = self.port();
+        assert!(
+            port < ephemeral_ports().0,
+            "port {port} is ephemeral: start the server with TestServer::start_restartable"
+        );
         let exited = self.stop_clean();
-        let args = with_flag(&self.args, "--addr", &format!("{host}:{port}"));
+        let args = self.args.clone();
         let mut last = String::new();
-        for attempt in 1..=REBIND_ATTEMPTS {
+        for attempt in 1..=BIND_ATTEMPTS {
             match spawn(&args) {
                 Ok(running) => {
                     self.running = Some(running);
@@ -525,9 +571,9 @@ impl TestServer {
                 }
                 Err(failed) if failed.stderr.contains("cannot listen on gRPC") => {
                     last = failed.stderr;
-                    // The port is held by a process this test does not
-                    // control; all it can do is give it a moment.
-                    std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+                    // Another restartable server may have picked the port
+                    // while it was free (rare); its test will move on.
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
                 }
                 Err(failed) => panic!(
                     "no startup line on restart (got {:?}); stderr:\n{}",
@@ -535,7 +581,7 @@ impl TestServer {
                 ),
             }
         }
-        panic!("port {port} stayed taken over {REBIND_ATTEMPTS} attempts; last stderr:\n{last}");
+        panic!("port {port} stayed taken over {BIND_ATTEMPTS} attempts; last stderr:\n{last}");
     }
 
     fn start_again(&mut self, args: &[String]) {
@@ -566,6 +612,23 @@ impl Drop for TestServer {
 }
 
 /// `args` with `flag`'s value replaced by `value` (appended if absent).
+/// The value after `flag` in `args`, if present.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).map(String::as_str)
+}
+
+/// The kernel's ephemeral port range (Linux's default when unreadable).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
 fn with_flag(args: &[String], flag: &str, value: &str) -> Vec<String> {
     let mut out = args.to_vec();
     match out.iter().position(|a| a == flag) {
